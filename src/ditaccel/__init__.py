@@ -1,0 +1,50 @@
+"""ditaccel: training-free attention compression for diffusers Diffusion Transformers.
+
+    plan = ditaccel.calibrate(pipe, ditaccel.DiTFastAttnConfig(threshold=0.1), num_inference_steps=20, ...)
+    plan.save("plan.json")
+    ditaccel.apply(pipe, plan)
+    image = pipe(...).images[0]
+    print(ditaccel.stats(pipe))
+    ditaccel.remove(pipe)
+"""
+
+from __future__ import annotations
+
+import os
+
+__version__ = "0.1.0"
+
+from .calibrate import calibrate
+from .methods.ditfastattn import PRESETS, DiTFastAttn, DiTFastAttnConfig
+from .plan import Plan, PlanError
+from .runtime import Stats, install, remove, reset, stats
+
+
+def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None) -> None:
+    """Make ``pipe_or_transformer`` (a diffusers pipeline or its transformer) use a method.
+
+    Args:
+        pipe_or_transformer: the pipeline (preferred: its scheduler tells ditaccel where each
+            generation starts) or a bare transformer.
+        plan_or_config: a DiTFastAttn ``Plan`` (or the path of a plan file) from ``calibrate``.
+        cfg: override the per-call detection of batched classifier-free guidance.
+    Nothing is changed if this raises.
+    """
+    from .runtime import split_target
+
+    plan = plan_or_config
+    if isinstance(plan, (str, os.PathLike)):
+        plan = Plan.load(plan)
+    if isinstance(plan, DiTFastAttnConfig):
+        raise TypeError("plan_or_config: DiTFastAttn needs a calibrated Plan; run "
+                        "plan = ditaccel.calibrate(pipe, config, num_inference_steps=..., ...) and apply(pipe, plan)")
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan_or_config must be a Plan or a plan file path, got {type(plan).__name__}")
+    _, transformer = split_target(pipe_or_transformer)
+    plan.check_model(transformer)
+    method = DiTFastAttn(plan.methods, plan.metadata["window"], plan.metadata["window_size"])
+    install(pipe_or_transformer, method, cfg=cfg)
+
+
+__all__ = ["PRESETS", "DiTFastAttnConfig", "Plan", "PlanError", "Stats", "apply", "calibrate", "remove", "reset",
+           "stats", "__version__"]

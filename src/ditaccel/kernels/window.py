@@ -1,0 +1,393 @@
+"""Window attention over the visual tokens of a Diffusion Transformer.
+
+A window pattern is described by a frozen, hashable :class:`WindowSpec`; the
+pattern itself is a pure FlexAttention-style ``mask_mod`` (:func:`window_mask_mod`)
+handed to one generic kernel:
+
+* ``band1d``: visual tokens flattened row-major; query ``i`` sees key ``j`` iff
+  ``|i - j| <= r``.
+* ``neighborhood2d``: visual tokens form a ``(gh, gw)`` row-major grid; query
+  ``(r1, c1)`` sees key ``(r2, c2)`` iff ``|r1 - r2| <= rh and |c1 - c2| <= rw``.
+
+Optional text tokens (``text_tokens`` of them, before the visual tokens for
+``text_position="prefix"``, after them for ``"suffix"``) are never windowed: a
+text query sees every key, and every query sees every text key.
+
+Layout everywhere is SDPA's: ``q, k, v`` of shape ``(B, H, L, D)`` with
+``L == spec.seq_len``. Self-attention only (k/v have the same ``L`` as q).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "WindowSpec",
+    "window_mask_mod",
+    "window_dense_mask",
+    "window_attention_reference",
+    "window_attention",
+    "window_tile_fraction",
+    "window_pair_fraction",
+]
+
+_KINDS = ("band1d", "neighborhood2d")
+_TEXT_POSITIONS = ("prefix", "suffix")
+_BACKENDS = ("auto", "flex", "chunked", "sdpa_mask", "reference")
+
+
+def _int_pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    try:
+        a, b = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (a, b)):
+        raise ValueError(f"{name} must contain ints, got {value!r}")
+    return (a, b)
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """A window-attention pattern (frozen and hashable: usable as a cache key).
+
+    Args:
+        kind: ``"band1d"`` or ``"neighborhood2d"``.
+        grid: ``(gh, gw)`` visual token grid, row-major; ``N = gh * gw`` visual tokens.
+            ``band1d`` only uses ``N``.
+        radius: ``neighborhood2d``: ``(rh, rw)`` row / column radius.
+            ``band1d``: a single radius ``r``; pass an int, it is stored as ``(r, r)``
+            (a pair with two different values is rejected, so every band has a
+            single canonical spec). Radii are inclusive: 0 keeps only the diagonal.
+        text_tokens: number of un-windowed text tokens in the sequence.
+        text_position: ``"prefix"`` (text first) or ``"suffix"`` (text last).
+    """
+
+    kind: str
+    grid: tuple[int, int]
+    radius: tuple[int, int]
+    text_tokens: int = 0
+    text_position: str = "prefix"
+
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
+        grid = _int_pair(self.grid, "grid")
+        if grid[0] <= 0 or grid[1] <= 0:
+            raise ValueError(f"grid must be positive, got {grid}")
+        radius = _int_pair(self.radius, "radius")
+        if radius[0] < 0 or radius[1] < 0:
+            raise ValueError(f"radius must be non-negative, got {radius}")
+        if self.kind == "band1d" and radius[0] != radius[1]:
+            raise ValueError(f"radius for band1d must be a single int r (stored as (r, r)), got {radius}")
+        if not isinstance(self.text_tokens, int) or self.text_tokens < 0:
+            raise ValueError(f"text_tokens must be a non-negative int, got {self.text_tokens!r}")
+        if self.text_position not in _TEXT_POSITIONS:
+            raise ValueError(f"text_position must be one of {_TEXT_POSITIONS}, got {self.text_position!r}")
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "radius", radius)
+
+    @classmethod
+    def band(cls, grid, radius: int, text_tokens: int = 0, text_position: str = "prefix") -> "WindowSpec":
+        """1D band of half-width ``radius`` over the row-major flattened grid."""
+        return cls("band1d", grid, radius, text_tokens, text_position)
+
+    @classmethod
+    def neighborhood(cls, grid, radius, text_tokens: int = 0, text_position: str = "prefix") -> "WindowSpec":
+        """2D neighborhood with ``radius = (rh, rw)`` (an int means rh = rw)."""
+        return cls("neighborhood2d", grid, radius, text_tokens, text_position)
+
+    @classmethod
+    def paper_default(cls, grid, text_tokens: int = 0, text_position: str = "prefix") -> "WindowSpec":
+        """DiTFastAttn default: ``band1d`` with radius ``N // 8`` (N = visual tokens)."""
+        return cls.band(grid, cls.default_radius(grid), text_tokens, text_position)
+
+    @staticmethod
+    def default_radius(grid) -> int:
+        """Paper default band radius: ``N // 8`` (floor), ``N = gh * gw``."""
+        gh, gw = _int_pair(grid, "grid")
+        return (gh * gw) // 8
+
+    @property
+    def num_visual(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_visual + self.text_tokens
+
+    @property
+    def visual_offset(self) -> int:
+        """Sequence index of the first visual token."""
+        return self.text_tokens if self.text_position == "prefix" else 0
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def window_mask_mod(spec: WindowSpec):
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` for ``spec``.
+
+    Pure tensor ops: works under ``create_block_mask`` (vmap) and on broadcast
+    index tensors. ``b`` and ``h`` are ignored.
+    """
+    n, off, gw = spec.num_visual, spec.visual_offset, spec.grid[1]
+    rh, rw = spec.radius
+    has_text = spec.text_tokens > 0
+    band = spec.kind == "band1d"
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qv, kv = q_idx - off, kv_idx - off
+        if band:
+            allowed = (qv - kv).abs() <= rh
+        else:
+            allowed = ((qv // gw - kv // gw).abs() <= rh) & ((qv % gw - kv % gw).abs() <= rw)
+        if has_text:
+            allowed = allowed | (qv < 0) | (qv >= n) | (kv < 0) | (kv >= n)
+        return allowed
+
+    return mask_mod
+
+
+def _mask_rows(spec: WindowSpec, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    """Mask block for global query indices ``q_idx`` x key indices ``kv_idx``."""
+    return window_mask_mod(spec)(None, None, q_idx[:, None], kv_idx[None, :])
+
+
+def window_dense_mask(spec: WindowSpec, device=None) -> torch.Tensor:
+    """Exact ``(L, L)`` boolean mask (True = attend), from :func:`window_mask_mod`."""
+    idx = torch.arange(spec.seq_len, device=device)
+    return _mask_rows(spec, idx, idx)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_inputs(q, k, v, spec, scale, backend=None) -> float:
+    if not isinstance(spec, WindowSpec):
+        raise ValueError(f"spec must be a WindowSpec, got {type(spec).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+    if q.shape[2] != spec.seq_len:
+        raise ValueError(f"q/k/v sequence length L={q.shape[2]} must equal spec.seq_len={spec.seq_len}")
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale!r}")
+    return float(scale)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def window_attention_reference(q, k, v, spec: WindowSpec, scale: float | None = None, return_lse: bool = False):
+    """Exact reference: ``softmax(mask(q @ k^T * scale)) @ v`` with the dense mask.
+
+    Computed in float32 (float64 for float64 inputs); returns ``q.dtype``. With
+    ``return_lse=True`` also returns the natural-log row log-sum-exp ``(B, H, L)``
+    in the compute dtype.
+    """
+    scale = _check_inputs(q, k, v, spec, scale)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
+    s = s.masked_fill(~window_dense_mask(spec, q.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # every row attends at least to itself: finite
+    out = torch.matmul(torch.exp(s - lse[..., None]), v.to(cdt)).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------- flex (CUDA)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(spec: WindowSpec, device: str, block_size: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    L = spec.seq_len
+    return create_block_mask(window_mask_mod(spec), None, None, L, L, device=device, BLOCK_SIZE=block_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+# Head dims flex rejected once (per device type): afterwards they are zero-padded directly.
+_FLEX_PAD_HEAD_DIMS: set[tuple[str, int]] = set()
+
+
+def _pad_head_dim(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _flex_call(q, k, v, block_mask, scale, compiled: bool):
+    if compiled:
+        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():  # eager flex warns that it is unfused; that is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def _flex_attention(q, k, v, spec, scale, block_size: int = 128, compiled: bool | None = None):
+    if compiled is None:
+        compiled = q.is_cuda
+    block_mask = _block_mask(spec, str(q.device), block_size)
+    d = q.shape[-1]
+    key = (q.device.type, d)
+    if key not in _FLEX_PAD_HEAD_DIMS:
+        try:
+            return _flex_call(q, k, v, block_mask, scale, compiled)
+        except Exception:
+            if _pad_head_dim(d) == d:
+                raise
+            _FLEX_PAD_HEAD_DIMS.add(key)
+    # Zero-pad D: q.k is unchanged, the extra v columns give zero outputs we drop.
+    pad = (0, _pad_head_dim(d) - d)
+    out = _flex_call(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask, scale, compiled)
+    return out[..., :d]
+
+
+# --------------------------------------------------------------------------- chunked (CPU)
+
+
+def _chunked_attention(q, k, v, spec: WindowSpec, scale: float, chunk_size: int | None):
+    """Query chunks attend only to the key range their window can reach (+ text keys)."""
+    L, n, off, t = spec.seq_len, spec.num_visual, spec.visual_offset, spec.text_tokens
+    gh, gw = spec.grid
+    rh, rw = spec.radius
+    text = (0, t) if spec.text_position == "prefix" else (n, L)
+    out = torch.empty_like(q)
+
+    def attend(qs: int, qe: int, key_ranges: list[tuple[int, int]]):
+        q_idx = torch.arange(qs, qe)
+        k_idx = torch.cat([torch.arange(s, e) for s, e in key_ranges])
+        mask = _mask_rows(spec, q_idx, k_idx)
+        mask = None if bool(mask.all()) else mask.to(q.device)
+        if len(key_ranges) == 1:  # contiguous keys: views, no copy
+            kk, vv = (x[:, :, key_ranges[0][0] : key_ranges[0][1]] for x in (k, v))
+        else:
+            kk, vv = (torch.cat([x[:, :, s:e] for s, e in key_ranges], dim=2) for x in (k, v))
+        out[:, :, qs:qe] = F.scaled_dot_product_attention(q[:, :, qs:qe], kk, vv, attn_mask=mask, scale=scale)
+
+    if t:  # text queries: full attention
+        attend(*text, [(0, L)])
+
+    # Visual query chunks [qs, qe) and the visual key range [ks, ke) their window can reach.
+    if spec.kind == "band1d":
+        step = chunk_size or max(64, rh // 2)
+        chunks = [(qs, min(n, qs + step), max(0, qs - rh), min(n, qs + step + rh)) for qs in range(0, n, step)]
+    else:
+        rows = max(1, (chunk_size or max(64, rh * gw // 2)) // gw)
+        chunks = [
+            (r0 * gw, min(gh, r0 + rows) * gw, max(0, r0 - rh) * gw, min(gh, r0 + rows + rh) * gw)
+            for r0 in range(0, gh, rows)
+        ]
+    for qs, qe, ks, ke in chunks:
+        ranges = [(ks + off, ke + off)]
+        if t:
+            a, b = sorted([text, ranges[0]])
+            ranges = [(a[0], b[1])] if a[1] == b[0] else [a, b]
+        attend(qs + off, qe + off, ranges)
+    return out
+
+
+# --------------------------------------------------------------------------- public fast path
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: WindowSpec,
+    scale: float | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Window attention, ``(B, H, L, D)`` in and out, ``L == spec.seq_len``.
+
+    Args:
+        q, k, v: same shape, dtype and device; any float dtype, any head dim.
+        spec: the window pattern.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``"auto"`` (``"flex"`` on CUDA, ``"chunked"`` elsewhere),
+            ``"flex"`` (FlexAttention with a cached block mask; compiled on CUDA,
+            eager/unfused elsewhere; head dims flex rejects are zero-padded to a
+            power of two), ``"chunked"`` (SDPA per query chunk over the reachable
+            key range), ``"sdpa_mask"`` (SDPA with the dense boolean mask) or
+            ``"reference"`` (:func:`window_attention_reference`).
+        chunk_size: ``"chunked"`` query chunk in tokens (neighborhood2d rounds it
+            down to whole grid rows, at least one); default ``max(64, r // 2)`` for
+            band1d, ``max(64, rh * gw // 2)`` for neighborhood2d.
+        block_size: ``"flex"`` block-mask block size.
+    """
+    scale = _check_inputs(q, k, v, spec, scale, backend)
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
+    if backend == "auto":
+        backend = "flex" if q.is_cuda else "chunked"
+    if backend == "flex":
+        return _flex_attention(q, k, v, spec, scale, block_size)
+    if backend == "chunked":
+        return _chunked_attention(q, k, v, spec, scale, chunk_size)
+    if backend == "sdpa_mask":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=window_dense_mask(spec, q.device), scale=scale)
+    return window_attention_reference(q, k, v, spec, scale)
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def _tile_and_pair_counts(spec: WindowSpec, block_q: int, block_k: int) -> tuple[int, int]:
+    """(#tiles with any allowed pair, #allowed pairs), one query block at a time."""
+    L = spec.seq_len
+    nk = -(-L // block_k)
+    keys = torch.arange(L)
+    tiles = pairs = 0
+    for qs in range(0, L, block_q):
+        m = _mask_rows(spec, torch.arange(qs, min(L, qs + block_q)), keys)
+        pairs += int(m.sum())
+        cols = F.pad(m.any(0), (0, nk * block_k - L))
+        tiles += int(cols.view(nk, block_k).any(1).sum())
+    return tiles, pairs
+
+
+def window_tile_fraction(spec: WindowSpec, block_q: int = 128, block_k: int = 128) -> float:
+    """Fraction of the ``ceil(L/block_q) x ceil(L/block_k)`` tiles holding at least one
+    allowed (q, k) pair: the tiles a block-sparse kernel computes. Exact."""
+    if block_q <= 0 or block_k <= 0:
+        raise ValueError(f"block_q and block_k must be positive, got {block_q}, {block_k}")
+    L = spec.seq_len
+    tiles, _ = _tile_and_pair_counts(spec, block_q, block_k)
+    return tiles / ((-(-L // block_q)) * (-(-L // block_k)))
+
+
+def window_pair_fraction(spec: WindowSpec) -> float:
+    """Exact fraction of allowed (q, k) pairs out of ``L * L``."""
+    _, pairs = _tile_and_pair_counts(spec, 128, 128)
+    return pairs / spec.seq_len**2

@@ -1,0 +1,314 @@
+"""DiTFastAttn (Yuan et al., 2024): per-(layer, step) choice between full attention, window
+attention with residual sharing (``wars``), sharing across timesteps (``ast``), sharing across
+the CFG halves (``asc``) and ``wars+asc``.
+
+This module decides and caches; it never looks at a model. It sees one attention call through
+the small ``AttentionCall`` protocol (implemented by ``ditaccel.processors``) and computes with
+``ditaccel.kernels``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.window import WindowSpec, window_attention, window_tile_fraction
+
+FULL, WARS, AST, ASC, WARS_ASC = "full", "wars", "ast", "asc", "wars+asc"
+METHODS: tuple[str, ...] = (FULL, WARS, AST, ASC, WARS_ASC)
+#: the paper's candidate order, most compressing first
+CANDIDATES: tuple[str, ...] = (AST, WARS_ASC, WARS, ASC)
+#: the paper's thresholds D1..D6
+PRESETS: dict[str, float] = {f"D{i}": 0.025 * i for i in range(1, 7)}
+WINDOW_KINDS = ("band1d", "neighborhood2d")
+
+
+@dataclass
+class DiTFastAttnConfig:
+    """Settings of DiTFastAttn's plan search and of the window it uses.
+
+    Attributes:
+        threshold: the error budget δ of the greedy search (the paper's D1..D6 are 0.025..0.15;
+            a preset name such as ``"D6"`` is accepted). Larger compresses more and costs
+            quality. 0 keeps every layer ``full``.
+        window: ``"band1d"`` (the paper: a band over the row-major flattened tokens) or
+            ``"neighborhood2d"`` (a (2r+1)×(2r+1) box on the token grid, the same cost at the
+            same ``window_size``, better at keeping the vertical neighbours).
+        window_size: fraction of the keys an interior query sees. 0.25 is the paper's
+            band of N/8 tokens on each side; for ``neighborhood2d`` each grid axis gets a
+            radius of ``round(sqrt(window_size) * side / 2)``.
+        candidates: methods tried for each (layer, step), in order; the first within budget
+            wins. The default is the paper's order (most compressing first).
+        cfg: whether calls batch classifier-free guidance. ``None`` detects it per call
+            (the two halves of the latent input are identical); set it when that heuristic
+            cannot hold (e.g. a batch of one prompt repeated twice without CFG).
+        show_progress: show a progress bar during calibration.
+    """
+
+    threshold: float | str = 0.1
+    window: str = "band1d"
+    window_size: float = 0.25
+    candidates: tuple[str, ...] = CANDIDATES
+    cfg: bool | None = None
+    show_progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.threshold, str):
+            if self.threshold not in PRESETS:
+                raise ValueError(f"threshold: unknown preset {self.threshold!r}; use one of {sorted(PRESETS)} or a float")
+            self.threshold = PRESETS[self.threshold]
+        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"threshold must be a finite float >= 0, got {self.threshold!r}")
+        self.threshold = float(self.threshold)
+        if self.window not in WINDOW_KINDS:
+            raise ValueError(f"window must be one of {WINDOW_KINDS}, got {self.window!r}")
+        if not (0.0 < self.window_size <= 1.0):
+            raise ValueError(f"window_size must be in (0, 1], got {self.window_size!r}")
+        self.candidates = tuple(self.candidates)
+        bad = [c for c in self.candidates if c not in CANDIDATES]
+        if bad or len(set(self.candidates)) != len(self.candidates):
+            raise ValueError(f"candidates must be distinct values among {CANDIDATES}, got {self.candidates!r}")
+        if self.cfg not in (None, True, False):
+            raise ValueError(f"cfg must be None, True or False, got {self.cfg!r}")
+
+
+def make_window(kind: str, window_size: float, grid: tuple[int, int], text_tokens: int = 0,
+                text_position: str = "prefix") -> WindowSpec:
+    """The window of ``kind`` that lets an interior query see ``window_size`` of the keys."""
+    gh, gw = grid
+    if kind == "band1d":
+        r = round(window_size * gh * gw / 2)
+        return WindowSpec.band(grid, r, text_tokens=text_tokens, text_position=text_position)
+    if kind == "neighborhood2d":
+        s = math.sqrt(window_size) / 2
+        return WindowSpec.neighborhood(grid, (round(s * gh), round(s * gw)),
+                                       text_tokens=text_tokens, text_position=text_position)
+    raise ValueError(f"window must be one of {WINDOW_KINDS}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class StepAction:
+    """What one layer does at one step, and which caches it keeps or frees afterwards.
+
+    keep_out: store this step's attention-module output (a later ``ast`` step reads it).
+    keep_res: at a ``full`` step, store the window residual for ``"all"`` rows or only the
+        ``"cond"`` half (when only ``wars+asc`` steps read it); ``None`` stores nothing.
+    release_out / release_res: this step is the cache's last reader; free it afterwards.
+    """
+
+    method: str
+    keep_out: bool = False
+    keep_res: str | None = None
+    release_out: bool = False
+    release_res: bool = False
+
+
+def layer_schedule(methods: list[str]) -> list[StepAction]:
+    """Cache actions for one layer's row of a plan: every cache holds only what a later step
+    reads, and is dropped right after its last reader."""
+    n = len(methods)
+    actions = []
+    for s, m in enumerate(methods):
+        nxt = methods[s + 1] if s + 1 < n else None
+        keep_out = m != AST and nxt == AST
+        release_out = m == AST and nxt != AST
+        keep_res = None
+        release_res = False
+        if m == FULL:
+            readers = []
+            for later in methods[s + 1:]:
+                if later == FULL:
+                    break
+                if later in (WARS, WARS_ASC):
+                    readers.append(later)
+            if readers:
+                keep_res = "all" if WARS in readers else "cond"
+        if m in (WARS, WARS_ASC):
+            rest = methods[s + 1:]
+            nxt_full = rest.index(FULL) if FULL in rest else len(rest)
+            release_res = not any(x in (WARS, WARS_ASC) for x in rest[:nxt_full])
+        actions.append(StepAction(m, keep_out, keep_res, release_out, release_res))
+    return actions
+
+
+CALIBRATION_ACTION = {m: StepAction(m, keep_out=True, keep_res="all" if m == FULL else None) for m in METHODS}
+"""During calibration the future is unknown: keep every output and every residual."""
+
+
+# ------------------------------------------------------------------------- one attention call
+class AttentionCall(Protocol):
+    """One call of a self-attention module, as the method sees it (implemented by processors).
+
+    ``rows`` selects batch rows (``None``: all). Head-space tensors are (B, H, L, D).
+    """
+
+    batch_size: int
+
+    def full(self, rows: slice | None = None) -> torch.Tensor:
+        """The unmodified module output for these rows."""
+
+    def qkv(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected (and normalised) q, k, v for these rows."""
+
+    def project(self, heads: torch.Tensor) -> torch.Tensor:
+        """Module output from the attention output in head space."""
+
+
+@dataclass
+class LayerCache:
+    out: torch.Tensor | None = None
+    res: torch.Tensor | None = None
+    res_rows: str | None = None  # "all" or "cond"
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.out, self.res) if t is not None)
+
+
+@dataclass
+class CallCost:
+    """Attention work of one call, in units of one dense attention over the whole batch."""
+
+    fraction: float
+    extra_window: float = 0.0  # residual-making window pass on a full step
+
+
+def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window: WindowSpec,
+              cond: int | None, write: bool = True) -> tuple[torch.Tensor, CallCost]:
+    """Run one layer at one step as ``action`` says; returns the module output and its cost.
+
+    cond: index (0/1) of the conditional CFG half, or ``None`` when this call has no CFG.
+    write: update ``cache`` (False for the trial runs of calibration).
+    """
+    m = action.method
+    if m in (ASC, WARS_ASC) and cond is None:
+        raise RuntimeError(f"method {m!r} needs a CFG-batched call, and this call has none")
+    b = call.batch_size
+    half = None if cond is None else slice(cond * (b // 2), (cond + 1) * (b // 2))
+
+    if m == AST:
+        if cache.out is None or cache.out.shape[0] != b:
+            raise RuntimeError("ast: no cached output from an earlier step of this generation")
+        out, cost = cache.out, CallCost(0.0)
+    elif m == FULL and action.keep_res is not None and write:
+        q, k, v = call.qkv()
+        o = F.scaled_dot_product_attention(q, k, v)
+        rows = slice(None) if action.keep_res == "all" or cond is None else half
+        w = window_attention(q[rows], k[rows], v[rows], window)
+        tf = _tile_fraction(window) * (1.0 if rows == slice(None) else 0.5)
+        if write:
+            cache.res, cache.res_rows = (o[rows] - w), ("all" if rows == slice(None) else "cond")
+        out, cost = call.project(o), CallCost(1.0, tf)
+    elif m == FULL:
+        out, cost = call.full(), CallCost(1.0)
+    elif m == ASC:
+        out, cost = _both_halves(call.full(half)), CallCost(0.5)
+    else:  # wars, wars+asc
+        if cache.res is None:
+            raise RuntimeError(f"{m}: no residual from an earlier full step of this generation")
+        rows = half if m == WARS_ASC else None
+        q, k, v = call.qkv(rows)
+        if m == WARS_ASC:
+            res = cache.res if cache.res_rows == "cond" else cache.res[half]
+        else:
+            if cache.res_rows != "all":
+                raise RuntimeError("wars: the cached residual holds only the conditional half")
+            res = cache.res
+        o = window_attention(q, k, v, window) + res
+        out = call.project(o)
+        if m == WARS_ASC:
+            out = _both_halves(out)
+        cost = CallCost(_tile_fraction(window) * (0.5 if m == WARS_ASC else 1.0))
+
+    if write:
+        if action.keep_out:
+            cache.out = out
+        elif action.release_out or m != AST:
+            cache.out = None
+        if action.release_res:
+            cache.res, cache.res_rows = None, None
+    return out, cost
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_fraction(window: WindowSpec) -> float:
+    return window_tile_fraction(window)
+
+
+def _both_halves(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x], dim=0)
+
+
+def relative_l1(o: torch.Tensor, o2: torch.Tensor) -> float:
+    """The search loss: mean over elements of clip(|O−O'| / (max(|O|,|O'|) + 1e-6), 0, 10).
+
+    (The official code divides by a signed max; this is the corrected, symmetric form.)"""
+    o, o2 = o.float(), o2.float()
+    rel = (o - o2).abs() / (torch.maximum(o.abs(), o2.abs()) + 1e-6)
+    return rel.clamp(0, 10).mean().item()
+
+
+# ------------------------------------------------------------------------------ the method
+class DiTFastAttn:
+    """Runs a plan (``methods[layer][step]``) inside the runtime.
+
+    The runtime calls ``check_*`` at install/generation start, ``begin_call`` once per
+    transformer call and ``attention`` once per self-attention call. ``trial``/``write`` are
+    used by calibration: ``trial`` is the column of methods to use at the current step (with
+    every cache kept), ``write=False`` leaves the caches untouched (trial runs).
+    """
+
+    name = "ditfastattn"
+
+    def __init__(self, methods: list[list[str]], window: str = "band1d", window_size: float = 0.25):
+        self.methods = methods
+        self.schedules = [layer_schedule(row) for row in methods]
+        self.window_kind, self.window_size = window, window_size
+        self.uses_asc = any(m in (ASC, WARS_ASC) for row in methods for m in row)
+        self.trial: list[str] | None = None
+        self.write = True
+        self._windows: dict[tuple, WindowSpec] = {}
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.methods[0]) if self.methods else 0
+
+    def check_num_layers(self, n: int):
+        if n != len(self.methods):
+            raise ValueError(f"plan.methods: the plan has {len(self.methods)} layers, the transformer has {n}")
+
+    def check_num_steps(self, n: int):
+        if self.trial is None and n != self.num_steps:
+            raise ValueError(f"num_inference_steps: the plan was made for {self.num_steps} steps, "
+                             f"this generation runs {n}")
+
+    def begin_call(self, ctx):
+        if self.trial is not None:
+            return
+        if ctx.step >= self.num_steps:
+            raise ValueError(f"num_inference_steps: step {ctx.step} is past the plan's {self.num_steps} steps")
+        if ctx.cond is None and self.uses_asc:
+            raise ValueError(
+                "plan uses asc (sharing across the CFG halves) but this generation has no CFG-batched call "
+                "(guidance_scale <= 1?). Calibrate without CFG, or apply plan.without_asc().")
+
+    def new_cache(self) -> LayerCache:
+        return LayerCache()
+
+    def window(self, grid: tuple[int, int]) -> WindowSpec:
+        if grid not in self._windows:
+            self._windows[grid] = make_window(self.window_kind, self.window_size, grid)
+        return self._windows[grid]
+
+    def attention(self, ctx, layer: int, call: AttentionCall, cache: LayerCache):
+        if self.trial is not None:
+            action = CALIBRATION_ACTION[self.trial[layer]]
+        else:
+            action = self.schedules[layer][ctx.step]
+        out, cost = run_layer(action, call, cache, self.window(ctx.grid), ctx.cond, write=self.write)
+        return out, cost.fraction + cost.extra_window, action.method

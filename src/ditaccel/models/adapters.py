@@ -1,0 +1,113 @@
+"""Model adapters: what ditaccel must know about a diffusers transformer family, as data.
+
+One record per family. Nothing else in the library looks at model classes: the runtime asks
+the record which attention modules to wrap, how the token sequence of those modules is laid
+out, where the timestep is and how classifier-free guidance (CFG) is batched.
+Adding a family is adding a record (and, for a new attention-call convention, one
+``AttentionCall`` kind in ``ditaccel.processors``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """How one diffusers transformer family is laid out.
+
+    Attributes:
+        name: short family name, written into plan files.
+        transformer_class: class name of the diffusers transformer (``type(model).__name__``).
+        blocks: attribute paths of the block lists, in execution order. Layers are numbered
+            across them in that order (e.g. Flux: ``("transformer_blocks", "single_transformer_blocks")``).
+        attention: attribute of a block holding the *self*-attention module to compress.
+            Cross-attention modules are never touched.
+        attention_call: how the attention module is called (the convention of its processor):
+            ``"sdpa_self"`` for diffusers' ``AttnProcessor2_0`` self-attention.
+        timestep_arg: name of the forward argument carrying the diffusion timestep.
+        timestep_scale: the pipeline passes ``scheduler_timestep * timestep_scale`` (Flux: 1/1000).
+        cfg_batch_order: order of the two CFG halves when the pipeline batches them in one call
+            (``("cond", "uncond")`` for DiT, ``("uncond", "cond")`` for PixArt); ``None`` when the
+            family's pipelines never batch CFG.
+        patch_size_attr: config attribute giving the spatial patch size of the token grid.
+        text_tokens: where text tokens sit in the self-attention sequence: ``None`` (image
+            tokens only), ``"prefix"`` or ``"suffix"``.
+    """
+
+    name: str
+    transformer_class: str
+    blocks: tuple[str, ...]
+    attention: str
+    attention_call: str
+    timestep_arg: str = "timestep"
+    timestep_scale: float = 1.0
+    cfg_batch_order: tuple[str, str] | None = ("cond", "uncond")
+    patch_size_attr: str = "patch_size"
+    text_tokens: str | None = None
+
+    # ---- derived facts, all from the record + module structure, never from isinstance chains
+    def attention_modules(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """Self-attention modules in layer order."""
+        mods = []
+        for path in self.blocks:
+            for block in _getattr_path(transformer, path):
+                mods.append(getattr(block, self.attention))
+        return mods
+
+    def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of the visual token grid for a latent input of shape (B, C, H, W)."""
+        p = getattr(transformer.config, self.patch_size_attr)
+        h, w = hidden_states.shape[-2:]
+        return (h // p, w // p)
+
+    def cond_index(self) -> int:
+        """Position (0 or 1) of the conditional half in a CFG-batched call."""
+        if self.cfg_batch_order is None:
+            raise ValueError(f"{self.name} pipelines do not batch classifier-free guidance")
+        return self.cfg_batch_order.index("cond")
+
+
+def _getattr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+DIT = ModelAdapter(
+    name="dit",
+    transformer_class="DiTTransformer2DModel",
+    blocks=("transformer_blocks",),
+    attention="attn1",
+    attention_call="sdpa_self",
+    cfg_batch_order=("cond", "uncond"),
+)
+
+PIXART = ModelAdapter(
+    name="pixart",
+    transformer_class="PixArtTransformer2DModel",
+    blocks=("transformer_blocks",),
+    attention="attn1",  # attn2 is cross-attention to T5: untouched
+    attention_call="sdpa_self",
+    cfg_batch_order=("uncond", "cond"),
+)
+
+ADAPTERS: dict[str, ModelAdapter] = {a.transformer_class: a for a in (DIT, PIXART)}
+
+
+def register_adapter(adapter: ModelAdapter) -> None:
+    """Register a record for another transformer class (overrides an existing one)."""
+    ADAPTERS[adapter.transformer_class] = adapter
+
+
+def adapter_for(transformer: torch.nn.Module) -> ModelAdapter:
+    name = type(transformer).__name__
+    if name not in ADAPTERS:
+        supported = ", ".join(sorted(ADAPTERS))
+        raise TypeError(
+            f"ditaccel has no adapter for transformer class {name!r}; supported: {supported}. "
+            "Register one with ditaccel.models.register_adapter(ModelAdapter(...))."
+        )
+    return ADAPTERS[name]

@@ -1,0 +1,319 @@
+"""The runtime: install/remove, step and CFG-branch tracking, per-generation state and stats.
+
+Built on ``diffusers.hooks``: one stateful ``ModelHook`` on the transformer reads the timestep of
+each call, maps it to the denoising step and detects the CFG layout; per-layer processors
+(``ditaccel.processors``) hand each self-attention call to the method. State lives in a
+``StateManager`` (one state per CFG branch context), is reset whenever the pipeline starts a
+generation (``scheduler.set_timesteps``), and belongs to one transformer only.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+
+from .models import ModelAdapter, adapter_for
+from .processors import DiTAccelAttnProcessor
+
+HOOK_NAME = "ditaccel"
+_OWN_CONTEXT = "ditaccel:batch"
+
+
+@dataclass
+class StepContext:
+    """What the hook knows about the current transformer call."""
+
+    step: int
+    timestep: float
+    cond: int | None  # index of the conditional half in a CFG-batched call, else None
+    grid: tuple[int, int]
+    batch_size: int
+
+
+class GenerationState(BaseState):
+    """Everything one generation accumulates; dropped when the next one starts."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self, *args, **kwargs):
+        self.step = -1
+        self.last_t: float | None = None
+        self.ctx: StepContext | None = None
+        self.caches: dict[int, object] = {}
+        self.counts: Counter = Counter()
+        self.flops_dense = 0.0
+        self.flops_done = 0.0
+        self.steps_seen: set[int] = set()
+        self.t_start: float | None = None
+        self.t_end: float | None = None
+        self.cache_bytes_peak = 0
+
+
+@dataclass
+class Stats:
+    """Accounting of the last generation (see ``ditaccel.stats``)."""
+
+    method: str
+    steps: int
+    attention_flops_ratio: float  # attention FLOPs done / dense attention FLOPs
+    method_counts: dict[str, int]  # (layer, call) pairs per method
+    denoise_seconds: float  # first transformer call start → last call end
+    cache_bytes_peak: int
+    attention_tflops_dense: float = field(default=0.0)
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self.method_counts.items()))
+        return (f"{self.method}: {self.steps} steps, attention FLOPs {100 * self.attention_flops_ratio:.1f}% of dense "
+                f"({self.attention_tflops_dense:.3g} TFLOP dense), methods [{counts}], "
+                f"denoising {self.denoise_seconds:.3f} s, peak cache {self.cache_bytes_peak / 2**20:.1f} MiB")
+
+
+class Runtime:
+    """Per-transformer runtime. ``method`` decides what each layer does (see methods/)."""
+
+    def __init__(self, transformer: torch.nn.Module, adapter: ModelAdapter, method, cfg: bool | None = None):
+        self.transformer, self.adapter, self.method, self.cfg = transformer, adapter, method, cfg
+        self.state_manager = StateManager(GenerationState)
+        self.schedule: torch.Tensor | None = None  # the scheduler's timesteps, when known
+        self.originals: list = []
+        self.scheduler = None
+        self.last_ctx: StepContext | None = None  # of the latest transformer call
+        self._sig = inspect.signature(type(transformer).forward)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self) -> GenerationState:
+        return self.state_manager.get_state()
+
+    def reset(self):
+        self.state_manager.reset()
+
+    def on_set_timesteps(self, timesteps: torch.Tensor):
+        """The pipeline starts a generation: drop all state, learn the schedule."""
+        self.reset()
+        self.schedule = timesteps.detach().to("cpu", torch.float64).flatten()
+        self.method.check_num_steps(len(self.schedule))
+
+    def begin_call(self, args, kwargs):
+        bound = self._sig.bind_partial(self.transformer, *args, **kwargs).arguments
+        t, hs = bound.get(self.adapter.timestep_arg), bound.get("hidden_states")
+        if t is None or hs is None:
+            raise ValueError(f"ditaccel needs the transformer's hidden_states and {self.adapter.timestep_arg!r} arguments")
+        ctx = self.state_manager._context
+        if ctx is None or ctx.name.startswith("ditaccel:"):
+            self.state_manager.set_context(CacheContext(_OWN_CONTEXT))
+        st = self.state
+        tval = (t.flatten()[0] if torch.is_tensor(t) else torch.tensor(t)).item() / self.adapter.timestep_scale
+        step = self._step_of(st, tval)
+        if st.t_start is None or step < st.step:  # the first call of a generation
+            st.reset()
+            st.t_start = time.perf_counter()
+            step = max(step, 0)
+        st.step, st.last_t = step, tval
+        st.ctx = StepContext(step, tval, self._cond_index(hs, bound), self.adapter.token_grid(self.transformer, hs),
+                             hs.shape[0])
+        st.steps_seen.add(step)
+        self.last_ctx = st.ctx
+        self.method.begin_call(st.ctx)
+
+    def end_call(self, output):
+        st = self.state
+        dev = next(self.transformer.parameters()).device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        st.t_end = time.perf_counter()
+        if self.state_manager._context is not None and self.state_manager._context.name == _OWN_CONTEXT:
+            self.state_manager.set_context(None)
+        return output
+
+    def _step_of(self, st: GenerationState, t: float) -> int:
+        tol = 1e-4 * max(1.0, abs(t))
+        if self.schedule is not None:
+            diff = (self.schedule - t).abs()
+            i = int(diff.argmin())
+            if diff[i] <= tol:
+                return i
+            raise ValueError(f"timestep {t} is not in the scheduler's timesteps; ditaccel maps timesteps to steps "
+                             "through pipe.scheduler (call set_timesteps before denoising)")
+        # bare transformer: steps are distinct timesteps in decreasing order
+        if st.last_t is None or t > st.last_t + tol:
+            return -1  # below any step: a new generation
+        return st.step if abs(t - st.last_t) <= tol else st.step + 1
+
+    def _cond_index(self, hs: torch.Tensor, bound) -> int | None:
+        order = self.adapter.cfg_batch_order
+        if order is None:
+            return None
+        b = hs.shape[0]
+        cfg = self.cfg
+        if cfg is None:
+            cfg = b % 2 == 0 and torch.equal(hs[: b // 2], hs[b // 2:])
+        elif cfg and b % 2:
+            raise ValueError(f"cfg=True but the transformer got an odd batch of {b}")
+        return self.adapter.cond_index() if cfg else None
+
+    # ------------------------------------------------------------------ per layer
+    def attention(self, layer: int, call, dense_flops: float):
+        st = self.state
+        cache = st.caches.get(layer)
+        if cache is None:
+            cache = st.caches[layer] = self.method.new_cache()
+        out, fraction, name = self.method.attention(st.ctx, layer, call, cache)
+        st.counts[name] += 1
+        st.flops_dense += dense_flops
+        st.flops_done += fraction * dense_flops
+        nbytes = sum(c.nbytes() for c in st.caches.values())
+        st.cache_bytes_peak = max(st.cache_bytes_peak, nbytes)
+        return out
+
+    def stats(self) -> Stats:
+        states = list(self.state_manager._state_cache.values())
+        if not states or not any(s.flops_dense for s in states):
+            raise RuntimeError("ditaccel.stats: no generation has run since ditaccel.apply (or since the last reset)")
+        dense = sum(s.flops_dense for s in states)
+        counts = Counter()
+        for s in states:
+            counts.update(s.counts)
+        return Stats(
+            method=self.method.name,
+            steps=max(len(s.steps_seen) for s in states),
+            attention_flops_ratio=sum(s.flops_done for s in states) / dense,
+            method_counts=dict(counts),
+            denoise_seconds=max(s.t_end - s.t_start for s in states if s.t_end is not None),
+            cache_bytes_peak=max(s.cache_bytes_peak for s in states),
+            attention_tflops_dense=dense / 1e12,
+        )
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self, scheduler=None):
+        mods = self.adapter.attention_modules(self.transformer)
+        self.method.check_num_layers(len(mods))
+        self.originals = [m.processor for m in mods]
+        for i, m in enumerate(mods):
+            m.set_processor(DiTAccelAttnProcessor(self, i, m.processor, self.adapter.attention_call))
+        HookRegistry.check_if_exists_or_initialize(self.transformer).register_hook(TransformerHook(self), HOOK_NAME)
+        if scheduler is not None:
+            _listen(scheduler, self)
+            self.scheduler = scheduler
+        self.transformer._ditaccel = self
+
+    def uninstall(self):
+        for m, p in zip(self.adapter.attention_modules(self.transformer), self.originals):
+            m.set_processor(p)
+        HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(HOOK_NAME, recurse=False)
+        if self.scheduler is not None:
+            _unlisten(self.scheduler, self)
+        del self.transformer._ditaccel
+        self.reset()
+
+
+class TransformerHook(ModelHook):
+    """Transformer-level hook: step and CFG tracking before each call, timing after it."""
+
+    _is_stateful = True
+
+    def __init__(self, runtime: Runtime):
+        super().__init__()
+        self.runtime = runtime
+        self.state_manager = runtime.state_manager  # found by diffusers' cache_context
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.runtime.begin_call(args, kwargs)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        return self.runtime.end_call(output)
+
+    def reset_state(self, module):
+        self.runtime.reset()
+        return module
+
+
+# ---------------------------------------------------------------------- scheduler listening
+def _listen(scheduler, runtime: Runtime):
+    """Wrap ``scheduler.set_timesteps`` (instance attribute) so every listening runtime learns the
+    schedule and resets at the start of each generation. Signature preserved for diffusers'
+    ``inspect.signature(scheduler.set_timesteps)`` checks."""
+    listeners = scheduler.__dict__.get("_ditaccel_listeners")
+    if listeners is None:
+        listeners = scheduler._ditaccel_listeners = []
+        original = type(scheduler).set_timesteps.__get__(scheduler)
+
+        @functools.wraps(original)
+        def set_timesteps(*args, **kwargs):
+            result = original(*args, **kwargs)
+            for rt in list(scheduler._ditaccel_listeners):
+                rt.on_set_timesteps(scheduler.timesteps)
+            return result
+
+        scheduler.set_timesteps = set_timesteps
+    listeners.append(runtime)
+
+
+def _unlisten(scheduler, runtime: Runtime):
+    listeners = scheduler.__dict__.get("_ditaccel_listeners", [])
+    if runtime in listeners:
+        listeners.remove(runtime)
+    if not listeners:
+        scheduler.__dict__.pop("set_timesteps", None)
+        scheduler.__dict__.pop("_ditaccel_listeners", None)
+
+
+# ---------------------------------------------------------------------- public entry points
+def split_target(target) -> tuple[object | None, torch.nn.Module]:
+    """(pipeline or None, transformer) from a pipeline or a bare transformer."""
+    if isinstance(target, torch.nn.Module):
+        return None, target
+    transformer = getattr(target, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise TypeError(f"pipe_or_transformer must be a diffusers pipeline with a .transformer or a transformer "
+                        f"module, got {type(target).__name__}")
+    return target, transformer
+
+
+def get_runtime(target) -> Runtime | None:
+    _, transformer = split_target(target)
+    return getattr(transformer, "_ditaccel", None)
+
+
+def install(target, method, cfg: bool | None = None) -> Runtime:
+    pipe, transformer = split_target(target)
+    if get_runtime(transformer) is not None:
+        raise RuntimeError("ditaccel is already applied to this transformer; call ditaccel.remove first")
+    adapter = adapter_for(transformer)
+    if cfg is not None and adapter.cfg_batch_order is None:
+        warnings.warn(f"cfg={cfg} is ignored: {adapter.name} pipelines do not batch CFG", stacklevel=3)
+    runtime = Runtime(transformer, adapter, method, cfg)
+    runtime.install(scheduler=getattr(pipe, "scheduler", None))
+    return runtime
+
+
+def remove(pipe_or_transformer) -> None:
+    """Restore the exact original processors and forward; a no-op if nothing is applied."""
+    runtime = get_runtime(pipe_or_transformer)
+    if runtime is not None:
+        runtime.uninstall()
+
+
+def stats(pipe_or_transformer) -> Stats:
+    """Attention FLOPs ratio, methods used and time of the last generation."""
+    runtime = get_runtime(pipe_or_transformer)
+    if runtime is None:
+        raise RuntimeError("ditaccel.stats: ditaccel is not applied to this pipeline/transformer")
+    return runtime.stats()
+
+
+def reset(pipe_or_transformer) -> None:
+    """Drop all per-generation state (pipelines do this automatically at set_timesteps)."""
+    runtime = get_runtime(pipe_or_transformer)
+    if runtime is not None:
+        runtime.reset()

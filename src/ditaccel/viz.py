@@ -1,0 +1,71 @@
+"""Pictures: plan heat maps (layers × steps, like the paper's Figure 5) and sample grids."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .methods.ditfastattn import METHODS
+
+#: one colour per method, light = more compute saved
+METHOD_COLORS = {"full": "#3b4cc0", "wars": "#7fb3d5", "asc": "#f4a582", "wars+asc": "#d6604d", "ast": "#fde0c5"}
+
+
+def plot_plan(plan, path: str | os.PathLike, title: str | None = None) -> None:
+    """Write a heat map PNG of ``plan``: one row per layer, one column per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    index = {m: i for i, m in enumerate(METHODS)}
+    grid = np.array([[index[m] for m in row] for row in plan.methods])
+    cmap = ListedColormap([METHOD_COLORS[m] for m in METHODS])
+    fig_w = min(14, 2.5 + 0.25 * plan.num_steps)
+    fig_h = min(10, 1.8 + 0.22 * plan.num_layers)
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(METHODS) - 0.5, aspect="auto", interpolation="nearest")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("layer")
+    md = plan.metadata
+    ax.set_title(title or f"{md['model_class']}  δ={md.get('threshold', '?')}  window={md['window']}")
+    counts = plan.counts()
+    total = max(1, plan.num_layers * plan.num_steps)
+    handles = [Patch(color=METHOD_COLORS[m], label=f"{m} ({100 * counts[m] / total:.0f}%)") for m in METHODS]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Pipeline output (PIL list, (B,H,W,C) numpy in [0,1] or (B,C,H,W) tensor in [0,1]) → uint8 (B,H,W,C)."""
+    import torch
+
+    if isinstance(images, list):
+        return np.stack([np.asarray(im.convert("RGB")) for im in images])
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def side_by_side(rows: list[tuple[str, np.ndarray]], path: str | os.PathLike, scale: int = 4) -> None:
+    """Save a PNG grid: one labelled row per variant, one column per sample (uint8 images)."""
+    from PIL import Image, ImageDraw
+
+    label_w = 110
+    n = max(len(imgs) for _, imgs in rows)
+    h, w = rows[0][1].shape[1:3]
+    H, W = h * scale, w * scale
+    canvas = Image.new("RGB", (label_w + n * (W + 4), len(rows) * (H + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, imgs) in enumerate(rows):
+        y = r * (H + 4)
+        draw.text((4, y + H // 2 - 6), label, fill="black")
+        for c, img in enumerate(imgs):
+            tile = Image.fromarray(img).resize((W, H), Image.NEAREST)
+            canvas.paste(tile, (label_w + c * (W + 4), y))
+    canvas.save(path)

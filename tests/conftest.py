@@ -1,0 +1,39 @@
+import logging
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+from ditaccel.testbed import tiny_dit_pipeline, tiny_pixart_sigma_pipeline  # noqa: E402
+
+STEPS = 6
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def dit():
+    return tiny_dit_pipeline(sample_size=8, num_layers=3)
+
+
+@pytest.fixture(scope="session")
+def pixart():
+    return tiny_pixart_sigma_pipeline(sample_size=16, num_layers=3)
+
+
+def dit_call(pipe, labels=(1, 2), steps=STEPS, seed=0, **kw):
+    return pipe(class_labels=list(labels), num_inference_steps=steps, generator=gen(seed), output_type="pt",
+                **kw).images
+
+
+def pixart_call(pipe, prompts=("a red circle", "a blue square"), steps=STEPS, seed=0, **kw):
+    kw.setdefault("max_sequence_length", 16)
+    kw.setdefault("use_resolution_binning", False)
+    return pipe(prompt=list(prompts), num_inference_steps=steps, generator=gen(seed), output_type="pt",
+                clean_caption=False, **kw).images

@@ -1,0 +1,261 @@
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ditaccel.kernels import (
+    WindowSpec,
+    window_attention,
+    window_attention_reference,
+    window_dense_mask,
+    window_mask_mod,
+    window_pair_fraction,
+    window_tile_fraction,
+)
+
+
+def brute_mask(spec: WindowSpec) -> torch.Tensor:
+    n, t, L = spec.num_visual, spec.text_tokens, spec.seq_len
+    gh, gw = spec.grid
+    off = t if spec.text_position == "prefix" else 0
+    m = torch.zeros(L, L, dtype=torch.bool)
+    for i, j in itertools.product(range(L), range(L)):
+        a, b = i - off, j - off
+        if not (0 <= a < n and 0 <= b < n):
+            m[i, j] = True
+        elif spec.kind == "band1d":
+            m[i, j] = abs(a - b) <= spec.radius[0]
+        else:
+            m[i, j] = abs(a // gw - b // gw) <= spec.radius[0] and abs(a % gw - b % gw) <= spec.radius[1]
+    return m
+
+
+def qkv(spec, B=2, H=3, D=64, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, spec.seq_len, D, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+SPECS = [
+    WindowSpec.band((5, 7), 3),
+    WindowSpec.band((5, 7), 0, text_tokens=3),
+    WindowSpec.band((3, 11), 4, text_tokens=5, text_position="suffix"),
+    WindowSpec.band((8, 8), 100, text_tokens=3),
+    WindowSpec.neighborhood((5, 7), (1, 2)),
+    WindowSpec.neighborhood((8, 8), 0, text_tokens=3),
+    WindowSpec.neighborhood((3, 11), (1, 3), text_tokens=5, text_position="suffix"),
+    WindowSpec.neighborhood((8, 8), (2, 1), text_tokens=5),
+]
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+def test_spec_basics():
+    s = WindowSpec.paper_default((16, 16), text_tokens=7)
+    assert s.kind == "band1d" and s.radius == (32, 32) and s.seq_len == 263
+    assert WindowSpec.band([4, 4], 2) == WindowSpec("band1d", (4, 4), (2, 2))
+    assert hash(WindowSpec.neighborhood((4, 4), 1)) == hash(WindowSpec.neighborhood((4, 4), (1, 1)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(kind="ring", grid=(4, 4), radius=1), "kind"),
+        (dict(kind="band1d", grid=(0, 4), radius=1), "grid"),
+        (dict(kind="band1d", grid=(4, 4), radius=-1), "radius"),
+        (dict(kind="neighborhood2d", grid=(4, 4), radius=(1, -2)), "radius"),
+        (dict(kind="band1d", grid=(4, 4), radius=(1, 2)), "radius"),
+        (dict(kind="band1d", grid=(4, 4), radius=1, text_tokens=-1), "text_tokens"),
+        (dict(kind="band1d", grid=(4, 4), radius=1, text_position="middle"), "text_position"),
+    ],
+)
+def test_spec_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        WindowSpec(**kwargs)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_dense_mask_matches_brute_force(spec):
+    assert torch.equal(window_dense_mask(spec), brute_mask(spec))
+
+
+def test_mask_mod_under_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    spec = WindowSpec.neighborhood((8, 8), (1, 2), text_tokens=3)
+    L = spec.seq_len
+    bm = create_block_mask(window_mask_mod(spec), None, None, L, L, device="cpu", BLOCK_SIZE=16)
+    assert torch.equal(bm.to_dense()[0, 0].bool(), _tile_any(brute_mask(spec), 16, 16))
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+CASES = [
+    (WindowSpec.band((5, 7), 3, text_tokens=3), 64),
+    (WindowSpec.band((8, 8), 0), 72),
+    (WindowSpec.band((3, 11), 9, text_tokens=5, text_position="suffix"), 128),
+    (WindowSpec.band((8, 8), 20, text_tokens=5), 72),
+    (WindowSpec.neighborhood((5, 7), (1, 2), text_tokens=5), 72),
+    (WindowSpec.neighborhood((8, 8), 0, text_tokens=3, text_position="suffix"), 64),
+    (WindowSpec.neighborhood((3, 11), (1, 3)), 128),
+    (WindowSpec.neighborhood((8, 8), (2, 1), text_tokens=3), 72),
+]
+
+
+@pytest.mark.parametrize("backend, chunk_size", [("chunked", None), ("chunked", 1), ("chunked", 13), ("sdpa_mask", None)])
+@pytest.mark.parametrize("spec, D", CASES, ids=str)
+def test_fast_paths_match_reference_fp32(spec, D, backend, chunk_size):
+    q, k, v = qkv(spec, D=D, seed=D + spec.seq_len)
+    ref = window_attention_reference(q, k, v, spec)
+    out = window_attention(q, k, v, spec, backend=backend, chunk_size=chunk_size)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec, D", CASES[::2], ids=str)
+def test_chunked_matches_reference_bf16(spec, D):
+    q, k, v = qkv(spec, D=D, dtype=torch.bfloat16, seed=1)
+    ref = window_attention_reference(q, k, v, spec)
+    out = window_attention(q, k, v, spec, backend="chunked")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_reference_scale_lse_and_float64():
+    spec = WindowSpec.band((4, 6), 2, text_tokens=3)
+    q, k, v = qkv(spec, D=72, dtype=torch.float64, seed=3)
+    out, lse = window_attention_reference(q, k, v, spec, scale=0.3, return_lse=True)
+    s = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~brute_mask(spec), float("-inf"))
+    torch.testing.assert_close(out, torch.softmax(s, -1) @ v)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+    assert out.dtype == torch.float64 and lse.shape == q.shape[:3]
+    torch.testing.assert_close(window_attention(q, k, v, spec, scale=0.3, backend="chunked"), out)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        WindowSpec.band((5, 7), 35, text_tokens=3),
+        WindowSpec.band((3, 11), 1000, text_tokens=5, text_position="suffix"),
+        WindowSpec.neighborhood((5, 7), (5, 7), text_tokens=3),
+        WindowSpec.neighborhood((8, 8), (100, 100)),
+    ],
+    ids=str,
+)
+def test_large_radius_is_full_attention(spec):
+    q, k, v = qkv(spec, D=72, seed=5)
+    full = F.scaled_dot_product_attention(q, k, v)
+    assert bool(window_dense_mask(spec).all())
+    assert window_tile_fraction(spec, 16, 16) == 1.0 and window_pair_fraction(spec) == 1.0
+    for backend in ("chunked", "sdpa_mask", "reference"):
+        torch.testing.assert_close(window_attention(q, k, v, spec, backend=backend), full, atol=1e-5, rtol=1e-5)
+
+
+def _flex_cpu_works() -> bool:
+    try:
+        spec = WindowSpec.band((4, 4), 1)
+        q, k, v = qkv(spec, B=1, H=1, D=16)
+        window_attention(q, k, v, spec, backend="flex")
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _flex_cpu_works(), reason="flex_attention does not run on CPU in this torch build")
+@pytest.mark.parametrize("spec, D", CASES[1::2], ids=str)
+def test_flex_cpu_matches_reference(spec, D):
+    q, k, v = qkv(spec, D=D, seed=7)
+    ref = window_attention_reference(q, k, v, spec)
+    out = window_attention(q, k, v, spec, backend="flex", block_size=16)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_zero_padded_head_dim(monkeypatch):
+    """The fallback for head dims flex rejects: zero-pad D (72 -> 128), keep the scale, slice."""
+    if not _flex_cpu_works():
+        pytest.skip("flex_attention does not run on CPU in this torch build")
+    from ditaccel.kernels import window
+
+    monkeypatch.setattr(window, "_FLEX_PAD_HEAD_DIMS", {("cpu", 72)})
+    spec = WindowSpec.neighborhood((5, 7), (1, 2), text_tokens=3)
+    q, k, v = qkv(spec, D=72, seed=8)
+    out = window_attention(q, k, v, spec, backend="flex", block_size=16)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, window_attention_reference(q, k, v, spec), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("D", [64, 72])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        WindowSpec.band((31, 32), 124, text_tokens=32),
+        WindowSpec.neighborhood((30, 32), (4, 4), text_tokens=64, text_position="suffix"),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_flex_cuda_matches_reference(spec, D, dtype):
+    q, k, v = qkv(spec, B=2, H=4, D=D, dtype=dtype, seed=D, device="cuda")
+    ref = window_attention_reference(q, k, v, spec)
+    out = window_attention(q, k, v, spec)  # auto -> flex on CUDA
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(window_attention(q, k, v, spec, backend="chunked").float(), ref.float(), atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def _tile_any(mask: torch.Tensor, bq: int, bk: int) -> torch.Tensor:
+    L = mask.shape[0]
+    nq, nk = math.ceil(L / bq), math.ceil(L / bk)
+    return torch.tensor(
+        [[bool(mask[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk].any()) for j in range(nk)] for i in range(nq)]
+    )
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("bq, bk", [(8, 8), (16, 8), (5, 13)])
+def test_tile_fraction_brute_force(spec, bq, bk):
+    mask = brute_mask(spec)
+    tiles = _tile_any(mask, bq, bk)
+    assert window_tile_fraction(spec, bq, bk) == tiles.sum().item() / tiles.numel()
+    assert window_pair_fraction(spec) == mask.sum().item() / mask.numel()
+
+
+@pytest.mark.parametrize("grid, b", [((8, 8), 16), ((5, 7), 8), ((16, 16), 128), ((64, 64), 128)])
+def test_tile_fraction_radius_zero_is_diagonal(grid, b):
+    spec = WindowSpec.band(grid, 0)
+    nb = math.ceil(spec.seq_len / b)
+    assert window_tile_fraction(spec, b, b) == nb / nb**2
+    assert window_pair_fraction(spec) == 1 / spec.seq_len
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_input_validation():
+    spec = WindowSpec.band((4, 4), 2, text_tokens=2)
+    q, k, v = qkv(spec, D=64)
+    with pytest.raises(ValueError, match="L=17"):
+        window_attention(*qkv(WindowSpec.band((1, 17), 1), D=64), spec)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        window_attention(q[0], k, v, spec)
+    with pytest.raises(ValueError, match="v must be 4-D"):
+        window_attention(q, k, v[0], spec)
+    with pytest.raises(ValueError, match="k must have the same shape"):
+        window_attention(q, k[:, :, :-1], v, spec)
+    with pytest.raises(ValueError, match="v must have the same dtype"):
+        window_attention(q, k, v.double(), spec)
+    with pytest.raises(ValueError, match="backend"):
+        window_attention(q, k, v, spec, backend="magic")
+    with pytest.raises(ValueError, match="spec"):
+        window_attention(q, k, v, "band1d")
+    with pytest.raises(ValueError, match="spec.seq_len"):
+        window_attention_reference(q, k, v, WindowSpec.band((4, 4), 2))
