@@ -43,6 +43,7 @@ def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None) -> No
     _, transformer = split_target(pipe_or_transformer)
     plan.check_model(transformer)
     method = DiTFastAttn(plan.methods, plan.metadata["window"], plan.metadata["window_size"])
+    method.expected_grid = plan.metadata.get("grid")
     install(pipe_or_transformer, method, cfg=cfg)
 
 

@@ -170,6 +170,68 @@ def bench_attention(tokens: int = 16384, heads: int = 16, head_dim: int = 72, ba
     return res
 
 
+def bench_sweep(model: str = "tiny-dit", steps: int = 20, device: str = "cpu", thresholds=None,
+                window: str = "band1d") -> dict:
+    """Calibrate at each threshold (default D1..D6) on a built-in offline model; report calibration
+    time, attention-FLOPs ratio of a generation with the plan, and its PSNR against dense."""
+    import numpy as np
+
+    import ditaccel
+    from ditaccel.cli import _call_params, _inputs, load_pipeline, psnr
+    from ditaccel.methods.ditfastattn import PRESETS
+    from ditaccel.viz import to_uint8
+
+    thresholds = thresholds or list(PRESETS)
+    pipe = load_pipeline(model, device, torch.float32 if device == "cpu" else torch.bfloat16)
+    is_dit = "class_labels" in _call_params(pipe)
+    calib = _inputs(pipe, None, None, 8 if is_dit else 6)  # the paper: 8 labels / 6 captions
+    sample = _inputs(pipe, None, [3, 404] if is_dit else None, 2)
+    if not is_dit:
+        sample = {**_inputs(pipe, ["a small house by a lake", "two dogs playing in the snow"], None, 2)}
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_params(pipe) else {}
+
+    def generate():
+        g = torch.Generator(device).manual_seed(0)
+        return to_uint8(pipe(num_inference_steps=steps, generator=g, output_type="np", **sample, **extra).images)
+
+    dense = generate()
+    rows = []
+    for th in thresholds:
+        cfg = ditaccel.DiTFastAttnConfig(threshold=th, window=window, show_progress=False)
+        t0 = time.perf_counter()
+        plan = ditaccel.calibrate(pipe, cfg, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(1),
+                                  **calib, **extra)
+        seconds = time.perf_counter() - t0
+        ditaccel.apply(pipe, plan)
+        try:
+            img = generate()
+            st = ditaccel.stats(pipe)
+        finally:
+            ditaccel.remove(pipe)
+        rows.append({"threshold": th, "delta": cfg.threshold, "calibration_s": seconds,
+                     "attention_flops_ratio": st.attention_flops_ratio, "plan_counts": plan.counts(),
+                     "psnr_vs_dense": psnr(dense, img), "mean_abs_diff": float(np.abs(dense.astype(int) - img).mean())})
+    tr = pipe.transformer
+    return {"model": model, "class": type(tr).__name__, "layers": len(tr.transformer_blocks),
+            "tokens": plan.metadata.get("tokens"), "steps": steps, "device": device, "window": window,
+            "calibration_inputs": len(next(iter(calib.values()))), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "rows": rows}
+
+
+def format_sweep(r: dict) -> str:
+    lines = [f"{r['model']} ({r['class']}, {r['layers']} layers, {r['tokens']} tokens), {r['steps']} steps, "
+             f"{r['calibration_inputs']} calibration inputs, window {r['window']}, {r['device']}, "
+             f"torch {r['torch']}, {r['date']}",
+             "| δ | calibration (s) | attention FLOPs | full/wars/ast/asc/wars+asc | PSNR vs dense (dB) |",
+             "|---|---|---|---|---|"]
+    for x in r["rows"]:
+        c = x["plan_counts"]
+        counts = "/".join(str(c[m]) for m in ("full", "wars", "ast", "asc", "wars+asc"))
+        lines.append(f"| {x['threshold']} ({x['delta']:.3f}) | {x['calibration_s']:.1f} | "
+                     f"{100 * x['attention_flops_ratio']:.1f}% | {counts} | {x['psnr_vs_dense']:.1f} |")
+    return "\n".join(lines)
+
+
 def format_step(r: dict) -> str:
     lines = [f"{r['model']} transformer, {r['tokens']} tokens x batch {r['batch']} (CFG), {r['heads']} heads x "
              f"{r['head_dim']}, {r['dtype']}, {r['device']}, torch {r['torch']}, window {r['window']}, {r['date']}",
@@ -186,8 +248,10 @@ def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="ditaccel bench")
-    ap.add_argument("what", choices=["step", "attention"])
-    ap.add_argument("--model", default="pixart-sigma-2k", choices=sorted(MODELS))
+    ap.add_argument("what", choices=["step", "attention", "sweep"])
+    ap.add_argument("--model", default=None,
+                    help=f"step: one of {sorted(MODELS)}; sweep: a built-in offline model (tiny-dit, tiny-pixart, ...)")
+    ap.add_argument("--steps", type=int, default=20, help="sweep: denoising steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--window", default="band1d", choices=["band1d", "neighborhood2d"])
     ap.add_argument("--repeats", type=int, default=5)
@@ -196,8 +260,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if args.what == "step":
-        r = bench_step(args.model, args.device, repeats=args.repeats, window=args.window)
+        r = bench_step(args.model or "pixart-sigma-2k", args.device, repeats=args.repeats, window=args.window)
         print(format_step(r))
+    elif args.what == "sweep":
+        r = bench_sweep(args.model or "tiny-dit", args.steps, args.device, window=args.window)
+        print(format_sweep(r))
     else:
         r = bench_attention(args.tokens, head_dim=args.head_dim, device=args.device, window=args.window)
         print(json.dumps(r, indent=1))

@@ -6,6 +6,7 @@ fails with a message that names the field.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import json
@@ -91,7 +92,7 @@ class Plan:
         for key, typ in REQUIRED_METADATA.items():
             if key not in md:
                 raise PlanError(f"metadata.{key}: missing")
-            if not isinstance(md[key], typ) or (typ is int and isinstance(md[key], bool)):
+            if not isinstance(md[key], typ) or (typ is not bool and isinstance(md[key], bool)):
                 raise PlanError(f"metadata.{key}: expected {getattr(typ, '__name__', typ)}, got {md[key]!r}")
         if md["window"] not in WINDOW_KINDS:
             raise PlanError(f"metadata.window: unknown window {md['window']!r}; known: {WINDOW_KINDS}")
@@ -152,8 +153,8 @@ class Plan:
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "method": self.method,
-                "metadata": self.metadata, "methods": self.methods}
+        return copy.deepcopy({"format": FORMAT, "version": VERSION, "method": self.method,
+                              "metadata": self.metadata, "methods": self.methods})
 
     @classmethod
     def from_dict(cls, d: Any) -> Plan:
@@ -180,10 +181,12 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"plan file {os.fspath(path)!r} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise PlanError(f"plan file {os.fspath(path)!r}: {e.strerror or e}") from None
         return cls.from_dict(d)
 
     # ------------------------------------------------------------------ display
@@ -196,7 +199,7 @@ class Plan:
                  f"  tokens     {md.get('tokens', '?')} (grid {md.get('grid', '?')})",
                  f"  window     {md['window']}, size {md['window_size']}",
                  f"  threshold  {md.get('threshold', '?')}"]
-        if "calibration_seconds" in md:
+        if isinstance(md.get("calibration_seconds"), (int, float)):
             lines.append(f"  calibrated in {md['calibration_seconds']:.1f} s on {md.get('calibration_inputs', '?')} inputs")
         for m, c in self.counts().items():
             lines.append(f"  {m:<9} {c:5d}  {100 * c / max(n, 1):5.1f}%")

@@ -9,10 +9,6 @@ module's original processor and exposes the call to the method through ``Attenti
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-
-import torch
-import torch.nn.functional as F
-
 if TYPE_CHECKING:
     from .runtime import Runtime
 
@@ -49,7 +45,7 @@ class SdpaSelfAttentionCall:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        self._residual = x
+        self._x = x  # rows of the last qkv(): project() adds their residual connection
         return q, k, v
 
     def project(self, heads):
@@ -58,7 +54,7 @@ class SdpaSelfAttentionCall:
         x = heads.transpose(1, 2).reshape(b, length, h * d)
         x = attn.to_out[1](attn.to_out[0](x))
         if attn.residual_connection:
-            x = x + (self.hidden_states if b == self.batch_size else self._residual)
+            x = x + self._x
         return x / attn.rescale_output_factor
 
 
@@ -86,5 +82,3 @@ def dense_flops(batch: int, tokens: int, inner_dim: int) -> float:
     """FLOPs of dense attention (QKᵀ and PV, 2 FLOPs per multiply-add) for a call."""
     return 4.0 * batch * tokens * tokens * inner_dim
 
-
-__all__ = ["DiTAccelAttnProcessor", "SdpaSelfAttentionCall", "dense_flops", "F", "torch"]

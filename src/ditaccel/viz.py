@@ -24,14 +24,14 @@ def plot_plan(plan, path: str | os.PathLike, title: str | None = None) -> None:
     index = {m: i for i, m in enumerate(METHODS)}
     grid = np.array([[index[m] for m in row] for row in plan.methods])
     cmap = ListedColormap([METHOD_COLORS[m] for m in METHODS])
-    fig_w = min(14, 2.5 + 0.25 * plan.num_steps)
+    fig_w = min(14, max(7.0, 4.0 + 0.25 * plan.num_steps))
     fig_h = min(10, 1.8 + 0.22 * plan.num_layers)
     fig, ax = plt.subplots(figsize=(fig_w, fig_h))
     ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(METHODS) - 0.5, aspect="auto", interpolation="nearest")
     ax.set_xlabel("denoising step")
     ax.set_ylabel("layer")
     md = plan.metadata
-    ax.set_title(title or f"{md['model_class']}  δ={md.get('threshold', '?')}  window={md['window']}")
+    ax.set_title(title or f"{md['model_class']}  δ={md.get('threshold', '?')}  window={md['window']}", fontsize=10)
     counts = plan.counts()
     total = max(1, plan.num_layers * plan.num_steps)
     handles = [Patch(color=METHOD_COLORS[m], label=f"{m} ({100 * counts[m] / total:.0f}%)") for m in METHODS]

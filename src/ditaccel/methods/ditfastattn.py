@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,7 +25,7 @@ METHODS: tuple[str, ...] = (FULL, WARS, AST, ASC, WARS_ASC)
 #: the paper's candidate order, most compressing first
 CANDIDATES: tuple[str, ...] = (AST, WARS_ASC, WARS, ASC)
 #: the paper's thresholds D1..D6
-PRESETS: dict[str, float] = {f"D{i}": 0.025 * i for i in range(1, 7)}
+PRESETS: dict[str, float] = {f"D{i}": round(0.025 * i, 3) for i in range(1, 7)}
 WINDOW_KINDS = ("band1d", "neighborhood2d")
 
 
@@ -272,6 +273,7 @@ class DiTFastAttn:
         self.uses_asc = any(m in (ASC, WARS_ASC) for row in methods for m in row)
         self.trial: list[str] | None = None
         self.write = True
+        self.expected_grid: tuple[int, int] | None = None  # the plan's calibration grid, if known
         self._windows: dict[tuple, WindowSpec] = {}
 
     @property
@@ -290,6 +292,10 @@ class DiTFastAttn:
     def begin_call(self, ctx):
         if self.trial is not None:
             return
+        if self.expected_grid is not None and tuple(ctx.grid) != tuple(self.expected_grid) and ctx.step == 0:
+            warnings.warn(f"the plan was calibrated at a {self.expected_grid[0]}x{self.expected_grid[1]} token grid, "
+                          f"this generation runs {ctx.grid[0]}x{ctx.grid[1]}: its quality is unmeasured here",
+                          stacklevel=2)
         if ctx.step >= self.num_steps:
             raise ValueError(f"num_inference_steps: step {ctx.step} is past the plan's {self.num_steps} steps")
         if ctx.cond is None and self.uses_asc:
