@@ -94,6 +94,18 @@ def test_calibration_compresses_and_respects_rules(dit):
     assert plan3.counts()["asc"] == 0 and plan3.counts()["wars+asc"] == 0
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.15])
+def test_local_search_keeps_the_end_to_end_bound(dit, threshold):
+    cfgd = ditaccel.DiTFastAttnConfig(threshold=threshold, search="local", show_progress=False)
+    plan = ditaccel.calibrate(dit, cfgd, num_inference_steps=5, class_labels=[1, 2, 3], generator=gen())
+    if threshold == 0:
+        assert plan.counts()["full"] == plan.num_layers * 5
+    else:
+        assert plan.counts()["full"] < plan.num_layers * 5
+        assert max(plan.metadata["step_loss"]) < threshold
+    assert all(row[0] == "full" for row in plan.methods)
+
+
 def test_calibrated_plan_reproduces_calibration_output(pixart):
     """The calibration's last run per step is exactly what apply() runs later: same output."""
     kw = dict(max_sequence_length=16, use_resolution_binning=False)
@@ -340,6 +352,8 @@ def test_config_validation():
         ditaccel.DiTFastAttnConfig(window_size=0)
     with pytest.raises(ValueError, match="candidates"):
         ditaccel.DiTFastAttnConfig(candidates=("full",))
+    with pytest.raises(ValueError, match="search"):
+        ditaccel.DiTFastAttnConfig(search="exhaustive")
     assert ditaccel.DiTFastAttnConfig(threshold="D2").threshold == pytest.approx(0.05)
 
 

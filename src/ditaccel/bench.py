@@ -171,7 +171,7 @@ def bench_attention(tokens: int = 16384, heads: int = 16, head_dim: int = 72, ba
 
 
 def bench_sweep(model: str = "tiny-dit", steps: int = 20, device: str = "cpu", thresholds=None,
-                window: str = "band1d") -> dict:
+                window: str = "band1d", search: str = "greedy") -> dict:
     """Calibrate at each threshold (default D1..D6) on a built-in offline model; report calibration
     time, attention-FLOPs ratio of a generation with the plan, and its PSNR against dense."""
     import numpy as np
@@ -197,7 +197,7 @@ def bench_sweep(model: str = "tiny-dit", steps: int = 20, device: str = "cpu", t
     dense = generate()
     rows = []
     for th in thresholds:
-        cfg = ditaccel.DiTFastAttnConfig(threshold=th, window=window, show_progress=False)
+        cfg = ditaccel.DiTFastAttnConfig(threshold=th, window=window, search=search, show_progress=False)
         t0 = time.perf_counter()
         plan = ditaccel.calibrate(pipe, cfg, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(1),
                                   **calib, **extra)
@@ -214,14 +214,15 @@ def bench_sweep(model: str = "tiny-dit", steps: int = 20, device: str = "cpu", t
     tr = pipe.transformer
     return {"model": model, "class": type(tr).__name__, "layers": len(tr.transformer_blocks),
             "tokens": plan.metadata.get("tokens"), "steps": steps, "device": device, "window": window,
+            "search": search, "torch_threads": torch.get_num_threads(),
             "calibration_inputs": len(next(iter(calib.values()))), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "rows": rows}
 
 
 def format_sweep(r: dict) -> str:
     lines = [f"{r['model']} ({r['class']}, {r['layers']} layers, {r['tokens']} tokens), {r['steps']} steps, "
-             f"{r['calibration_inputs']} calibration inputs, window {r['window']}, {r['device']}, "
-             f"torch {r['torch']}, {r['date']}",
+             f"{r['calibration_inputs']} calibration inputs, window {r['window']}, search {r['search']}, "
+             f"{r['device']} ({r['torch_threads']} threads), torch {r['torch']}, {r['date']}",
              "| δ | calibration (s) | attention FLOPs | full/wars/ast/asc/wars+asc | PSNR vs dense (dB) |",
              "|---|---|---|---|---|"]
     for x in r["rows"]:
@@ -257,13 +258,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--head-dim", type=int, default=72)
+    ap.add_argument("--search", default="greedy", choices=["greedy", "local"], help="sweep: plan search")
+    ap.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.what == "step":
         r = bench_step(args.model or "pixart-sigma-2k", args.device, repeats=args.repeats, window=args.window)
         print(format_step(r))
     elif args.what == "sweep":
-        r = bench_sweep(args.model or "tiny-dit", args.steps, args.device, window=args.window)
+        r = bench_sweep(args.model or "tiny-dit", args.steps, args.device, window=args.window, search=args.search)
         print(format_sweep(r))
     else:
         r = bench_attention(args.tokens, head_dim=args.head_dim, device=args.device, window=args.window)

@@ -43,24 +43,62 @@ class _GreedySearchHook(ModelHook):
         self.method.trial, self.method.write = column, write
         return self.fn_ref.original_forward(*args, **kwargs)
 
+    def _greedy(self, reference, allowed, args, kwargs) -> list[str]:
+        """The paper: layer by layer, the first candidate whose whole-transformer loss is in budget."""
+        n = len(self.method.methods)
+        full = [FULL] * n
+        chosen = list(full)
+        for i in range(n):
+            budget = (i + 1) / n * self.config.threshold
+            for cand in allowed:
+                trial = chosen[:i] + [cand] + full[i + 1:]
+                if relative_l1(reference, _sample(self._run(trial, False, args, kwargs))) < budget:
+                    chosen[i] = cand
+                    break
+            self.bar.update(1)
+        return chosen
+
+    def _local(self, reference, allowed, scores, args, kwargs) -> list[str]:
+        """Candidates scored on each layer's own output (``scores[layer][candidate]``, from the
+        reference pass); a layer takes its first candidate scoring under a common level τ, and τ
+        is the largest one (binary search over the scores) whose column keeps the transformer
+        output within δ. About log2(layers × candidates) passes per step."""
+        n = len(self.method.methods)
+
+        def column(tau):
+            return [next((c for c in allowed if scores[i][c] <= tau), FULL) for i in range(n)]
+
+        levels = sorted({v for i in range(n) for v in scores[i].values()})
+        best, lo, hi = [FULL] * n, 0, len(levels) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            trial = column(levels[mid])
+            if relative_l1(reference, _sample(self._run(trial, False, args, kwargs))) < self.config.threshold:
+                best, lo = trial, mid + 1
+            else:
+                hi = mid - 1
+        self.bar.update(n)
+        return best
+
     def new_forward(self, module, *args, **kwargs):
         n = len(self.method.methods)
         full = [FULL] * n
-        reference = _sample(self._run(full, False, args, kwargs))
+        if self.config.search == "local":  # score candidates per layer during the reference pass
+            self.method.scoring, self.method.scores = self.config.candidates, {}
+        try:
+            reference = _sample(self._run(full, False, args, kwargs))
+        finally:
+            self.method.scoring = None
         ctx = self.runtime.last_ctx
         self.cfg_seen = ctx.cond is not None if self.cfg_seen is None else self.cfg_seen
         self.grid = ctx.grid
         chosen = list(full)
         if ctx.step > 0 and ctx.step not in self.columns:
             allowed = [c for c in self.config.candidates if ctx.cond is not None or c not in (ASC, WARS_ASC)]
-            for i in range(n):
-                budget = (i + 1) / n * self.config.threshold
-                for cand in allowed:
-                    trial = chosen[:i] + [cand] + full[i + 1:]
-                    if relative_l1(reference, _sample(self._run(trial, False, args, kwargs))) < budget:
-                        chosen[i] = cand
-                        break
-                self.bar.update(1)
+            if self.config.search == "local":
+                chosen = self._local(reference, allowed, self.method.scores, args, kwargs)
+            else:
+                chosen = self._greedy(reference, allowed, args, kwargs)
         elif ctx.step in self.columns:  # same step again (e.g. a separate CFG call): reuse
             chosen = self.columns[ctx.step]
         else:
@@ -131,6 +169,7 @@ def calibrate(pipe, config: DiTFastAttnConfig | None = None, num_inference_steps
         tokens=grid[0] * grid[1] if grid else None,
         threshold=config.threshold,
         candidates=list(config.candidates),
+        search=config.search,
         calibration_inputs=len(batch) if isinstance(batch, (list, tuple)) else 1,
         calibration_seconds=round(time.perf_counter() - t0, 3),
         step_loss=[round(hook.losses[s], 6) for s in range(num_inference_steps)],

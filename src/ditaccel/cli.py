@@ -158,7 +158,8 @@ def cmd_calibrate(args) -> int:
         kw["guidance_scale"] = args.guidance_scale
     if "use_resolution_binning" in _call_params(pipe) and args.model in TINY_MODELS:
         kw["use_resolution_binning"] = False
-    cfg = ditaccel.DiTFastAttnConfig(threshold=args.threshold, window=args.window, window_size=args.window_size)
+    cfg = ditaccel.DiTFastAttnConfig(threshold=args.threshold, window=args.window, window_size=args.window_size,
+                                     search=args.search)
     plan = ditaccel.calibrate(pipe, cfg, num_inference_steps=args.steps, generator=_generator(device, args.seed), **kw)
     plan.save(args.out)
     print(plan.summary())
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", default="0.1")
     p.add_argument("--window", default="band1d", choices=["band1d", "neighborhood2d"])
     p.add_argument("--window-size", type=float, default=0.25)
+    p.add_argument("--search", default="greedy", choices=["greedy", "local"],
+                   help="greedy: the paper's search; local: per-layer scores + end-to-end binary search (faster)")
     p.add_argument("--prompt", action="append", help="calibration caption (repeat); default: 6 built-in")
     p.add_argument("--class-labels", type=int, nargs="+", help="DiT class ids; default: 8 spread ids")
     p.add_argument("--guidance-scale", type=float)

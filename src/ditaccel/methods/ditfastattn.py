@@ -27,6 +27,7 @@ CANDIDATES: tuple[str, ...] = (AST, WARS_ASC, WARS, ASC)
 #: the paper's thresholds D1..D6
 PRESETS: dict[str, float] = {f"D{i}": round(0.025 * i, 3) for i in range(1, 7)}
 WINDOW_KINDS = ("band1d", "neighborhood2d")
+SEARCHES = ("greedy", "local")
 
 
 @dataclass
@@ -45,6 +46,13 @@ class DiTFastAttnConfig:
             radius of ``round(sqrt(window_size) * side / 2)``.
         candidates: methods tried for each (layer, step), in order; the first within budget
             wins. The default is the paper's order (most compressing first).
+        search: ``"greedy"`` is the paper's search (for each layer and candidate, the whole
+            transformer runs again: up to layers × candidates forward passes per step).
+            ``"local"`` (ours, faster) scores every candidate on each layer's own output during
+            the one all-``full`` pass; each layer takes its first candidate scoring under a common
+            level τ, and a binary search finds the largest τ whose column keeps the transformer
+            output within δ (the bound greedy's last layer has). About log2(4n) + 2 passes per
+            step instead of up to 4n + 2; a different plan.
         cfg: whether calls batch classifier-free guidance. ``None`` detects it per call
             (the two halves of the latent input are identical); set it when that heuristic
             cannot hold (e.g. a batch of one prompt repeated twice without CFG).
@@ -55,6 +63,7 @@ class DiTFastAttnConfig:
     window: str = "band1d"
     window_size: float = 0.25
     candidates: tuple[str, ...] = CANDIDATES
+    search: str = "greedy"
     cfg: bool | None = None
     show_progress: bool = True
 
@@ -74,6 +83,8 @@ class DiTFastAttnConfig:
         bad = [c for c in self.candidates if c not in CANDIDATES]
         if bad or len(set(self.candidates)) != len(self.candidates):
             raise ValueError(f"candidates must be distinct values among {CANDIDATES}, got {self.candidates!r}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
         if self.cfg not in (None, True, False):
             raise ValueError(f"cfg must be None, True or False, got {self.cfg!r}")
 
@@ -259,9 +270,10 @@ class DiTFastAttn:
     """Runs a plan (``methods[layer][step]``) inside the runtime.
 
     The runtime calls ``check_*`` at install/generation start, ``begin_call`` once per
-    transformer call and ``attention`` once per self-attention call. ``trial``/``write`` are
-    used by calibration: ``trial`` is the column of methods to use at the current step (with
-    every cache kept), ``write=False`` leaves the caches untouched (trial runs).
+    transformer call and ``attention`` once per self-attention call. ``trial``/``write``/``scoring``
+    are used by calibration: ``trial`` is the column of methods to use at the current step (with
+    every cache kept), ``write=False`` leaves the caches untouched (trial runs), ``scoring``
+    lists candidates to score on each layer's own output (``scores[layer][candidate]``).
     """
 
     name = "ditfastattn"
@@ -273,6 +285,8 @@ class DiTFastAttn:
         self.uses_asc = any(m in (ASC, WARS_ASC) for row in methods for m in row)
         self.trial: list[str] | None = None
         self.write = True
+        self.scoring: tuple[str, ...] | None = None
+        self.scores: dict[int, dict[str, float]] = {}
         self.expected_grid: tuple[int, int] | None = None  # the plan's calibration grid, if known
         self._windows: dict[tuple, WindowSpec] = {}
 
@@ -316,5 +330,10 @@ class DiTFastAttn:
             action = CALIBRATION_ACTION[self.trial[layer]]
         else:
             action = self.schedules[layer][ctx.step]
-        out, cost = run_layer(action, call, cache, self.window(ctx.grid), ctx.cond, write=self.write)
+        window = self.window(ctx.grid)
+        out, cost = run_layer(action, call, cache, window, ctx.cond, write=self.write)
+        if self.scoring and ctx.step > 0:
+            self.scores[layer] = {
+                c: relative_l1(out, run_layer(CALIBRATION_ACTION[c], call, cache, window, ctx.cond, write=False)[0])
+                for c in self.scoring if ctx.cond is not None or c not in (ASC, WARS_ASC)}
         return out, cost.fraction + cost.extra_window, action.method
