@@ -91,9 +91,11 @@ def _timed(pipe, device, **kw):
 
 
 def psnr(a, b) -> float:
-    a, b = a.astype("float64"), b.astype("float64")
-    mse = ((a - b) ** 2).mean()
-    return float("inf") if mse == 0 else float(10 * torch.log10(torch.tensor(255.0**2 / mse)))
+    """PSNR (dB) between two uint8 image arrays."""
+    import numpy as np
+
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
 
 
 # ------------------------------------------------------------------------------ commands
@@ -101,7 +103,7 @@ def cmd_demo(args) -> int:
     import numpy as np
 
     import ditaccel
-    from ditaccel.viz import plot_plan, side_by_side, to_uint8
+    from ditaccel.viz import abs_diff, plot_plan, side_by_side, to_uint8
 
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -134,8 +136,7 @@ def cmd_demo(args) -> int:
         ditaccel.remove(pipe)
     a, b = to_uint8(dense.images), to_uint8(fast.images)
     grid_path = os.path.join(args.out, "samples.png")
-    side_by_side([("dense", a), ("ditfastattn", b), ("|diff| x4", np.clip(np.abs(a.astype(int) - b) * 4, 0, 255)
-                                                     .astype(np.uint8))], grid_path)
+    side_by_side([("dense", a), ("ditfastattn", b), abs_diff(a, b)], grid_path)
     print("\nresult (same seed, same inputs)")
     print(f"  dense        {t_dense:8.3f} s")
     print(f"  ditfastattn  {t_fast:8.3f} s   speed-up {t_dense / t_fast:.2f}x")

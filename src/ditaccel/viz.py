@@ -41,6 +41,13 @@ def plot_plan(plan, path: str | os.PathLike, title: str | None = None) -> None:
     plt.close(fig)
 
 
+def abs_diff(a: np.ndarray, b: np.ndarray) -> tuple[str, np.ndarray]:
+    """A (label, image) row showing |a − b| stretched to the full range."""
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    peak = int(d.max())
+    return f"|diff| x{255 / max(peak, 1):.0f}", (d * (255 / max(peak, 1))).astype(np.uint8)
+
+
 def to_uint8(images) -> np.ndarray:
     """Pipeline output (PIL list, (B,H,W,C) numpy in [0,1] or (B,C,H,W) tensor in [0,1]) → uint8 (B,H,W,C)."""
     import torch
@@ -52,13 +59,15 @@ def to_uint8(images) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def side_by_side(rows: list[tuple[str, np.ndarray]], path: str | os.PathLike, scale: int = 4) -> None:
-    """Save a PNG grid: one labelled row per variant, one column per sample (uint8 images)."""
+def side_by_side(rows: list[tuple[str, np.ndarray]], path: str | os.PathLike, scale: int | None = None) -> None:
+    """Save a PNG grid: one labelled row per variant, one column per sample (uint8 images).
+    ``scale`` (nearest-neighbour) defaults to bringing small images to about 256 px."""
     from PIL import Image, ImageDraw
 
     label_w = 110
     n = max(len(imgs) for _, imgs in rows)
     h, w = rows[0][1].shape[1:3]
+    scale = scale or max(1, round(256 / max(h, w)))
     H, W = h * scale, w * scale
     canvas = Image.new("RGB", (label_w + n * (W + 4), len(rows) * (H + 4)), "white")
     draw = ImageDraw.Draw(canvas)
