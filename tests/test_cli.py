@@ -7,7 +7,6 @@ import os
 import re
 
 import pytest
-import torch
 from PIL import Image
 
 import ditaccel
@@ -15,16 +14,6 @@ from ditaccel import cli
 from ditaccel.plan import Plan
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models run much faster on one intra-op thread on a shared 2-core machine
-    (two threads spin-wait on each other when the other core is busy); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def assert_png(path) -> tuple[int, int]:

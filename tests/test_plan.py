@@ -26,16 +26,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models run much faster on one intra-op thread on a shared 2-core machine
-    (two threads spin-wait on each other when the other core is busy); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def plan(dit):
     assert len(adapter_for(dit.transformer).attention_modules(dit.transformer)) == len(ROWS)

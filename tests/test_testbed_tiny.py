@@ -12,15 +12,6 @@ from ditaccel.testbed import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads; on small shared CPUs they only add jitter.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dit():
     return tiny_dit_pipeline()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .methods.ditfastattn import ASC, AST, FULL, METHODS, WARS, WARS_ASC, WINDOW_KINDS
+from .methods.ditfastattn import ASC, FULL, METHODS, WARS, WARS_ASC, WINDOW_KINDS
 
 FORMAT = "ditaccel.plan"
 VERSION = 1

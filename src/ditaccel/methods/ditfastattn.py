@@ -207,14 +207,13 @@ def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window
         if cache.out is None or cache.out.shape[0] != b:
             raise RuntimeError("ast: no cached output from an earlier step of this generation")
         out, cost = cache.out, CallCost(0.0)
-    elif m == FULL and action.keep_res is not None and write:
+    elif m == FULL and action.keep_res is not None and write:  # trial runs skip the residual
         q, k, v = call.qkv()
         o = F.scaled_dot_product_attention(q, k, v)
         rows = slice(None) if action.keep_res == "all" or cond is None else half
         w = window_attention(q[rows], k[rows], v[rows], window)
         tf = _tile_fraction(window) * (1.0 if rows == slice(None) else 0.5)
-        if write:
-            cache.res, cache.res_rows = (o[rows] - w), ("all" if rows == slice(None) else "cond")
+        cache.res, cache.res_rows = (o[rows] - w), ("all" if rows == slice(None) else "cond")
         out, cost = call.project(o), CallCost(1.0, tf)
     elif m == FULL:
         out, cost = call.full(), CallCost(1.0)
