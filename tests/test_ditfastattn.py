@@ -127,7 +127,7 @@ def _layer_call(pipe, b=4, seed=0):
     attn = adapter_for(tr).attention_modules(tr)[0]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 16, attn.inner_dim, generator=g)
-    return attn, SdpaSelfAttentionCall(attn.processor, attn, x), x
+    return attn, SdpaSelfAttentionCall(attn.processor, attn, x, None, None, (), {}), x
 
 
 def _heads(attn, x):

@@ -1,14 +1,24 @@
-"""Attention processors: the per-layer link between a diffusers ``Attention`` module and a method.
+"""Attention processors: the per-layer link between a diffusers attention module and a method.
 
 A processor knows its layer index and the runtime that tracks step and CFG branch; it wraps the
 module's original processor and exposes the call to the method through ``AttentionCall``
-(``ditaccel.methods.ditfastattn``). An ``AttentionCall`` kind per attention-call convention:
-``"sdpa_self"`` is diffusers' ``AttnProcessor2_0`` used for self-attention.
+(``ditaccel.methods.ditfastattn``). One ``AttentionCall`` kind per attention-call convention:
+
+- ``"sdpa_self"``: diffusers' ``AttnProcessor2_0`` self-attention (DiT, PixArt): ditaccel can
+  compute q/k/v and the output projection itself, so every method applies.
+- ``"dispatch"``: processors that call ``dispatch_attention_fn`` (Wan, HunyuanVideo, Flux): the
+  original processor runs as is (RoPE, norms, joint text/video concat) and only its attention
+  core is replaced, through a guarded wrapper of the processor module's ``dispatch_attention_fn``.
 """
 
 from __future__ import annotations
 
+import contextvars
+import sys
 from typing import TYPE_CHECKING
+
+import torch
+
 if TYPE_CHECKING:
     from .runtime import Runtime
 
@@ -20,18 +30,22 @@ def _rows(x, rows):
 class SdpaSelfAttentionCall:
     """One self-attention call in the ``AttnProcessor2_0`` convention, (B, L, C) hidden states."""
 
-    def __init__(self, original, attn, hidden_states, attention_mask=None, temb=None, **kwargs):
+    @staticmethod
+    def handles(encoder_hidden_states) -> bool:
+        return encoder_hidden_states is None  # with encoder states it is cross-attention: not ours
+
+    def __init__(self, original, attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs):
         if hidden_states.ndim != 3:
             raise ValueError("ditaccel supports (B, L, C) hidden states in self-attention only")
         if attn.spatial_norm is not None or attn.group_norm is not None:
             raise ValueError("ditaccel: attention modules with spatial/group norm are not supported")
-        self.original, self.attn, self.kwargs = original, attn, kwargs
-        self.hidden_states, self.attention_mask, self.temb = hidden_states, attention_mask, temb
+        self.original, self.attn, self.args, self.kwargs = original, attn, args, kwargs
+        self.hidden_states, self.attention_mask = hidden_states, attention_mask
         self.batch_size = hidden_states.shape[0]
 
     def full(self, rows=None):
-        return self.original(self.attn, _rows(self.hidden_states, rows), None,
-                             _rows(self.attention_mask, rows), _rows(self.temb, rows), **self.kwargs)
+        return self.original(self.attn, _rows(self.hidden_states, rows), None, _rows(self.attention_mask, rows),
+                             *self.args, **self.kwargs)
 
     def qkv(self, rows=None):
         if self.attention_mask is not None:
@@ -48,6 +62,11 @@ class SdpaSelfAttentionCall:
         self._x = x  # rows of the last qkv(): project() adds their residual connection
         return q, k, v
 
+    def core(self, fn):
+        """The module output with its attention core replaced by ``fn(q, k, v, key_padding_mask)``."""
+        q, k, v = self.qkv()
+        return self.project(fn(q, k, v, None))
+
     def project(self, heads):
         attn = self.attn
         b, h, length, d = heads.shape
@@ -58,7 +77,92 @@ class SdpaSelfAttentionCall:
         return x / attn.rescale_output_factor
 
 
-CALL_KINDS = {"sdpa_self": SdpaSelfAttentionCall}
+# ------------------------------------------------------------------ dispatch interception
+_CORE: contextvars.ContextVar = contextvars.ContextVar("ditaccel_core", default=None)
+_PATCHED: dict[str, tuple[object, int]] = {}  # module name -> (original dispatch_attention_fn, users)
+
+
+def _key_padding(attn_mask, batch: int, length: int):
+    """A boolean (B, L) key-padding mask from a dispatcher mask, or None; other masks are refused."""
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    if m.dtype == torch.bool and m.numel() == batch * length:
+        return m.reshape(batch, length)
+    if m.dtype == torch.bool and m.shape[-1] == length and m.shape[0] == batch:
+        return m.reshape(batch, -1, length)[:, 0]  # (B, 1, 1, L)-style broadcast masks
+    raise ValueError("ditaccel: only boolean key-padding attention masks are supported on the sparse path")
+
+
+def _make_dispatch(original):
+    def dispatch_attention_fn(query, key, value, attn_mask=None, *args, **kwargs):
+        fn = _CORE.get()
+        if fn is None or key.shape[1] != query.shape[1]:  # not ours, or a cross-attention call
+            return original(query, key, value, attn_mask, *args, **kwargs)
+        b, length = query.shape[:2]
+        out = fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                 _key_padding(attn_mask, b, length))
+        return out.transpose(1, 2)
+
+    dispatch_attention_fn.__wrapped__ = original
+    return dispatch_attention_fn
+
+
+def patch_dispatch(module_name: str) -> None:
+    """Route ``module_name.dispatch_attention_fn`` through ditaccel (ref-counted; a no-op for
+    calls made outside a ditaccel core)."""
+    mod = sys.modules[module_name]
+    if module_name in _PATCHED:
+        orig, users = _PATCHED[module_name]
+        _PATCHED[module_name] = (orig, users + 1)
+        return
+    orig = mod.dispatch_attention_fn
+    _PATCHED[module_name] = (orig, 1)
+    mod.dispatch_attention_fn = _make_dispatch(orig)
+
+
+def unpatch_dispatch(module_name: str) -> None:
+    orig, users = _PATCHED[module_name]
+    if users > 1:
+        _PATCHED[module_name] = (orig, users - 1)
+    else:
+        sys.modules[module_name].dispatch_attention_fn = orig
+        del _PATCHED[module_name]
+
+
+class DispatchAttentionCall:
+    """One self- or joint-attention call of a ``dispatch_attention_fn`` processor (Wan,
+    HunyuanVideo, ...). The adapter picked the module; text states of joint attention pass through."""
+
+    @staticmethod
+    def handles(encoder_hidden_states) -> bool:
+        return True
+
+    def __init__(self, original, attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs):
+        self.original, self.attn, self.args, self.kwargs = original, attn, args, kwargs
+        self.hidden_states, self.encoder_hidden_states = hidden_states, encoder_hidden_states
+        self.attention_mask = attention_mask
+        self.batch_size = hidden_states.shape[0]
+
+    def full(self, rows=None):
+        if rows is not None:
+            raise ValueError("ditaccel: sharing across CFG halves is not supported for this attention convention")
+        return self.original(self.attn, self.hidden_states, self.encoder_hidden_states, self.attention_mask,
+                             *self.args, **self.kwargs)
+
+    def qkv(self, rows=None):
+        raise ValueError("ditaccel: window attention with residual (wars) is not supported for this attention "
+                         "convention yet")
+
+    def core(self, fn):
+        token = _CORE.set(fn)
+        try:
+            return self.full()
+        finally:
+            _CORE.reset(token)
+
+
+CALL_KINDS = {"sdpa_self": SdpaSelfAttentionCall, "dispatch": DispatchAttentionCall}
 
 
 class DiTAccelAttnProcessor:
@@ -68,17 +172,14 @@ class DiTAccelAttnProcessor:
         self.runtime, self.layer, self.original = runtime, layer, original
         self.call_cls = CALL_KINDS[call_kind]
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        if encoder_hidden_states is not None or args:
-            # not a self-attention call: leave it alone
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        call = self.call_cls(self.original, attn, hidden_states, attention_mask, temb, **kwargs)
-        return self.runtime.attention(self.layer, call, dense_flops(call.batch_size, hidden_states.shape[1],
-                                                                     attn.inner_dim))
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if not self.call_cls.handles(encoder_hidden_states):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        call = self.call_cls(self.original, attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs)
+        inner = attn.heads * (attn.to_q.out_features // attn.heads)
+        return self.runtime.attention(self.layer, call, dense_flops(call.batch_size, hidden_states.shape[1], inner))
 
 
 def dense_flops(batch: int, tokens: int, inner_dim: int) -> float:
     """FLOPs of dense attention (QKᵀ and PV, 2 FLOPs per multiply-add) for a call."""
     return 4.0 * batch * tokens * tokens * inner_dim
-

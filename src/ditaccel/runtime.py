@@ -21,7 +21,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .models import ModelAdapter, adapter_for
-from .processors import DiTAccelAttnProcessor
+from .processors import DiTAccelAttnProcessor, patch_dispatch, unpatch_dispatch
 
 HOOK_NAME = "ditaccel"
 _OWN_CONTEXT = "ditaccel:batch"
@@ -36,6 +36,8 @@ class StepContext:
     cond: int | None  # index of the conditional half in a CFG-batched call, else None
     grid: tuple[int, int]
     batch_size: int
+    text_tokens: int = 0  # text tokens in the self-attention sequence (joint attention)
+    text_position: str | None = None  # "prefix" or "suffix"
 
 
 class GenerationState(BaseState):
@@ -69,6 +71,7 @@ class Stats:
     denoise_seconds: float  # first transformer call start → last call end
     cache_bytes_peak: int
     attention_tflops_dense: float = field(default=0.0)
+    details: dict = field(default_factory=dict)  # method-specific (AdaSpa: density, recall, search time)
 
     def __str__(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self.method_counts.items()))
@@ -120,7 +123,7 @@ class Runtime:
             step = max(step, 0)
         st.step, st.last_t = step, tval
         st.ctx = StepContext(step, tval, self._cond_index(hs, bound), self.adapter.token_grid(self.transformer, hs),
-                             hs.shape[0])
+                             hs.shape[0], *self.adapter.text_layout(bound))
         st.steps_seen.add(step)
         self.last_ctx = st.ctx
         self.method.begin_call(st.ctx)
@@ -191,6 +194,7 @@ class Runtime:
             denoise_seconds=max(s.t_end - s.t_start for s in states if s.t_end is not None),
             cache_bytes_peak=max(s.cache_bytes_peak for s in states),
             attention_tflops_dense=dense / 1e12,
+            details=self.method.details(states[0].caches) if hasattr(self.method, "details") else {},
         )
 
     # ------------------------------------------------------------------ install / remove
@@ -198,6 +202,10 @@ class Runtime:
         mods = self.adapter.attention_modules(self.transformer)
         self.method.check_num_layers(len(mods))
         self.originals = [m.processor for m in mods]
+        self._patched = sorted({type(p).__module__ for p in self.originals}) if self.adapter.attention_call == "dispatch" \
+            else []
+        for name in self._patched:
+            patch_dispatch(name)
         for i, m in enumerate(mods):
             m.set_processor(DiTAccelAttnProcessor(self, i, m.processor, self.adapter.attention_call))
         HookRegistry.check_if_exists_or_initialize(self.transformer).register_hook(TransformerHook(self), HOOK_NAME)
@@ -209,6 +217,8 @@ class Runtime:
     def uninstall(self):
         for m, p in zip(self.adapter.attention_modules(self.transformer), self.originals):
             m.set_processor(p)
+        for name in self._patched:
+            unpatch_dispatch(name)
         HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(HOOK_NAME, recurse=False)
         if self.scheduler is not None:
             _unlisten(self.scheduler, self)

@@ -63,6 +63,13 @@ class ModelAdapter:
         h, w = hidden_states.shape[-2:]
         return (h // p, w // p)
 
+    def text_layout(self, bound_args: dict) -> tuple[int, str | None]:
+        """(number of text tokens in the self-attention sequence, their position)."""
+        if self.text_tokens is None:
+            return 0, None
+        ctx = bound_args.get("encoder_hidden_states")
+        return (0 if ctx is None else ctx.shape[1]), self.text_tokens
+
     def cond_index(self) -> int:
         """Position (0 or 1) of the conditional half in a CFG-batched call."""
         if self.cfg_batch_order is None:
