@@ -42,6 +42,14 @@ def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None) -> No
         raise TypeError(f"plan_or_config must be a Plan or a plan file path, got {type(plan).__name__}")
     _, transformer = split_target(pipe_or_transformer)
     plan.check_model(transformer)
+    from .models import adapter_for
+    from .processors import CALL_KINDS
+
+    kind = adapter_for(transformer).attention_call
+    unsupported = sorted(m for m, c in plan.counts().items() if c and m not in CALL_KINDS[kind].methods)
+    if unsupported:
+        raise ValueError(f"plan_or_config: methods {unsupported} are not supported for {type(transformer).__name__} "
+                         f"yet (its attention convention {kind!r} runs {sorted(CALL_KINDS[kind].methods)})")
     method = DiTFastAttn(plan.methods, plan.metadata["window"], plan.metadata["window_size"])
     method.expected_grid = plan.metadata.get("grid")
     install(pipe_or_transformer, method, cfg=cfg)

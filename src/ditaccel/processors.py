@@ -30,6 +30,9 @@ def _rows(x, rows):
 class SdpaSelfAttentionCall:
     """One self-attention call in the ``AttnProcessor2_0`` convention, (B, L, C) hidden states."""
 
+    #: DiTFastAttn methods this convention can run
+    methods = frozenset({"full", "wars", "ast", "asc", "wars+asc"})
+
     @staticmethod
     def handles(encoder_hidden_states) -> bool:
         return encoder_hidden_states is None  # with encoder states it is cross-attention: not ours
@@ -133,6 +136,8 @@ def unpatch_dispatch(module_name: str) -> None:
 class DispatchAttentionCall:
     """One self- or joint-attention call of a ``dispatch_attention_fn`` processor (Wan,
     HunyuanVideo, ...). The adapter picked the module; text states of joint attention pass through."""
+
+    methods = frozenset({"full", "ast"})  # no q/k/v access for wars, no per-row call for asc (yet)
 
     @staticmethod
     def handles(encoder_hidden_states) -> bool:

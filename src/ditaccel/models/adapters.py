@@ -58,8 +58,15 @@ class ModelAdapter:
         return mods
 
     def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int]:
-        """(rows, cols) of the visual token grid for a latent input of shape (B, C, H, W)."""
+        """(rows, cols) of the visual token grid for a latent input of shape (B, C, H, W); for
+        video (B, C, F, H, W) the frames stack their rows: (F/pt · H/ph, W/pw), which is the same
+        row-major order."""
         p = getattr(transformer.config, self.patch_size_attr)
+        if hidden_states.ndim == 5:
+            pt, ph, pw = p if isinstance(p, (tuple, list)) else (1, p, p)
+            f, h, w = hidden_states.shape[-3:]
+            return ((f // pt) * (h // ph), w // pw)
+        p = p[-1] if isinstance(p, (tuple, list)) else p
         h, w = hidden_states.shape[-2:]
         return (h // p, w // p)
 
@@ -101,7 +108,16 @@ PIXART = ModelAdapter(
     cfg_batch_order=("uncond", "cond"),
 )
 
-ADAPTERS: dict[str, ModelAdapter] = {a.transformer_class: a for a in (DIT, PIXART)}
+WAN = ModelAdapter(
+    name="wan",
+    transformer_class="WanTransformer3DModel",
+    blocks=("blocks",),
+    attention="attn1",  # attn2 is cross-attention to the text: untouched
+    attention_call="dispatch",
+    cfg_batch_order=None,  # the pipeline runs cond and uncond as separate calls (cache_context)
+)
+
+ADAPTERS: dict[str, ModelAdapter] = {a.transformer_class: a for a in (DIT, PIXART, WAN)}
 
 
 def register_adapter(adapter: ModelAdapter) -> None:
