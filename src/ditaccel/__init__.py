@@ -15,24 +15,39 @@ import os
 __version__ = "0.1.0"
 
 from .calibrate import calibrate
+from .methods.adaspa import AdaSpa, AdaSpaConfig
 from .methods.ditfastattn import PRESETS, DiTFastAttn, DiTFastAttnConfig
 from .plan import Plan, PlanError
 from .runtime import Stats, install, remove, reset, stats
 
 
-def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None) -> None:
+def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None,
+          num_inference_steps: int | None = None) -> None:
     """Make ``pipe_or_transformer`` (a diffusers pipeline or its transformer) use a method.
 
     Args:
         pipe_or_transformer: the pipeline (preferred: its scheduler tells ditaccel where each
             generation starts) or a bare transformer.
-        plan_or_config: a DiTFastAttn ``Plan`` (or the path of a plan file) from ``calibrate``.
+        plan_or_config: a DiTFastAttn ``Plan`` (or the path of a plan file) from ``calibrate``,
+            or an ``AdaSpaConfig`` (no calibration: AdaSpa searches online).
         cfg: override the per-call detection of batched classifier-free guidance.
+        num_inference_steps: AdaSpa on a bare transformer: the step count its schedule is for
+            (a pipeline's scheduler tells it at every generation).
     Nothing is changed if this raises.
     """
     from .runtime import split_target
 
     plan = plan_or_config
+    if isinstance(plan, AdaSpaConfig):
+        pipe, _ = split_target(pipe_or_transformer)
+        method = AdaSpa(plan)
+        if num_inference_steps is not None:
+            method.check_num_steps(num_inference_steps)
+        elif pipe is None:
+            raise ValueError("num_inference_steps: AdaSpa on a bare transformer needs the step count, "
+                             "e.g. ditaccel.apply(transformer, AdaSpaConfig(), num_inference_steps=50)")
+        install(pipe_or_transformer, method, cfg=cfg)
+        return
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     if isinstance(plan, DiTFastAttnConfig):
@@ -55,5 +70,5 @@ def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None) -> No
     install(pipe_or_transformer, method, cfg=cfg)
 
 
-__all__ = ["PRESETS", "DiTFastAttnConfig", "Plan", "PlanError", "Stats", "apply", "calibrate", "remove", "reset",
+__all__ = ["PRESETS", "AdaSpaConfig", "DiTFastAttnConfig", "Plan", "PlanError", "Stats", "apply", "calibrate", "remove", "reset",
            "stats", "__version__"]

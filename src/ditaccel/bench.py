@@ -233,6 +233,96 @@ def format_sweep(r: dict) -> str:
     return "\n".join(lines)
 
 
+def structured_qkv(frames: int, rows: int, cols: int, heads: int, head_dim: int, device: str, dtype,
+                   text_tokens: int = 0, seed: int = 0):
+    """q, k, v (1, H, L, D) whose attention has video-like structure: each head attends to
+    space-time neighbours at its own scale (Fourier features of (t, y, x) positions; small scales
+    = local heads, large = near-global), plus a little noise. L = frames·rows·cols + text."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    t, y, x = torch.meshgrid(torch.arange(frames, device=device), torch.arange(rows, device=device),
+                             torch.arange(cols, device=device), indexing="ij")
+    pos = torch.stack([t.flatten() * 4.0, y.flatten().float(), x.flatten().float()], dim=1)  # (N, 3)
+    n_freq = head_dim // 6
+    qs, ks = [], []
+    for h in range(heads):
+        scale = 2.0 ** (-(h % 6))  # local ... global
+        freqs = torch.randn(3, n_freq, device=device, generator=g) * scale
+        ang = pos @ freqs
+        feat = torch.cat([ang.sin(), ang.cos()], dim=1).repeat(1, 3)[:, :head_dim]
+        feat = torch.nn.functional.pad(feat, (0, head_dim - feat.shape[1]))
+        sharp = 6.0 / head_dim**0.5
+        qs.append(feat * sharp * head_dim**0.5)
+        ks.append(feat)
+    q, k = torch.stack(qs)[None], torch.stack(ks)[None]
+    if text_tokens:
+        q = torch.cat([q, torch.randn(1, heads, text_tokens, head_dim, device=device, generator=g)], dim=2)
+        k = torch.cat([k, torch.randn(1, heads, text_tokens, head_dim, device=device, generator=g)], dim=2)
+    q = q + 0.1 * torch.randn(q.shape, device=device, generator=g)
+    v = torch.randn(q.shape, device=device, generator=g)
+    return q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous()
+
+
+def bench_adaspa(frames: int = 32, rows: int = 45, cols: int = 80, heads: int = 24, head_dim: int = 128,
+                 text_tokens: int = 0, sparsities=(0.8, 0.9), block_size: int = 64, device: str = "cuda",
+                 dtype=torch.bfloat16) -> dict:
+    """AdaSpa's kernels at a real shape (default ≈ HunyuanVideo 720p: 32·45·80 + 0 = 115,200
+    video tokens): search with fresh LSE (full attention + LSE, block mass), search with the
+    cached LSE (block mass only), and block-sparse attention, each next to dense SDPA."""
+    from ditaccel.kernels.block_mass import attention_with_lse, block_mass
+    from ditaccel.kernels.block_sparse import block_sparse_attention, block_sparse_flops, mask_to_indices
+    from ditaccel.methods.adaspa import AdaSpaConfig, select_mask, text_blocks
+
+    q, k, v = structured_qkv(frames, rows, cols, heads, head_dim, device, dtype, text_tokens)
+    L = q.shape[2]
+    dense_flops = 4.0 * heads * L * L * head_dim
+
+    def timed(fn):
+        if device.startswith("cuda"):
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return statistics.median(_cuda_time(fn, device) for _ in range(3))
+
+    res = {"tokens": L, "heads": heads, "head_dim": head_dim, "block_size": block_size, "text_tokens": text_tokens,
+           "dtype": str(dtype).replace("torch.", ""), "date": datetime.date.today().isoformat(),
+           "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "torch": torch.__version__}
+    with dense_sdpa_context():
+        res["dense_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v))
+    _, lse = attention_with_lse(q, k, v)
+    res["attention_with_lse_ms"] = timed(lambda: attention_with_lse(q, k, v))
+    res["block_mass_ms"] = timed(lambda: block_mass(q, k, lse, block_size=block_size))
+    W = block_mass(q, k, lse, block_size=block_size)
+    always = text_blocks(L, block_size, text_tokens, "suffix", q.device) if text_tokens else None
+    res["select_ms"] = timed(lambda: select_mask(W, AdaSpaConfig(block_size=block_size), always))
+    res["search_first_ms"] = res["attention_with_lse_ms"] + res["block_mass_ms"] + res["select_ms"]
+    res["search_cached_ms"] = res["block_mass_ms"] + res["select_ms"]
+    res["sparse"] = []
+    for s in sparsities:
+        mask, _, rec = select_mask(W, AdaSpaConfig(sparsity=s, block_size=block_size), always)
+        idx, cnt = mask_to_indices(mask)
+        ms = timed(lambda: block_sparse_attention(q, k, v, idx, cnt, block_size=block_size))
+        flops = block_sparse_flops(cnt, block_size, L, head_dim)
+        res["sparse"].append({"sparsity": s, "density": float(mask.float().mean()), "recall": float(rec.mean()),
+                              "ms": ms, "speedup": res["dense_ms"] / ms, "effective_tflops": flops / ms / 1e9})
+    res["dense_tflops"] = dense_flops / res["dense_ms"] / 1e9
+    return res
+
+
+def format_adaspa(r: dict) -> str:
+    lines = [f"AdaSpa kernels: 1 x {r['heads']} heads x {r['tokens']} tokens x {r['head_dim']}, block {r['block_size']}, "
+             f"{r['dtype']}, {r['device']}, torch {r['torch']}, {r['date']}",
+             f"  dense SDPA (cuDNN first)        {r['dense_ms']:9.2f} ms  ({r['dense_tflops']:.0f} TFLOP/s)",
+             f"  first search: attention + LSE   {r['attention_with_lse_ms']:9.2f} ms",
+             f"                block mass        {r['block_mass_ms']:9.2f} ms  ({r['block_mass_ms'] / r['dense_ms']:.2f}x dense)",
+             f"                top-k + tiers     {r['select_ms']:9.2f} ms",
+             f"  first search total              {r['search_first_ms']:9.2f} ms",
+             f"  cached-LSE search total         {r['search_cached_ms']:9.2f} ms"]
+    for x in r["sparse"]:
+        lines.append(f"  sparse s={x['sparsity']}: density {x['density']:.3f}, recall {x['recall']:.3f}, "
+                     f"{x['ms']:.2f} ms ({x['speedup']:.2f}x dense, {x['effective_tflops']:.0f} TFLOP/s effective)")
+    return "\n".join(lines)
+
+
 def format_step(r: dict) -> str:
     lines = [f"{r['model']} transformer, {r['tokens']} tokens x batch {r['batch']} (CFG), {r['heads']} heads x "
              f"{r['head_dim']}, {r['dtype']}, {r['device']}, torch {r['torch']}, window {r['window']}, {r['date']}",
@@ -249,7 +339,7 @@ def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="ditaccel bench")
-    ap.add_argument("what", choices=["step", "attention", "sweep"])
+    ap.add_argument("what", choices=["step", "attention", "sweep", "adaspa"])
     ap.add_argument("--model", default=None,
                     help=f"step: one of {sorted(MODELS)}; sweep: a built-in offline model (tiny-dit, tiny-pixart, ...)")
     ap.add_argument("--steps", type=int, default=20, help="sweep: denoising steps")
@@ -267,6 +357,9 @@ def main(argv=None) -> int:
     if args.what == "step":
         r = bench_step(args.model or "pixart-sigma-2k", args.device, repeats=args.repeats, window=args.window)
         print(format_step(r))
+    elif args.what == "adaspa":
+        r = bench_adaspa(device=args.device)
+        print(format_adaspa(r))
     elif args.what == "sweep":
         r = bench_sweep(args.model or "tiny-dit", args.steps, args.device, window=args.window, search=args.search)
         print(format_sweep(r))

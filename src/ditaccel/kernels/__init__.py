@@ -1,5 +1,7 @@
 """Attention kernels used by ditaccel (model- and method-agnostic)."""
 
+from .block_mass import attention_with_lse, attention_with_lse_reference, block_mass, block_mass_reference
+
 from .window import (
     WindowSpec,
     window_attention,
@@ -11,6 +13,10 @@ from .window import (
 )
 
 __all__ = [
+    "attention_with_lse",
+    "attention_with_lse_reference",
+    "block_mass",
+    "block_mass_reference",
     "WindowSpec",
     "window_attention",
     "window_attention_reference",

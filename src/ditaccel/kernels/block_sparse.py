@@ -1,0 +1,588 @@
+"""Block-sparse attention: each query block attends to a chosen list of key blocks.
+
+The sequence of ``L`` tokens is cut into ``NQ = NK = ceil(L / block_size)`` blocks of
+``block_size`` tokens (the last one ragged when ``block_size`` does not divide
+``L``; tokens ``>= L`` do not exist and are never attended). For every
+``(batch b, head h, query block p)`` the caller selects key blocks:
+
+* ``kv_indices``: int32 ``(B, H, NQ, K)``; entries ``kv_indices[b, h, p, :kv_counts[b, h, p]]``
+  are the selected key-block ids (distinct, each in ``[0, NK)``, any order); the
+  entries after them are ignored (``-1``, repeats, anything).
+* ``kv_counts``: int32 ``(B, H, NQ)``, each in ``[1, min(K, NK)]``.
+
+:func:`mask_to_indices` / :func:`indices_to_mask` convert from / to a dense
+boolean block mask ``(B, H, NQ, NK)``.
+
+Query token ``i`` (in block ``p = i // block_size``) attends key token ``j`` iff
+``j // block_size`` is selected for ``(b, h, p)`` and, when ``key_padding_mask``
+``(B, L)`` bool is given, ``key_padding_mask[b, j]`` is True. A query row whose
+allowed keys are all padded out gets output 0 and log-sum-exp ``-inf``.
+
+Layout everywhere is SDPA's: ``q, k, v`` of shape ``(B, H, L, D)``. Self-attention
+only (k/v have the same ``L`` as q).
+
+Backends: ``"triton"`` (a FlashAttention-2-style forward kernel, one program per
+(query block, batch*head) looping over its key-block list; CUDA, or CPU tensors
+while ``TRITON_INTERPRET=1`` is set: read at each launch, so it may be set after
+import), ``"flex"`` (FlexAttention with ``BlockMask.from_kv_blocks``; a comparison
+baseline), ``"reference"`` (dense masked softmax). Note: if ``TRITON_INTERPRET=1`` is
+already set when ``triton.language`` is first imported, Triton's own ``@jit`` helpers
+become interpreted and no kernel can be compiled for CUDA in that process.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: without it only "flex" and "reference" run.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch on Linux
+    triton = None
+    tl = None
+
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "block_sparse_flops",
+    "mask_to_indices",
+    "indices_to_mask",
+]
+
+_BACKENDS = ("auto", "triton", "flex", "reference")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_BLOCK_SIZES = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------- index helpers
+
+
+def mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense block mask ``(B, H, NQ, NK)`` bool -> ``(kv_indices, kv_counts)``.
+
+    ``kv_indices`` is int32 ``(B, H, NQ, NK)``: each row's selected key blocks in
+    ascending order, padded with ``-1``; ``kv_counts`` is int32 ``(B, H, NQ)``.
+    A row with no selected block gets count 0 (which :func:`block_sparse_attention`
+    rejects: every query block must keep at least one key block).
+    """
+    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool or block_mask.dim() != 4:
+        raise ValueError(
+            f"block_mask must be a 4-D bool tensor (B, H, NQ, NK), got "
+            f"{getattr(block_mask, 'dtype', type(block_mask).__name__)} {tuple(getattr(block_mask, 'shape', ()))}"
+        )
+    nk = block_mask.shape[-1]
+    counts = block_mask.sum(-1, dtype=torch.int32)
+    # stable sort of "not selected": selected columns first, in ascending order
+    idx = torch.sort((~block_mask).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    pad = torch.arange(nk, device=block_mask.device, dtype=torch.int32) >= counts[..., None]
+    return idx.masked_fill(pad, -1).contiguous(), counts.contiguous()
+
+
+def _valid_entries(kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> torch.Tensor:
+    k = kv_indices.shape[-1]
+    return torch.arange(k, device=kv_indices.device) < kv_counts[..., None].to(torch.long)
+
+
+def indices_to_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nk: int) -> torch.Tensor:
+    """``(kv_indices, kv_counts)`` -> dense bool block mask ``(B, H, NQ, nk)``.
+
+    Only the first ``kv_counts`` entries of each row are read; they must lie in ``[0, nk)``.
+    """
+    if not isinstance(nk, int) or isinstance(nk, bool) or nk <= 0:
+        raise ValueError(f"nk must be a positive int, got {nk!r}")
+    if not isinstance(kv_indices, torch.Tensor) or kv_indices.dim() != 4 or kv_indices.is_floating_point():
+        raise ValueError(f"kv_indices must be a 4-D integer tensor (B, H, NQ, K), got {kv_indices!r:.80}")
+    if (
+        not isinstance(kv_counts, torch.Tensor)
+        or kv_counts.is_floating_point()
+        or tuple(kv_counts.shape) != tuple(kv_indices.shape[:3])
+    ):
+        raise ValueError(
+            f"kv_counts must be an integer tensor of shape {tuple(kv_indices.shape[:3])}, "
+            f"got {getattr(kv_counts, 'dtype', None)} {tuple(getattr(kv_counts, 'shape', ()))}"
+        )
+    valid = _valid_entries(kv_indices, kv_counts)
+    idx = kv_indices.to(torch.long)
+    if bool(((idx < 0) | (idx >= nk))[valid].any()):
+        raise ValueError(f"kv_indices: valid entries must lie in [0, nk={nk})")
+    dense = torch.zeros(*kv_indices.shape[:3], nk + 1, dtype=torch.bool, device=kv_indices.device)
+    dense.scatter_(-1, torch.where(valid, idx, nk), True)  # invalid entries land in the dropped column nk
+    return dense[..., :nk]
+
+
+def _token_mask(kv_indices, kv_counts, block_size: int, L: int, key_padding_mask=None) -> torch.Tensor:
+    """Dense ``(B, H, L, L)`` bool token mask (True = attend)."""
+    nb = _cdiv(L, block_size)
+    blocks = indices_to_mask(kv_indices, kv_counts, nb)
+    tok = torch.arange(L, device=kv_indices.device) // block_size
+    mask = blocks[:, :, tok][:, :, :, tok]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    return mask
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_selection(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nb: int) -> None:
+    """Data-dependent checks of ``(kv_indices, kv_counts)``, with a single device sync."""
+    kmax = min(kv_indices.shape[3], nb)
+    valid = _valid_entries(kv_indices, kv_counts)
+    bad_count = (kv_counts < 1) | (kv_counts > kmax)
+    bad_index = ((kv_indices < 0) | (kv_indices >= nb)) & valid
+    # duplicates among the valid entries: invalid ones get distinct sentinels >= nb, then sort the rows
+    cols = torch.arange(kv_indices.shape[3], device=kv_indices.device, dtype=torch.int32)
+    keys = torch.sort(torch.where(valid, kv_indices, nb + cols), dim=-1).values
+    dup = keys[..., 1:] == keys[..., :-1]
+    flags = torch.stack([bad_count.any(), bad_index.any(), dup.any()]).tolist()
+    if flags[0]:
+        raise ValueError(f"kv_counts entries must lie in [1, min(K, NK)] = [1, {kmax}]")
+    if flags[1]:
+        raise ValueError(f"kv_indices: the first kv_counts entries of each row must lie in [0, NK={nb})")
+    if flags[2]:
+        raise ValueError("kv_indices: the first kv_counts entries of each row must be distinct")
+
+
+def _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, backend, validate) -> float:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if (
+        not isinstance(block_size, int)
+        or isinstance(block_size, bool)
+        or block_size < 16
+        or block_size & (block_size - 1)
+    ):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+    B, H, L, _ = q.shape
+    if L == 0:
+        raise ValueError("q/k/v sequence length L must be positive")
+    nb = _cdiv(L, block_size)
+    if not isinstance(kv_indices, torch.Tensor) or kv_indices.dtype != torch.int32 or kv_indices.dim() != 4:
+        raise ValueError(
+            f"kv_indices must be an int32 tensor (B, H, NQ, K), got "
+            f"{getattr(kv_indices, 'dtype', type(kv_indices).__name__)} {tuple(getattr(kv_indices, 'shape', ()))}"
+        )
+    if tuple(kv_indices.shape[:3]) != (B, H, nb) or kv_indices.shape[3] == 0:
+        raise ValueError(
+            f"kv_indices must have shape (B, H, NQ, K) = ({B}, {H}, {nb}, K>=1) for L={L}, "
+            f"block_size={block_size}; got {tuple(kv_indices.shape)}"
+        )
+    if not isinstance(kv_counts, torch.Tensor) or kv_counts.dtype != torch.int32:
+        raise ValueError(
+            f"kv_counts must be an int32 tensor (B, H, NQ), got {getattr(kv_counts, 'dtype', type(kv_counts).__name__)}"
+        )
+    if tuple(kv_counts.shape) != (B, H, nb):
+        raise ValueError(f"kv_counts must have shape (B, H, NQ) = ({B}, {H}, {nb}), got {tuple(kv_counts.shape)}")
+    for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(
+                f"key_padding_mask must be a bool tensor (B, L), got "
+                f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}"
+            )
+        if tuple(key_padding_mask.shape) != (B, L):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, L) = ({B}, {L}), got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(
+                f"key_padding_mask must be on the same device as q ({q.device}), got {key_padding_mask.device}"
+            )
+    if validate:
+        _check_selection(kv_indices, kv_counts, nb)
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale!r}")
+    return float(scale)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def block_sparse_attention_reference(
+    q, k, v, kv_indices, kv_counts, *, block_size: int = 64, scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+):
+    """Exact reference: dense ``(B, H, L, L)`` token mask, masked softmax.
+
+    Computed in float32 (float64 for float64 inputs). Returns ``(out, lse)``: ``out``
+    in ``q.dtype``, ``lse`` the natural-log row log-sum-exp ``(B, H, L)`` in the compute
+    dtype. Rows with no allowed key: ``out = 0``, ``lse = -inf``.
+    """
+    scale = _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, "reference", True)
+    return _reference(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask)
+
+
+def _reference(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, key_padding_mask):
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mask = _token_mask(kv_indices, kv_counts, block_size, q.shape[2], key_padding_mask)
+    s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # -inf on empty rows
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = torch.matmul(torch.exp(s - safe[..., None]), v.to(cdt)).to(q.dtype)  # exp(-inf) = 0 on empty rows
+    return out, lse
+
+
+# --------------------------------------------------------------------------- triton
+
+
+# Plain function, jitted lazily by _triton_kernel(): whether Triton interprets it (TRITON_INTERPRET=1)
+# is read at first launch, not at import, so the import order of this module does not matter.
+# If triton.language itself was imported before TRITON_INTERPRET was set (torch / diffusers import
+# it), its @jit helpers (tl.zeros, tl.max, tl.sum) cannot run under the interpreter; the kernel
+# therefore uses only builtins: tl.full, and tl.reduce with the stdlib combine functions (exactly
+# what tl.max / tl.sum expand to for fp32, and what the interpreter maps to numpy).
+def _bsa_fwd_kernel(
+    Q, K, V, Out, Lse, KvIdx, KvCnt, Kpm,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, L, NQ, KMAX,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KPM: tl.constexpr, STORE_LSE: tl.constexpr, EVEN_L: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < L
+
+    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
+              + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST_BF16:  # the interpreter's tl.dot mishandles bf16 (stored as uint16): dot in fp32
+        q = q.to(tl.float32)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)  # running max (log2 units)
+    l_i = tl.full([BLOCK], 0.0, dtype=tl.float32)  # running sum of exp2
+    acc = tl.full([BLOCK, BLOCK_D], 0.0, dtype=tl.float32)
+
+    row = pid_bh.to(tl.int64) * NQ + pid_m  # kv_indices / kv_counts are contiguous
+    cnt = tl.load(KvCnt + row)
+    idx_ptr = KvIdx + row * KMAX
+    for j in range(0, cnt):
+        kb = tl.load(idx_ptr + j).to(tl.int64)
+        offs_k = kb * BLOCK + offs_n
+        k_ok = offs_k < L
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k_ptrs = k_base + offs_k[:, None] * stride_km + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_k[:, None] * stride_vm + offs_d[None, :] * stride_vd
+        if EVEN_L and BLOCK_D == HEAD_DIM:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        if UPCAST_BF16:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_KPM:
+            keep = k_ok & (tl.load(Kpm + off_b * L + offs_k, mask=k_ok, other=0) != 0)
+            qk = tl.where(keep[None, :], qk, float("-inf"))
+        elif not EVEN_L:
+            qk = tl.where(k_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))  # == tl.max(qk, 1)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys masked so far: avoid -inf - -inf
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)  # == tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if EVEN_L and BLOCK_D == HEAD_DIM:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        if UPCAST_BF16:  # keep the bf16 rounding of p, multiply in fp32
+            p = p.to(tl.bfloat16).to(tl.float32)
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]  # empty rows: acc is 0 -> output 0
+    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh
+              + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    if STORE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        tl.store(Lse + pid_bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
+
+
+def _interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (env ``TRITON_INTERPRET=1``, read now)."""
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop pipeline depths whose K/V tiles would not fit shared memory (fp32 with 128-wide tiles)."""
+    tile = 2 * kwargs["BLOCK"] * kwargs["BLOCK_D"] * named_args["Q"].element_size()  # K + V, one stage
+    fit = [c for c in configs if tile * max(1, c.num_stages) <= 192 * 1024]
+    return fit or [triton.Config({}, num_warps=8, num_stages=1)]
+
+
+@functools.lru_cache(maxsize=2)
+def _triton_kernel(interpret: bool):
+    """The launchable kernel: autotuned over num_warps/num_stages, plain under the interpreter
+    (where every autotune config would be interpreted, slowly, for identical results)."""
+    kernel = triton.jit(_bsa_fwd_kernel)
+    if interpret:
+        return kernel
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    return triton.autotune(
+        configs,
+        key=["L", "BLOCK", "HEAD_DIM", "HAS_KPM", "STORE_LSE", "EVEN_L"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(kernel)
+
+
+def _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, return_lse):
+    if triton is None:
+        raise ValueError("backend 'triton' needs the triton package")
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    if q.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"backend 'triton' supports q dtypes {_TRITON_DTYPES}, got {q.dtype}")
+    if block_size not in _TRITON_BLOCK_SIZES:
+        raise ValueError(f"block_size for backend 'triton' must be one of {_TRITON_BLOCK_SIZES}, got {block_size}")
+    B, H, L, D = q.shape
+    nq = kv_indices.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32) if return_lse else out
+    idx = kv_indices.contiguous()
+    cnt = kv_counts.contiguous()
+    kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else cnt
+    grid = (nq, B * H)
+    interpret = _interpreting()
+    _triton_kernel(interpret)[grid](
+        q, k, v, out, lse, idx, cnt, kpm,
+        scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, L, nq, idx.shape[3],
+        BLOCK=block_size, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        HAS_KPM=key_padding_mask is not None, STORE_LSE=return_lse, EVEN_L=L % block_size == 0,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST_BF16=interpret and q.dtype == torch.bfloat16,
+    )
+    return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------- flex
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _ragged_mask_mod(L: int):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx < L
+
+    return mask_mod
+
+
+def _flex_block_mask(kv_indices, kv_counts, block_size: int, L: int, key_padding_mask, eager: bool):
+    """``BlockMask.from_kv_blocks`` for the selection (plus ragged-L / key-padding ``mask_mod``).
+
+    Eager flex ignores the block structure (it evaluates ``mask_mod`` densely), so for
+    eager use the block selection is folded into ``mask_mod`` as well.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = _cdiv(L, block_size)
+    blocks = indices_to_mask(kv_indices, kv_counts, nb)
+    idx, cnt = mask_to_indices(blocks)  # full-width (NK) rows, as flex expects
+    idx = idx.clamp_min(0)
+    if eager or key_padding_mask is not None:
+        kpm = key_padding_mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = kv_idx < L
+            if kpm is not None:
+                keep = keep & kpm[b, kv_idx]
+            if eager:
+                keep = keep & blocks[b, h, q_idx // block_size, kv_idx // block_size]
+            return keep
+
+        return BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(L, L))
+    if L % block_size:  # only the key tail is masked
+        return BlockMask.from_kv_blocks(
+            cnt, idx, BLOCK_SIZE=block_size, mask_mod=_ragged_mask_mod(L), seq_lengths=(L, L)
+        )
+    # Nothing to mask inside a kept tile: every kept block is a "full" block (mask_mod skipped).
+    return BlockMask.from_kv_blocks(
+        torch.zeros_like(cnt), idx, full_kv_num_blocks=cnt, full_kv_indices=idx, BLOCK_SIZE=block_size,
+        seq_lengths=(L, L),
+    )
+
+
+def _pad_head_dim(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _flex_forward(q, k, v, block_mask, scale: float, return_lse: bool, compiled: bool, block_size: int):
+    from torch.nn.attention import flex_attention as fa
+
+    d = q.shape[-1]
+    if _pad_head_dim(d) != d:  # zero-pad D: q.k unchanged, the extra v columns are dropped
+        pad = (0, _pad_head_dim(d) - d)
+        res = _flex_forward(
+            F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask, scale, return_lse, compiled, block_size
+        )
+        return (res[0][..., :d], res[1]) if return_lse else res[..., :d]
+    fn = _compiled_flex() if compiled else fa.flex_attention
+    kw = {}
+    if compiled and block_size < 128:  # flex's default tiles (BLOCK_M up to 128) must divide the sparse block
+        kw["kernel_options"] = {"BLOCK_M": block_size, "BLOCK_N": block_size}
+    if return_lse:
+        kw = {"return_aux": fa.AuxRequest(lse=True)} if hasattr(fa, "AuxRequest") else {"return_lse": True}
+    with warnings.catch_warnings():  # eager flex warns it is unfused (dense scores): expected off CUDA
+        warnings.simplefilter("ignore", UserWarning)
+        res = fn(q, k, v, block_mask=block_mask, scale=scale, **kw)
+    if not return_lse:
+        return res
+    out, aux = res
+    return out, (aux.lse if hasattr(aux, "lse") else aux).float()
+
+
+# --------------------------------------------------------------------------- public fast path
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_size: int = 64,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    validate: bool = True,
+):
+    """Block-sparse self-attention, ``(B, H, L, D)`` in and out.
+
+    Args:
+        q, k, v: same shape, dtype and device.
+        kv_indices: int32 ``(B, H, NQ, K)``, ``NQ = ceil(L / block_size)``: selected key
+            blocks per query block; only the first ``kv_counts`` entries of a row are read
+            (distinct, in ``[0, NK)``, any order).
+        kv_counts: int32 ``(B, H, NQ)`` in ``[1, min(K, NK)]``.
+        block_size: query and key block size in tokens, a power of two >= 16
+            (``"triton"``: 16, 32, 64 or 128).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        key_padding_mask: optional bool ``(B, L)``, True = key may be attended; applied on
+            top of the block selection. A row left with no allowed key gets output 0 and
+            lse ``-inf``.
+        return_lse: also return the natural-log row log-sum-exp ``(B, H, L)`` float32.
+        backend: ``"auto"`` (``"triton"`` on CUDA or while ``TRITON_INTERPRET=1`` is set,
+            else ``"reference"``), ``"triton"`` (fp16 / bf16 / fp32;
+            fp32 uses IEEE dots; any head dim, padded to a power of two with masking),
+            ``"flex"`` (FlexAttention ``BlockMask.from_kv_blocks``; compiled on CUDA, eager
+            elsewhere) or ``"reference"`` (:func:`block_sparse_attention_reference`).
+        validate: run the data-dependent checks (counts in range, valid indices in range
+            and distinct). They synchronise with the device; pass False inside CUDA graphs
+            or once the indices are known good. Out-of-range indices with ``validate=False``
+            read out of bounds in the Triton kernel.
+
+    Returns:
+        ``out`` ``(B, H, L, D)`` in ``q.dtype``, and ``lse`` if ``return_lse``.
+    """
+    scale = _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, backend, validate)
+    if backend == "auto":
+        backend = "triton" if triton is not None and (q.is_cuda or _interpreting()) else "reference"
+    if backend == "triton":
+        return _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, return_lse)
+    if backend == "flex":
+        bm = _flex_block_mask(kv_indices, kv_counts, block_size, q.shape[2], key_padding_mask, eager=not q.is_cuda)
+        return _flex_forward(q, k, v, bm, scale, return_lse, q.is_cuda, block_size)
+    out, lse = _reference(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask)
+    return (out, lse.float()) if return_lse else out
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def block_sparse_flops(
+    kv_counts: torch.Tensor, block_size: int, L: int, head_dim: int, *, kv_indices: torch.Tensor | None = None
+) -> float:
+    """FLOPs of the kept tiles: ``4 * D * (query rows) * (key columns)`` summed over them
+    (``2 * D`` each for ``q @ k^T`` and ``p @ v``).
+
+    The last query block counts its real ``L - (NQ - 1) * block_size`` rows. Key blocks
+    count ``block_size`` columns unless ``kv_indices`` is given, in which case the
+    ragged last key block counts its real size too (then the result is exactly
+    ``4 * D * #allowed (q, k) pairs``, key padding aside).
+    """
+    for name, val in (("block_size", block_size), ("L", L), ("head_dim", head_dim)):
+        if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    nb = _cdiv(L, block_size)
+    if not isinstance(kv_counts, torch.Tensor) or kv_counts.is_floating_point() or kv_counts.dim() < 1:
+        raise ValueError(f"kv_counts must be an integer tensor (..., NQ), got {kv_counts!r:.80}")
+    if kv_counts.shape[-1] != nb:
+        raise ValueError(f"kv_counts last dim must be NQ = ceil(L / block_size) = {nb}, got {kv_counts.shape[-1]}")
+    rows = torch.full((nb,), block_size, dtype=torch.float64, device=kv_counts.device)
+    rows[-1] = L - (nb - 1) * block_size
+    if kv_indices is None:
+        cols = kv_counts.to(torch.float64) * block_size
+    else:
+        if not isinstance(kv_indices, torch.Tensor) or tuple(kv_indices.shape[:-1]) != tuple(kv_counts.shape):
+            raise ValueError(
+                f"kv_indices must have shape {tuple(kv_counts.shape)} + (K,), "
+                f"got {tuple(getattr(kv_indices, 'shape', ()))}"
+            )
+        sizes = torch.full((nb,), block_size, dtype=torch.float64, device=kv_counts.device)
+        sizes[-1] = L - (nb - 1) * block_size
+        valid = _valid_entries(kv_indices, kv_counts)
+        idx = kv_indices.to(torch.long)
+        if bool(((idx < 0) | (idx >= nb))[valid].any()):
+            raise ValueError(f"kv_indices: valid entries must lie in [0, NK={nb})")
+        cols = torch.where(valid, sizes[idx.clamp(0, nb - 1)], 0.0).sum(-1)
+    return float(4.0 * head_dim * (cols * rows).sum())

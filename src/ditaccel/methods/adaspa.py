@@ -1,0 +1,273 @@
+"""AdaSpa (Xia et al., 2025): per-input, per-head block-sparse attention found online.
+
+Dense attention for the warm-up steps; at the first search step, full attention that also
+returns each row's log-sum-exp (LSE, cached), then the block attention mass
+W[b,h,p,c] = Σ_{i∈p, j∈c} exp(q_i·k_j·scale − LSE_i) in a second pass; each query block keeps its
+top-k key blocks (k from the head's sparsity tier); text blocks are always kept. At later
+search steps W comes in one pass from the cached LSE. Between searches, block-sparse attention
+with the last mask.
+
+This module decides and caches; it never looks at a model. It sees the attention core through
+``AttentionCall.core(fn)`` and computes with ``ditaccel.kernels``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels.block_mass import attention_with_lse, block_mass
+from ..kernels.block_sparse import block_sparse_attention, block_sparse_flops, mask_to_indices
+
+
+@dataclass
+class AdaSpaConfig:
+    """Settings of AdaSpa (paper defaults).
+
+    Attributes:
+        sparsity: base fraction of key blocks each query block drops (0.8: keep 20%). Higher is
+            faster and loses more attention mass.
+        block_size: tokens per block (a power of two ≥ 16). Smaller blocks follow the pattern
+            more closely but run less efficiently.
+        warmup: fraction of the steps run dense before the first search (0.2 = the paper's 10 of 50).
+        search_at: fractions of the steps at which masks are searched (the paper's {10, 30} of 50).
+            Step index = floor(fraction · num_steps + 0.5) (round half up): 20 steps → {4, 12}.
+            The first search step must be ≥ the warm-up step count.
+        head_adaptive: hierarchical sparsity across heads (best heads sparser, worst denser,
+            mean unchanged where the tiers stay within [0, 1)).
+        recall_threshold: a head counts as "good" when the mass kept at base sparsity exceeds it.
+        text_sink: always keep text query blocks and text key blocks. Text blocks are free: the
+            top-k budget counts the other key blocks.
+    """
+
+    sparsity: float = 0.8
+    block_size: int = 64
+    warmup: float = 0.2
+    search_at: tuple[float, ...] = (0.2, 0.6)
+    head_adaptive: bool = True
+    recall_threshold: float = 0.8
+    text_sink: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {bs!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
+        self.search_at = tuple(sorted(self.search_at))
+        if not self.search_at or any(not 0.0 <= f < 1.0 for f in self.search_at):
+            raise ValueError(f"search_at must be fractions in [0, 1), got {self.search_at!r}")
+        if self.search_at[0] < self.warmup:
+            raise ValueError(f"search_at: the first search ({self.search_at[0]}) comes before the end of the "
+                             f"warm-up ({self.warmup})")
+        if not 0.0 < self.recall_threshold <= 1.0:
+            raise ValueError(f"recall_threshold must be in (0, 1], got {self.recall_threshold!r}")
+
+    def schedule(self, num_steps: int) -> list[str]:
+        """``"dense"``, ``"search"`` (first: fresh LSE), ``"research"`` (cached LSE) or ``"sparse"``
+        for each step."""
+        def at(f):
+            return int(math.floor(f * num_steps + 0.5))
+
+        searches = sorted({at(f) for f in self.search_at})
+        warm = at(self.warmup)
+        if searches[0] < warm:
+            raise ValueError(f"search_at: with {num_steps} steps the first search (step {searches[0]}) falls in "
+                             f"the warm-up (steps < {warm})")
+        if searches[-1] >= num_steps:
+            raise ValueError(f"search_at: step {searches[-1]} is beyond num_inference_steps={num_steps}")
+        out = []
+        for s in range(num_steps):
+            if s < searches[0]:
+                out.append("dense")
+            elif s == searches[0]:
+                out.append("search")
+            elif s in searches:
+                out.append("research")
+            else:
+                out.append("sparse")
+        return out
+
+
+# ------------------------------------------------------------------------------ selection
+def topk_blocks(W: torch.Tensor, keep: torch.Tensor, always: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-wise top-k block mask. W (B,H,NQ,NK) block mass; keep (B,H) key blocks kept per query
+    block (over the non-``always`` blocks); always (NQ,NK) bool blocks kept regardless.
+    Returns bool (B,H,NQ,NK)."""
+    nk = W.shape[-1]
+    scores = W.clone()
+    if always is not None:
+        scores = scores.masked_fill(always, float("-inf"))  # chosen separately, not from the budget
+    order = scores.argsort(dim=-1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(nk, device=W.device).expand_as(order))
+    mask = rank < keep[..., None, None]
+    if always is not None:
+        mask |= always
+    return mask
+
+
+def keep_counts(sparsity: torch.Tensor, nk_budget: int) -> torch.Tensor:
+    """k = ceil((1 − s) · budget) blocks, at least 1."""
+    return torch.ceil((1.0 - sparsity) * nk_budget - 1e-9).clamp(min=1).long()
+
+
+def recall(W: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Kept mass / total mass per (b, h)."""
+    total = W.sum(dim=(-1, -2)).clamp_min(1e-30)
+    return (W * mask).sum(dim=(-1, -2)) / total
+
+
+def head_sparsity(base_recall: torch.Tensor, s: float, threshold: float) -> torch.Tensor:
+    """Tiered sparsity per (b, h): n = #heads with recall > threshold (≤ H/2); the n best heads get
+    (1+s)/2, the n worst (3s−1)/2 (clamped at 0), the rest s."""
+    B, H = base_recall.shape
+    out = torch.full((B, H), s, dtype=torch.float64, device=base_recall.device)
+    n = (base_recall > threshold).sum(dim=1).clamp(max=H // 2)
+    order = base_recall.argsort(dim=1, descending=True)
+    for b in range(B):
+        k = int(n[b])
+        if k:
+            out[b, order[b, :k]] = (1 + s) / 2
+            out[b, order[b, H - k:]] = max(0.0, (3 * s - 1) / 2)
+    return out
+
+
+def text_blocks(seq_len: int, block_size: int, text_tokens: int, position: str | None, device=None):
+    """(NQ, NK) bool: blocks touching a text query row or a text key column."""
+    nb = -(-seq_len // block_size)
+    is_text = torch.zeros(nb, dtype=torch.bool, device=device)
+    if text_tokens and position:
+        tok = torch.zeros(nb * block_size, dtype=torch.bool, device=device)
+        if position == "prefix":
+            tok[:text_tokens] = True
+        else:
+            tok[seq_len - text_tokens:seq_len] = True
+        is_text = tok.view(nb, block_size).any(1)
+    return is_text[:, None] | is_text[None, :]
+
+
+def select_mask(W: torch.Tensor, config: AdaSpaConfig, always: torch.Tensor | None):
+    """The searched mask and its diagnostics: (mask, per-head sparsity, recall of the mask)."""
+    B, H, NQ, NK = W.shape
+    budget = NK - (int(always[0].sum()) if always is not None and always.any() else 0)
+    budget = max(budget, 1)
+    s = torch.full((B, H), float(config.sparsity), dtype=torch.float64, device=W.device)
+    if config.head_adaptive and config.sparsity > 0:
+        base = topk_blocks(W, keep_counts(s, budget), always)
+        s = head_sparsity(recall(W, base), config.sparsity, config.recall_threshold)
+    mask = topk_blocks(W, keep_counts(s, budget), always)
+    return mask, s, recall(W, mask)
+
+
+# ------------------------------------------------------------------------------ the method
+@dataclass
+class AdaSpaCache:
+    lse: torch.Tensor | None = None  # (B,H,L) fp32, from the first search
+    kv_indices: torch.Tensor | None = None  # int32 (B,H,NQ,K)
+    kv_counts: torch.Tensor | None = None  # int32 (B,H,NQ)
+    density: torch.Tensor | None = None  # (H,) mean kept fraction per head
+    recalls: list[float] = field(default_factory=list)  # mean recall at each search
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.lse, self.kv_indices, self.kv_counts)
+                   if t is not None)
+
+
+class AdaSpa:
+    """Runs AdaSpa inside the runtime (same protocol as ``DiTFastAttn``)."""
+
+    name = "adaspa"
+
+    def __init__(self, config: AdaSpaConfig):
+        self.config = config
+        self.plan: list[str] | None = None
+        self.search_seconds = 0.0
+
+    def check_num_layers(self, n: int):
+        pass
+
+    def check_num_steps(self, n: int):
+        self.plan = self.config.schedule(n)
+        self.search_seconds = 0.0
+
+    def begin_call(self, ctx):
+        if self.plan is None:
+            raise ValueError("AdaSpa needs the step count: apply it to a pipeline (its scheduler tells), "
+                             "or call ditaccel.adaspa_steps(transformer, num_inference_steps) first")
+        if ctx.step >= len(self.plan):
+            raise ValueError(f"num_inference_steps: step {ctx.step} is past the {len(self.plan)} steps scheduled")
+
+    def new_cache(self) -> AdaSpaCache:
+        return AdaSpaCache()
+
+    def attention(self, ctx, layer: int, call, cache: AdaSpaCache):
+        what = self.plan[ctx.step]
+        if what == "dense":
+            return call.full(), 1.0, "dense"
+        stats = {}
+
+        def core(q, k, v, key_padding_mask=None):
+            return self._core(what, ctx, q, k, v, key_padding_mask, cache, stats)
+
+        out = call.core(core)
+        if ctx.step == len(self.plan) - 1:  # the generation's last step: free LSE and masks
+            cache.lse = cache.kv_indices = cache.kv_counts = None
+        return out, stats["fraction"], what
+
+    def details(self, caches: dict[int, AdaSpaCache]) -> dict:
+        """Per-layer density (mean, per head), recall at each search, search time."""
+        layers = sorted(caches)
+        return {
+            "density_per_layer": [float(caches[i].density.mean()) if caches[i].density is not None else 1.0
+                                  for i in layers],
+            "density_per_head": [caches[i].density.tolist() if caches[i].density is not None else None
+                                 for i in layers],
+            "recall_per_search": [caches[i].recalls for i in layers],
+            "search_seconds": self.search_seconds,
+        }
+
+    def _core(self, what, ctx, q, k, v, kpm, cache: AdaSpaCache, stats):
+        cfg = self.config
+        B, H, L, D = q.shape
+        fraction = 0.0
+        if what in ("search", "research"):
+            with torch.no_grad():
+                out = self._search(what, ctx, q, k, v, kpm, cache)
+            fraction += 1.5 if what == "search" else 0.5  # (full attention +) the QKᵀ-only mass pass
+            if what == "search":
+                stats["fraction"] = fraction
+                return out
+        if cache.kv_indices is None:
+            raise RuntimeError("adaspa: no searched mask for this layer in this generation")
+        out = block_sparse_attention(q, k, v, cache.kv_indices, cache.kv_counts, block_size=cfg.block_size,
+                                     key_padding_mask=kpm)
+        dense = 4.0 * B * H * L * L * D
+        stats["fraction"] = fraction + block_sparse_flops(cache.kv_counts, cfg.block_size, L, D) / dense
+        return out
+
+    def _search(self, what, ctx, q, k, v, kpm, cache: AdaSpaCache):
+        """Search the masks; at the first search also return the exact attention output."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        out = None
+        if what == "search" or cache.lse is None:
+            out, lse = attention_with_lse(q, k, v, key_padding_mask=kpm)
+            cache.lse = lse.float()
+        W = block_mass(q, k, cache.lse, block_size=cfg.block_size, key_padding_mask=kpm)
+        always = None
+        if cfg.text_sink and ctx.text_tokens:
+            always = text_blocks(q.shape[2], cfg.block_size, ctx.text_tokens, ctx.text_position, q.device)
+        mask, _, rec = select_mask(W, cfg, always)
+        cache.kv_indices, cache.kv_counts = mask_to_indices(mask)
+        cache.density = mask.float().mean(dim=(0, 2, 3)).cpu()
+        cache.recalls.append(float(rec.mean()))
+        if q.is_cuda:
+            torch.cuda.synchronize(q.device)
+        self.search_seconds += time.perf_counter() - t0
+        return out
