@@ -248,7 +248,8 @@ class AdaSpa:
         out = block_sparse_attention(q, k, v, cache.kv_indices, cache.kv_counts, block_size=cfg.block_size,
                                      key_padding_mask=kpm)
         dense = 4.0 * B * H * L * L * D
-        stats["fraction"] = fraction + block_sparse_flops(cache.kv_counts, cfg.block_size, L, D) / dense
+        flops = block_sparse_flops(cache.kv_counts, cfg.block_size, L, D, kv_indices=cache.kv_indices)
+        stats["fraction"] = fraction + flops / dense
         return out
 
     def _search(self, what, ctx, q, k, v, kpm, cache: AdaSpaCache):
