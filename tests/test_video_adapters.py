@@ -55,3 +55,28 @@ def test_wan_refuses_methods_it_cannot_run(wan):
     with pytest.raises(ValueError, match=r"plan_or_config.*wars"):
         ditaccel.apply(wan, Plan.from_methods(wan, [["full", "wars"]] * 2, cfg=False))
     assert [b.attn1.processor for b in wan.blocks] == processors and get_runtime(wan) is None
+
+
+def test_wan_adaspa_sparsity_zero_matches_dense_and_sparse_runs(wan):
+    """AdaSpa through the dispatcher interception: sparsity 0 reproduces the model; 0.5 runs
+    its full schedule (per-branch state: Wan calls cond and uncond separately)."""
+    x, ctx = _wan_inputs()
+    steps = (900, 700, 500, 300, 100)
+    refs = [wan(x, timestep=torch.tensor([t]), encoder_hidden_states=ctx).sample for t in steps]
+    ditaccel.apply(wan, ditaccel.AdaSpaConfig(sparsity=0.0, block_size=16), num_inference_steps=5)
+    try:
+        outs = [wan(x, timestep=torch.tensor([t]), encoder_hidden_states=ctx).sample for t in steps]
+    finally:
+        ditaccel.remove(wan)
+    assert all(torch.allclose(o, r, atol=1e-4) for o, r in zip(outs, refs))
+    ditaccel.apply(wan, ditaccel.AdaSpaConfig(sparsity=0.5, block_size=16), num_inference_steps=5)
+    try:
+        for t in steps:
+            for branch in ("cond", "uncond"):
+                with wan.cache_context(branch):
+                    assert torch.isfinite(wan(x, timestep=torch.tensor([t]), encoder_hidden_states=ctx).sample).all()
+        st = ditaccel.stats(wan)
+    finally:
+        ditaccel.remove(wan)
+    assert st.method_counts == {"dense": 4, "search": 4, "sparse": 8, "research": 4}  # 2 layers x 2 branches
+    assert 0 < st.details["density_per_layer"][0] < 1

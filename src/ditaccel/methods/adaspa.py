@@ -171,6 +171,7 @@ class AdaSpaCache:
     lse: torch.Tensor | None = None  # (B,H,L) fp32, from the first search
     kv_indices: torch.Tensor | None = None  # int32 (B,H,NQ,K)
     kv_counts: torch.Tensor | None = None  # int32 (B,H,NQ)
+    flops: float = 0.0  # attention FLOPs of one sparse call with these masks
     density: torch.Tensor | None = None  # (H,) mean kept fraction per head
     recalls: list[float] = field(default_factory=list)  # mean recall at each search
 
@@ -246,10 +247,8 @@ class AdaSpa:
         if cache.kv_indices is None:
             raise RuntimeError("adaspa: no searched mask for this layer in this generation")
         out = block_sparse_attention(q, k, v, cache.kv_indices, cache.kv_counts, block_size=cfg.block_size,
-                                     key_padding_mask=kpm)
-        dense = 4.0 * B * H * L * L * D
-        flops = block_sparse_flops(cache.kv_counts, cfg.block_size, L, D, kv_indices=cache.kv_indices)
-        stats["fraction"] = fraction + flops / dense
+                                     key_padding_mask=kpm, validate=False)  # indices built by mask_to_indices
+        stats["fraction"] = fraction + cache.flops / (4.0 * B * H * L * L * D)
         return out
 
     def _search(self, what, ctx, q, k, v, kpm, cache: AdaSpaCache):
@@ -266,6 +265,8 @@ class AdaSpa:
             always = text_blocks(q.shape[2], cfg.block_size, ctx.text_tokens, ctx.text_position, q.device)
         mask, _, rec = select_mask(W, cfg, always)
         cache.kv_indices, cache.kv_counts = mask_to_indices(mask)
+        cache.flops = block_sparse_flops(cache.kv_counts, cfg.block_size, q.shape[2], q.shape[3],
+                                         kv_indices=cache.kv_indices)
         cache.density = mask.float().mean(dim=(0, 2, 3)).cpu()
         cache.recalls.append(float(rec.mean()))
         if q.is_cuda:
