@@ -478,8 +478,8 @@ def _flex_forward(q, k, v, block_mask, scale: float, return_lse: bool, compiled:
     kw = {}
     if compiled and block_size < 128:  # flex's default tiles (BLOCK_M up to 128) must divide the sparse block
         kw["kernel_options"] = {"BLOCK_M": block_size, "BLOCK_N": block_size}
-    if return_lse:
-        kw = {"return_aux": fa.AuxRequest(lse=True)} if hasattr(fa, "AuxRequest") else {"return_lse": True}
+    if return_lse:  # keep the kernel_options above
+        kw.update({"return_aux": fa.AuxRequest(lse=True)} if hasattr(fa, "AuxRequest") else {"return_lse": True})
     with warnings.catch_warnings():  # eager flex warns it is unfused (dense scores): expected off CUDA
         warnings.simplefilter("ignore", UserWarning)
         res = fn(q, k, v, block_mask=block_mask, scale=scale, **kw)
