@@ -80,3 +80,49 @@ def test_wan_adaspa_sparsity_zero_matches_dense_and_sparse_runs(wan):
         ditaccel.remove(wan)
     assert st.method_counts == {"dense": 4, "search": 4, "sparse": 8, "research": 4}  # 2 layers x 2 branches
     assert 0 < st.details["density_per_layer"][0] < 1
+
+
+@pytest.fixture(scope="module")
+def hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+
+
+def _hunyuan_call(tr, t, ctx, mask):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 4, 16, 16, generator=g)  # 4 x 8 x 8 = 256 video tokens
+    return tr(x, timestep=torch.tensor([t]), encoder_hidden_states=ctx, encoder_attention_mask=mask,
+              pooled_projections=torch.ones(1, 8), guidance=torch.tensor([6000.0])).sample
+
+
+def test_hunyuan_adaspa_honours_the_text_padding_mask(hunyuan):
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(1, 20, 16, generator=g)
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    mask[:, 13:] = False  # 7 padded text tokens
+    ctx2 = ctx.clone()
+    ctx2[:, 13:] = torch.randn(1, 7, 16, generator=g)  # change only what is padded away
+    steps = (900, 700, 500, 300, 100)
+    dense = [_hunyuan_call(hunyuan, t, ctx, mask) for t in steps]
+    assert ditaccel.models.adapter_for(hunyuan).text_layout({"encoder_hidden_states": ctx}) == (20, "suffix")
+    ditaccel.apply(hunyuan, ditaccel.AdaSpaConfig(sparsity=0.0, block_size=16), num_inference_steps=5)
+    try:
+        exact = [_hunyuan_call(hunyuan, t, ctx, mask) for t in steps]
+    finally:
+        ditaccel.remove(hunyuan)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(exact, dense))
+    ditaccel.apply(hunyuan, ditaccel.AdaSpaConfig(sparsity=0.6, block_size=16), num_inference_steps=5)
+    try:
+        a = [_hunyuan_call(hunyuan, t, ctx, mask) for t in steps]
+        st = ditaccel.stats(hunyuan)
+        b = [_hunyuan_call(hunyuan, t, ctx2, mask) for t in steps]
+    finally:
+        ditaccel.remove(hunyuan)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, b))  # padded keys never attended
+    assert st.method_counts == {"dense": 2, "search": 2, "sparse": 4, "research": 2}  # 2 attention layers
+    assert all(0 < d < 1 for d in st.details["density_per_layer"])

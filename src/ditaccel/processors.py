@@ -14,6 +14,7 @@ module's original processor and exposes the call to the method through ``Attenti
 from __future__ import annotations
 
 import contextvars
+import inspect
 import sys
 from typing import TYPE_CHECKING
 
@@ -176,6 +177,15 @@ class DiTAccelAttnProcessor:
     def __init__(self, runtime: Runtime, layer: int, original, call_kind: str):
         self.runtime, self.layer, self.original = runtime, layer, original
         self.call_cls = CALL_KINDS[call_kind]
+        # diffusers' Attention.forward drops keyword arguments the processor's signature does not
+        # name (e.g. HunyuanVideo's image_rotary_emb): show it the original processor's signature.
+        this = self
+
+        def call(*args, **kwargs):
+            return type(this).__call__(this, *args, **kwargs)
+
+        call.__signature__ = inspect.signature(original.__call__)
+        self.__call__ = call
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if not self.call_cls.handles(encoder_hidden_states):

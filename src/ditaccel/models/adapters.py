@@ -117,7 +117,17 @@ WAN = ModelAdapter(
     cfg_batch_order=None,  # the pipeline runs cond and uncond as separate calls (cache_context)
 )
 
-ADAPTERS: dict[str, ModelAdapter] = {a.transformer_class: a for a in (DIT, PIXART, WAN)}
+HUNYUAN_VIDEO = ModelAdapter(
+    name="hunyuan-video",
+    transformer_class="HunyuanVideoTransformer3DModel",
+    blocks=("transformer_blocks", "single_transformer_blocks"),  # dual-stream, then single-stream
+    attention="attn",  # joint [video, text] attention; the text key-padding mask reaches the core
+    attention_call="dispatch",
+    cfg_batch_order=None,  # guidance-distilled
+    text_tokens="suffix",
+)
+
+ADAPTERS: dict[str, ModelAdapter] = {a.transformer_class: a for a in (DIT, PIXART, WAN, HUNYUAN_VIDEO)}
 
 
 def register_adapter(adapter: ModelAdapter) -> None:
