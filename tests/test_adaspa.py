@@ -125,3 +125,28 @@ def test_bare_transformer_needs_the_step_count(dit):
         assert ditaccel.stats(dit.transformer).method_counts["search"] == 3
     finally:
         ditaccel.remove(dit.transformer)
+
+
+def test_cache_is_compact_and_freed(dit):
+    from ditaccel.methods.adaspa import cache_bytes_per_layer
+
+    ditaccel.apply(dit, AdaSpaConfig(sparsity=0.5, block_size=16))
+    try:
+        peaks = []
+        orig = get_runtime(dit).method._search
+
+        def spy(*a, **k):
+            out = orig(*a, **k)
+            cache = a[-1]
+            peaks.append((cache.nbytes(), cache.kv_indices.dtype, cache.kv_indices.shape[-1]))
+            return out
+
+        get_runtime(dit).method._search = spy
+        dit_call(dit, steps=10)
+        caches = list(get_runtime(dit).state_manager._state_cache.values())[0].caches.values()
+    finally:
+        ditaccel.remove(dit)
+    nbytes, dtype, k = peaks[0]
+    assert dtype == torch.int16 and k < 4  # 4 key blocks: rows cut to the longest kept list
+    assert nbytes <= cache_bytes_per_layer(heads=2, tokens=64, block_size=16, sparsity=0.5, batch=4)
+    assert all(c.lse is None and c.kv_indices is None for c in caches)  # freed after the last step

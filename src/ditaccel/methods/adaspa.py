@@ -165,6 +165,24 @@ def select_mask(W: torch.Tensor, config: AdaSpaConfig, always: torch.Tensor | No
     return mask, s, recall(W, mask)
 
 
+def compact_indices(kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> torch.Tensor:
+    """Index lists cut to the longest row and stored as int16 when the block ids fit: the cache
+    holds (B, H, NQ, max kept) × 2 bytes instead of (B, H, NQ, NK) × 4."""
+    kmax = max(int(kv_counts.max()), 1)
+    idx = kv_indices[..., :kmax]
+    return idx.to(torch.int16) if kv_indices.shape[-1] < 2**15 else idx.contiguous()
+
+
+def cache_bytes_per_layer(heads: int, tokens: int, block_size: int = 64, sparsity: float = 0.8,
+                          head_adaptive: bool = True, batch: int = 1) -> int:
+    """Upper bound of AdaSpa's per-layer cache: LSE (fp32) + int16 index lists (longest row: the
+    densest tier) + int32 counts."""
+    nb = -(-tokens // block_size)
+    densest = max(0.0, (3 * sparsity - 1) / 2) if head_adaptive else sparsity
+    kmax = math.ceil((1 - densest) * nb)
+    return batch * heads * (tokens * 4 + nb * kmax * (2 if nb < 2**15 else 4) + nb * 4)
+
+
 # ------------------------------------------------------------------------------ the method
 @dataclass
 class AdaSpaCache:
@@ -246,8 +264,9 @@ class AdaSpa:
                 return out
         if cache.kv_indices is None:
             raise RuntimeError("adaspa: no searched mask for this layer in this generation")
-        out = block_sparse_attention(q, k, v, cache.kv_indices, cache.kv_counts, block_size=cfg.block_size,
-                                     key_padding_mask=kpm, validate=False)  # indices built by mask_to_indices
+        out = block_sparse_attention(q, k, v, cache.kv_indices.to(torch.int32), cache.kv_counts,
+                                     block_size=cfg.block_size, key_padding_mask=kpm,
+                                     validate=False)  # indices built by mask_to_indices
         stats["fraction"] = fraction + cache.flops / (4.0 * B * H * L * L * D)
         return out
 
@@ -264,9 +283,9 @@ class AdaSpa:
         if cfg.text_sink and ctx.text_tokens:
             always = text_blocks(q.shape[2], cfg.block_size, ctx.text_tokens, ctx.text_position, q.device)
         mask, _, rec = select_mask(W, cfg, always)
-        cache.kv_indices, cache.kv_counts = mask_to_indices(mask)
-        cache.flops = block_sparse_flops(cache.kv_counts, cfg.block_size, q.shape[2], q.shape[3],
-                                         kv_indices=cache.kv_indices)
+        idx, cache.kv_counts = mask_to_indices(mask)
+        cache.flops = block_sparse_flops(cache.kv_counts, cfg.block_size, q.shape[2], q.shape[3], kv_indices=idx)
+        cache.kv_indices = compact_indices(idx, cache.kv_counts)
         cache.density = mask.float().mean(dim=(0, 2, 3)).cpu()
         cache.recalls.append(float(rec.mean()))
         if q.is_cuda:
