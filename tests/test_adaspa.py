@@ -64,6 +64,8 @@ def test_text_blocks_are_kept_and_free():
     mask = topk_blocks(W, torch.tensor([[2]]), always)
     assert mask[:, :, :2].all() and mask[:, :, :, :2].all()
     assert (mask[0, 0, 2:, 2:].sum(-1) == 2).all()  # the budget counts the other blocks only
+    mask, _, _ = select_mask(W, AdaSpaConfig(sparsity=0.0), always)
+    assert mask.all()  # sparsity 0 keeps everything, text prefix or not
     suffix = text_blocks(L, bs, 20, "suffix")
     assert suffix[-1].all() and suffix[:, -2].all()  # tokens 80..99 touch blocks 5 and 6
 

@@ -126,3 +126,48 @@ def test_hunyuan_adaspa_honours_the_text_padding_mask(hunyuan):
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, b))  # padded keys never attended
     assert st.method_counts == {"dense": 2, "search": 2, "sparse": 4, "research": 2}  # 2 attention layers
     assert all(0 < d < 1 for d in st.details["density_per_layer"])
+
+
+@pytest.fixture(scope="module")
+def cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        max_text_seq_length=12, temporal_compression_ratio=4).eval()
+
+
+def test_cogvideox_adaspa_with_batched_cfg(cogvideox):
+    import diffusers.models.attention_processor as ap
+
+    g = torch.Generator().manual_seed(2)
+    lat = torch.randn(1, 3, 4, 16, 16, generator=g)  # 3 latent frames x 8 x 8 = 192 video tokens
+    x = torch.cat([lat, lat])  # CFG batch [uncond, cond]
+    ctx = torch.randn(2, 12, 16, generator=g)
+    steps = (900, 700, 500, 300, 100)
+
+    def run():
+        return [cogvideox(x, encoder_hidden_states=ctx, timestep=torch.tensor([t, t])).sample for t in steps]
+
+    dense = run()
+    functional = ap.F
+    ditaccel.apply(cogvideox, ditaccel.AdaSpaConfig(sparsity=0.0, block_size=16), num_inference_steps=5)
+    try:
+        assert ap.F is not functional
+        exact = run()
+    finally:
+        ditaccel.remove(cogvideox)
+    assert ap.F is functional
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(exact, dense))
+    assert ditaccel.models.adapter_for(cogvideox).text_layout({"encoder_hidden_states": ctx}) == (12, "prefix")
+    ditaccel.apply(cogvideox, ditaccel.AdaSpaConfig(sparsity=0.7, block_size=16), num_inference_steps=5)
+    try:
+        outs = run()
+        st = ditaccel.stats(cogvideox)
+    finally:
+        ditaccel.remove(cogvideox)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert all(0 < d < 1 for d in st.details["density_per_layer"])
+    assert st.method_counts["sparse"] == 2 * 2

@@ -9,6 +9,8 @@ module's original processor and exposes the call to the method through ``Attenti
 - ``"dispatch"``: processors that call ``dispatch_attention_fn`` (Wan, HunyuanVideo, Flux): the
   original processor runs as is (RoPE, norms, joint text/video concat) and only its attention
   core is replaced, through a guarded wrapper of the processor module's ``dispatch_attention_fn``.
+- ``"sdpa_module"``: the same for processors calling ``F.scaled_dot_product_attention`` (CogVideoX),
+  through a stand-in for that module's ``F``.
 """
 
 from __future__ import annotations
@@ -112,31 +114,57 @@ def _make_dispatch(original):
     return dispatch_attention_fn
 
 
-def patch_dispatch(module_name: str) -> None:
-    """Route ``module_name.dispatch_attention_fn`` through ditaccel (ref-counted; a no-op for
-    calls made outside a ditaccel core)."""
-    mod = sys.modules[module_name]
-    if module_name in _PATCHED:
-        orig, users = _PATCHED[module_name]
-        _PATCHED[module_name] = (orig, users + 1)
+class _FunctionalProxy:
+    """Stands in for ``torch.nn.functional`` inside one diffusers module: everything is the real
+    module except ``scaled_dot_product_attention``, which a ditaccel core may take over."""
+
+    def __init__(self, functional):
+        self._F = functional
+
+    def __getattr__(self, name):
+        return getattr(self._F, name)
+
+    def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     scale=None, **kwargs):
+        fn = _CORE.get()
+        if fn is None or key.shape[-2] != query.shape[-2] or dropout_p or is_causal or scale is not None or kwargs:
+            return self._F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                        is_causal=is_causal, scale=scale, **kwargs)
+        return fn(query, key, value, _key_padding(attn_mask, query.shape[0], query.shape[-2]))
+
+
+_WRAPPERS = {"dispatch_attention_fn": _make_dispatch, "F": _FunctionalProxy}
+
+
+def patch_core(module_name: str, attr: str) -> None:
+    """Route ``module_name.<attr>`` (``dispatch_attention_fn`` or ``F``) through ditaccel
+    (ref-counted; a no-op for calls made outside a ditaccel core)."""
+    key = f"{module_name}.{attr}"
+    if key in _PATCHED:
+        orig, users = _PATCHED[key]
+        _PATCHED[key] = (orig, users + 1)
         return
-    orig = mod.dispatch_attention_fn
-    _PATCHED[module_name] = (orig, 1)
-    mod.dispatch_attention_fn = _make_dispatch(orig)
+    mod = sys.modules[module_name]
+    orig = getattr(mod, attr)
+    _PATCHED[key] = (orig, 1)
+    setattr(mod, attr, _WRAPPERS[attr](orig))
 
 
-def unpatch_dispatch(module_name: str) -> None:
-    orig, users = _PATCHED[module_name]
+def unpatch_core(module_name: str, attr: str) -> None:
+    key = f"{module_name}.{attr}"
+    orig, users = _PATCHED[key]
     if users > 1:
-        _PATCHED[module_name] = (orig, users - 1)
+        _PATCHED[key] = (orig, users - 1)
     else:
-        sys.modules[module_name].dispatch_attention_fn = orig
-        del _PATCHED[module_name]
+        setattr(sys.modules[module_name], attr, orig)
+        del _PATCHED[key]
 
 
 class DispatchAttentionCall:
     """One self- or joint-attention call of a ``dispatch_attention_fn`` processor (Wan,
     HunyuanVideo, ...). The adapter picked the module; text states of joint attention pass through."""
+
+    patch_attr = "dispatch_attention_fn"  # what of the processor's module routes the core to ditaccel
 
     methods = frozenset({"full", "ast"})  # no q/k/v access for wars, no per-row call for asc (yet)
 
@@ -168,7 +196,15 @@ class DispatchAttentionCall:
             _CORE.reset(token)
 
 
-CALL_KINDS = {"sdpa_self": SdpaSelfAttentionCall, "dispatch": DispatchAttentionCall}
+class SdpaModuleAttentionCall(DispatchAttentionCall):
+    """Processors that call ``F.scaled_dot_product_attention`` on joint sequences they build
+    themselves (CogVideoX): the same as the dispatch kind, routed through the module's ``F``."""
+
+    patch_attr = "F"
+
+
+CALL_KINDS = {"sdpa_self": SdpaSelfAttentionCall, "dispatch": DispatchAttentionCall,
+              "sdpa_module": SdpaModuleAttentionCall}
 
 
 class DiTAccelAttnProcessor:

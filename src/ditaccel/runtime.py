@@ -21,7 +21,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .models import ModelAdapter, adapter_for
-from .processors import DiTAccelAttnProcessor, patch_dispatch, unpatch_dispatch
+from .processors import CALL_KINDS, DiTAccelAttnProcessor, patch_core, unpatch_core
 
 HOOK_NAME = "ditaccel"
 _OWN_CONTEXT = "ditaccel:batch"
@@ -202,10 +202,10 @@ class Runtime:
         mods = self.adapter.attention_modules(self.transformer)
         self.method.check_num_layers(len(mods))
         self.originals = [m.processor for m in mods]
-        self._patched = sorted({type(p).__module__ for p in self.originals}) if self.adapter.attention_call == "dispatch" \
-            else []
-        for name in self._patched:
-            patch_dispatch(name)
+        attr = getattr(CALL_KINDS[self.adapter.attention_call], "patch_attr", None)
+        self._patched = [(m, attr) for m in sorted({type(p).__module__ for p in self.originals})] if attr else []
+        for name, attr in self._patched:
+            patch_core(name, attr)
         for i, m in enumerate(mods):
             m.set_processor(DiTAccelAttnProcessor(self, i, m.processor, self.adapter.attention_call))
         HookRegistry.check_if_exists_or_initialize(self.transformer).register_hook(TransformerHook(self), HOOK_NAME)
@@ -217,8 +217,8 @@ class Runtime:
     def uninstall(self):
         for m, p in zip(self.adapter.attention_modules(self.transformer), self.originals):
             m.set_processor(p)
-        for name in self._patched:
-            unpatch_dispatch(name)
+        for name, attr in self._patched:
+            unpatch_core(name, attr)
         HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(HOOK_NAME, recurse=False)
         if self.scheduler is not None:
             _unlisten(self.scheduler, self)

@@ -155,8 +155,9 @@ def text_blocks(seq_len: int, block_size: int, text_tokens: int, position: str |
 def select_mask(W: torch.Tensor, config: AdaSpaConfig, always: torch.Tensor | None):
     """The searched mask and its diagnostics: (mask, per-head sparsity, recall of the mask)."""
     B, H, NQ, NK = W.shape
-    budget = NK - (int(always[0].sum()) if always is not None and always.any() else 0)
-    budget = max(budget, 1)
+    # the budget counts the key blocks a video query block chooses from: all but the text columns
+    text_cols = int(always.all(dim=0).sum()) if always is not None else 0
+    budget = max(NK - text_cols, 1)
     s = torch.full((B, H), float(config.sparsity), dtype=torch.float64, device=W.device)
     if config.head_adaptive and config.sparsity > 0:
         base = topk_blocks(W, keep_counts(s, budget), always)

@@ -127,7 +127,17 @@ HUNYUAN_VIDEO = ModelAdapter(
     text_tokens="suffix",
 )
 
-ADAPTERS: dict[str, ModelAdapter] = {a.transformer_class: a for a in (DIT, PIXART, WAN, HUNYUAN_VIDEO)}
+COGVIDEOX = ModelAdapter(
+    name="cogvideox",
+    transformer_class="CogVideoXTransformer3DModel",
+    blocks=("transformer_blocks",),
+    attention="attn1",  # joint [text, video] attention built inside the processor
+    attention_call="sdpa_module",
+    cfg_batch_order=("uncond", "cond"),
+    text_tokens="prefix",
+)
+
+ADAPTERS: dict[str, ModelAdapter] = {a.transformer_class: a for a in (DIT, PIXART, WAN, HUNYUAN_VIDEO, COGVIDEOX)}
 
 
 def register_adapter(adapter: ModelAdapter) -> None:
