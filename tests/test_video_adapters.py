@@ -171,3 +171,36 @@ def test_cogvideox_adaspa_with_batched_cfg(cogvideox):
     assert all(torch.isfinite(o).all() for o in outs)
     assert all(0 < d < 1 for d in st.details["density_per_layer"])
     assert st.method_counts["sparse"] == 2 * 2
+
+
+def test_flux_adaspa_joint_text_image():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    n, t = 96, 8
+    g = torch.Generator().manual_seed(3)
+    img_ids = torch.stack([torch.zeros(n), torch.arange(n) // 12, torch.arange(n) % 12], dim=1)
+    x, ctx = torch.randn(1, n, 4, generator=g), torch.randn(1, t, 16, generator=g)
+
+    def run():
+        return [tr(x, encoder_hidden_states=ctx, pooled_projections=torch.ones(1, 8), timestep=torch.tensor([s]),
+                   img_ids=img_ids, txt_ids=torch.zeros(t, 3)).sample for s in (1.0, 0.8, 0.6, 0.4, 0.2)]
+
+    dense = run()
+    ditaccel.apply(tr, ditaccel.AdaSpaConfig(sparsity=0.0, block_size=16), num_inference_steps=5)
+    try:
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(run(), dense))
+    finally:
+        ditaccel.remove(tr)
+    ditaccel.apply(tr, ditaccel.AdaSpaConfig(sparsity=0.6, block_size=16), num_inference_steps=5)
+    try:
+        run()
+        st = ditaccel.stats(tr)
+    finally:
+        ditaccel.remove(tr)
+    # timesteps 1.0 .. 0.2 (the pipeline's t / 1000) map to five steps
+    assert st.steps == 5 and st.method_counts == {"dense": 2, "search": 2, "sparse": 4, "research": 2}
+    assert all(0 < d < 1 for d in st.details["density_per_layer"])

@@ -1,3 +1,3 @@
-from .adapters import ADAPTERS, COGVIDEOX, DIT, HUNYUAN_VIDEO, PIXART, WAN, ModelAdapter, adapter_for, register_adapter
+from .adapters import ADAPTERS, COGVIDEOX, DIT, FLUX, HUNYUAN_VIDEO, PIXART, WAN, ModelAdapter, adapter_for, register_adapter
 
-__all__ = ["ADAPTERS", "COGVIDEOX", "DIT", "PIXART", "WAN", "HUNYUAN_VIDEO", "ModelAdapter", "adapter_for", "register_adapter"]
+__all__ = ["ADAPTERS", "COGVIDEOX", "FLUX", "DIT", "PIXART", "WAN", "HUNYUAN_VIDEO", "ModelAdapter", "adapter_for", "register_adapter"]

@@ -61,6 +61,8 @@ class ModelAdapter:
         """(rows, cols) of the visual token grid for a latent input of shape (B, C, H, W); for
         video (B, C, F, H, W) the frames stack their rows: (F/pt · H/ph, W/pw), which is the same
         row-major order."""
+        if hidden_states.ndim == 3:  # packed tokens (Flux): no spatial grid in the input
+            return (1, hidden_states.shape[1])
         p = getattr(transformer.config, self.patch_size_attr)
         if hidden_states.ndim == 5:
             pt, ph, pw = p if isinstance(p, (tuple, list)) else (1, p, p)
@@ -137,7 +139,20 @@ COGVIDEOX = ModelAdapter(
     text_tokens="prefix",
 )
 
-ADAPTERS: dict[str, ModelAdapter] = {a.transformer_class: a for a in (DIT, PIXART, WAN, HUNYUAN_VIDEO, COGVIDEOX)}
+FLUX = ModelAdapter(
+    name="flux",
+    transformer_class="FluxTransformer2DModel",
+    blocks=("transformer_blocks", "single_transformer_blocks"),
+    attention="attn",  # joint [text, image] attention
+    attention_call="dispatch",
+    timestep_scale=1e-3,  # the pipeline passes t / 1000
+    cfg_batch_order=None,  # guidance-distilled; true CFG runs separate calls
+    text_tokens="prefix",
+)
+
+ADAPTERS: dict[str, ModelAdapter] = {
+    a.transformer_class: a for a in (DIT, PIXART, WAN, HUNYUAN_VIDEO, COGVIDEOX, FLUX)
+}
 
 
 def register_adapter(adapter: ModelAdapter) -> None:
