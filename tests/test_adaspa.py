@@ -89,7 +89,7 @@ def test_sparsity_zero_keeps_everything():
 
 
 # ------------------------------------------------------------------ end to end
-def test_adaspa_on_a_pipeline_and_exact_remove(dit):
+def test_adaspa_on_a_pipeline_and_exact_remove(dit, tmp_path):
     ref = dit_call(dit, steps=10)
     ditaccel.apply(dit, AdaSpaConfig(sparsity=0.5, block_size=16))
     try:
@@ -102,6 +102,12 @@ def test_adaspa_on_a_pipeline_and_exact_remove(dit):
     assert len(st.details["density_per_layer"]) == 3
     assert all(len(r) == 2 for r in st.details["recall_per_search"])
     assert st.attention_flops_ratio < 1.5 and torch.isfinite(out).all()
+    from PIL import Image
+
+    from ditaccel.viz import plot_density
+
+    plot_density(st.details, tmp_path / "density.png")
+    assert Image.open(tmp_path / "density.png").size[0] > 100
     assert torch.equal(dit_call(dit, steps=10), ref) and get_runtime(dit) is None
 
 

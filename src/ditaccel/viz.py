@@ -78,3 +78,26 @@ def side_by_side(rows: list[tuple[str, np.ndarray]], path: str | os.PathLike, sc
             tile = Image.fromarray(img).resize((W, H), Image.NEAREST)
             canvas.paste(tile, (label_w + c * (W + 4), y))
     canvas.save(path)
+
+
+def plot_density(details: dict, path: str | os.PathLike, title: str = "AdaSpa kept block fraction") -> None:
+    """Heat map PNG of AdaSpa's density, layers × heads, from ``ditaccel.stats(pipe).details``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in details["density_per_head"] if r is not None]
+    if not rows:
+        raise ValueError("details: no searched layer in this generation (was AdaSpa's search step reached?)")
+    grid = np.array(rows)
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.3 * grid.shape[1]), min(10, 1.8 + 0.22 * grid.shape[0])))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(0.5, float(grid.max())), aspect="auto",
+                   interpolation="nearest")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title} (mean {grid.mean():.3f})", fontsize=10)
+    fig.colorbar(im, ax=ax, label="density")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
