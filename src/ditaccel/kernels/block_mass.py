@@ -32,6 +32,8 @@ import os
 import warnings
 
 import torch
+
+from ._common import check_qkv
 import torch.nn.functional as F
 
 try:  # optional: only the "triton" block_mass backend needs it
@@ -59,40 +61,6 @@ _CHUNK_ELEMENTS = 1 << 24
 # --------------------------------------------------------------------------- validation
 
 
-def _check_qk(tensors, key_padding_mask, scale) -> float:
-    """Validate ``(name, tensor)`` pairs (first one is q), mask and scale; return the scale."""
-    q = tensors[0][1]
-    for name, t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    for name, t in tensors[1:]:
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
-    B, H, L, D = q.shape
-    if L == 0 or D == 0:
-        raise ValueError(f"q must have L > 0 and D > 0, got shape {tuple(q.shape)}")
-    if key_padding_mask is not None:
-        m = key_padding_mask
-        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
-            got = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
-            raise ValueError(f"key_padding_mask must be a bool tensor, got {got}")
-        if tuple(m.shape) != (B, L):
-            raise ValueError(f"key_padding_mask must have shape (B, L) = {(B, L)}, got {tuple(m.shape)}")
-        if m.device != q.device:
-            raise ValueError(f"key_padding_mask must be on the same device as q ({q.device}), got {m.device}")
-    if scale is None:
-        return 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or not math.isfinite(scale):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    return float(scale)
 
 
 def _check_lse(lse, q) -> None:
@@ -146,7 +114,7 @@ def attention_with_lse_reference(q, k, v, *, scale=None, key_padding_mask=None, 
     with no kept key (its batch entry is fully masked) gets ``out = 0``,
     ``lse = -inf``.
     """
-    scale = _check_qk((("q", q), ("k", k), ("v", v)), key_padding_mask, scale)
+    scale = check_qkv((("q", q), ("k", k), ("v", v)), key_padding_mask, scale)
     _check_chunk(chunk_size)
     B, H, L, D = q.shape
     cdt = _compute_dtype(q)
@@ -336,7 +304,7 @@ def attention_with_lse(q, k, v, *, scale=None, key_padding_mask=None, backend="a
         converted). Queries of a fully masked batch entry get ``out = 0``,
         ``lse = -inf``.
     """
-    scale = _check_qk((("q", q), ("k", k), ("v", v)), key_padding_mask, scale)
+    scale = check_qkv((("q", q), ("k", k), ("v", v)), key_padding_mask, scale)
     if backend not in _ATTN_BACKENDS:
         raise ValueError(f"backend must be one of {_ATTN_BACKENDS}, got {backend!r}")
     mask = key_padding_mask
@@ -367,7 +335,7 @@ def block_mass_reference(q, k, lse, *, block_size=64, scale=None, key_padding_ma
     into ``block_size x block_size`` tiles by reshape. Memory ``O(B * H * chunk * L)``.
     Returns float32 ``(B, H, NB, NB)``, ``NB = ceil(L / block_size)``.
     """
-    scale = _check_qk((("q", q), ("k", k)), key_padding_mask, scale)
+    scale = check_qkv((("q", q), ("k", k)), key_padding_mask, scale)
     _check_lse(lse, q)
     bs = _check_block_size(block_size)
     _check_chunk(chunk_size)
@@ -564,7 +532,7 @@ def block_mass(q, k, lse, *, block_size=64, scale=None, key_padding_mask=None, b
             tile sums into ``W``; any head dim, padded to a power of two) or
             ``"reference"`` (:func:`block_mass_reference`).
     """
-    scale = _check_qk((("q", q), ("k", k)), key_padding_mask, scale)
+    scale = check_qkv((("q", q), ("k", k)), key_padding_mask, scale)
     _check_lse(lse, q)
     bs = _check_block_size(block_size)
     if backend not in _MASS_BACKENDS:

@@ -33,12 +33,13 @@ become interpreted and no kernel can be compiled for CUDA in that process.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 
 import torch
 import torch.nn.functional as F
+
+from ._common import check_qkv, pad_head_dim
 
 try:  # Triton is optional: without it only "flex" and "reference" run.
     import triton
@@ -155,20 +156,7 @@ def _check_selection(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nb: int)
 
 
 def _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, backend, validate) -> float:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+    scale = check_qkv((("q", q), ("k", k), ("v", v)), key_padding_mask, scale)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if (
@@ -201,27 +189,9 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding
     for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
         if t.device != q.device:
             raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise ValueError(
-                f"key_padding_mask must be a bool tensor (B, L), got "
-                f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}"
-            )
-        if tuple(key_padding_mask.shape) != (B, L):
-            raise ValueError(
-                f"key_padding_mask must have shape (B, L) = ({B}, {L}), got {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(
-                f"key_padding_mask must be on the same device as q ({q.device}), got {key_padding_mask.device}"
-            )
     if validate:
         _check_selection(kv_indices, kv_counts, nb)
-    if scale is None:
-        return 1.0 / math.sqrt(q.shape[-1])
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale!r}")
-    return float(scale)
+    return scale
 
 
 # --------------------------------------------------------------------------- reference
@@ -460,16 +430,12 @@ def _flex_block_mask(kv_indices, kv_counts, block_size: int, L: int, key_padding
     )
 
 
-def _pad_head_dim(d: int) -> int:
-    return max(16, 1 << (d - 1).bit_length())
-
-
 def _flex_forward(q, k, v, block_mask, scale: float, return_lse: bool, compiled: bool, block_size: int):
     from torch.nn.attention import flex_attention as fa
 
     d = q.shape[-1]
-    if _pad_head_dim(d) != d:  # zero-pad D: q.k unchanged, the extra v columns are dropped
-        pad = (0, _pad_head_dim(d) - d)
+    if pad_head_dim(d) != d:  # zero-pad D: q.k unchanged, the extra v columns are dropped
+        pad = (0, pad_head_dim(d) - d)
         res = _flex_forward(
             F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask, scale, return_lse, compiled, block_size
         )

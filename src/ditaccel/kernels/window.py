@@ -20,12 +20,13 @@ Layout everywhere is SDPA's: ``q, k, v`` of shape ``(B, H, L, D)`` with
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ._common import check_qkv, pad_head_dim
 
 __all__ = [
     "WindowSpec",
@@ -173,29 +174,12 @@ def window_dense_mask(spec: WindowSpec, device=None) -> torch.Tensor:
 def _check_inputs(q, k, v, spec, scale, backend=None) -> float:
     if not isinstance(spec, WindowSpec):
         raise ValueError(f"spec must be a WindowSpec, got {type(spec).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+    scale = check_qkv((("q", q), ("k", k), ("v", v)), None, scale)
     if q.shape[2] != spec.seq_len:
         raise ValueError(f"q/k/v sequence length L={q.shape[2]} must equal spec.seq_len={spec.seq_len}")
     if backend is not None and backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if scale is None:
-        return 1.0 / math.sqrt(q.shape[-1])
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale!r}")
-    return float(scale)
+    return scale
 
 
 # --------------------------------------------------------------------------- reference
@@ -239,10 +223,6 @@ def _compiled_flex():
 _FLEX_PAD_HEAD_DIMS: set[tuple[str, int]] = set()
 
 
-def _pad_head_dim(d: int) -> int:
-    return max(16, 1 << (d - 1).bit_length())
-
-
 def _flex_call(q, k, v, block_mask, scale, compiled: bool):
     if compiled:
         return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
@@ -263,11 +243,11 @@ def _flex_attention(q, k, v, spec, scale, block_size: int = 128, compiled: bool 
         try:
             return _flex_call(q, k, v, block_mask, scale, compiled)
         except Exception:
-            if _pad_head_dim(d) == d:
+            if pad_head_dim(d) == d:
                 raise
             _FLEX_PAD_HEAD_DIMS.add(key)
     # Zero-pad D: q.k is unchanged, the extra v columns give zero outputs we drop.
-    pad = (0, _pad_head_dim(d) - d)
+    pad = (0, pad_head_dim(d) - d)
     out = _flex_call(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask, scale, compiled)
     return out[..., :d]
 

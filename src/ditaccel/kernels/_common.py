@@ -1,0 +1,48 @@
+"""Input checks shared by the kernels: (B, H, L, D) tensors, key-padding masks, softmax scale."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_qkv(tensors, key_padding_mask=None, scale=None) -> float:
+    """Validate ``(name, tensor)`` pairs (first one is q), mask and scale; return the scale."""
+    q = tensors[0][1]
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in tensors[1:]:
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+    B, H, L, D = q.shape
+    if L == 0 or D == 0:
+        raise ValueError(f"q must have L > 0 and D > 0, got shape {tuple(q.shape)}")
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            got = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"key_padding_mask must be a bool tensor, got {got}")
+        if tuple(m.shape) != (B, L):
+            raise ValueError(f"key_padding_mask must have shape (B, L) = {(B, L)}, got {tuple(m.shape)}")
+        if m.device != q.device:
+            raise ValueError(f"key_padding_mask must be on the same device as q ({q.device}), got {m.device}")
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or not math.isfinite(scale):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def pad_head_dim(d: int) -> int:
+    """The power-of-two head dim (≥ 16) a kernel pads ``d`` to."""
+    return max(16, 1 << (d - 1).bit_length())
