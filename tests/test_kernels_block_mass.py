@@ -1,40 +1,25 @@
-import os
+import importlib
+import math
 
-import torch  # does not import triton
+import pytest
+import torch
+import torch.nn.functional as F
 
-# Before triton is imported: without a GPU, run the Triton kernel on CPU tensors in
-# triton's interpreter. (A process is either interpreted or compiled: triton decides
-# per jitted function at decoration time, its own library included; so on a GPU box
-# the compiled kernels are tested, and TRITON_INTERPRET=1 tests the interpreter.)
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+# Without a GPU the Triton kernel runs on CPU tensors in triton's interpreter. The variable is set
+# per test (see the fixture below), not at import: set for the whole session it would send every
+# later test's "auto" kernels through the (slow) interpreter. The kernel reads it when first jitted.
+INTERPRET = not torch.cuda.is_available()
 
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import math  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+bm = importlib.import_module("ditaccel.kernels.block_mass")  # the module (the package exports a function of that name)
 
 
-def _load_block_mass():
-    """The kernel module; loaded from its file when the ditaccel package cannot be
-    imported (e.g. on a GPU box without diffusers)."""
-    try:
-        return importlib.import_module("ditaccel.kernels.block_mass")
-    except ImportError:
-        path = pathlib.Path(__file__).resolve().parents[1] / "src" / "ditaccel" / "kernels" / "block_mass.py"
-        spec = importlib.util.spec_from_file_location("_ditaccel_block_mass_standalone", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        return mod
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
-
-bm = _load_block_mass()
 
 try:
     import triton  # noqa: F401

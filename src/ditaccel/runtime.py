@@ -100,6 +100,12 @@ class Runtime:
     def reset(self):
         self.state_manager.reset()
 
+    def release(self):
+        """Free every cached tensor but keep what ``stats`` reports."""
+        for st in self.state_manager._state_cache.values():
+            for cache in st.caches.values():
+                cache.release()
+
     def on_set_timesteps(self, timesteps: torch.Tensor):
         """The pipeline starts a generation: drop all state, learn the schedule."""
         self.reset()
@@ -244,7 +250,9 @@ class TransformerHook(ModelHook):
         return self.runtime.end_call(output)
 
     def reset_state(self, module):
-        self.runtime.reset()
+        # diffusers calls this at the end of every call of pipelines whose transformer has
+        # CacheMixin (maybe_free_model_hooks): free the tensors, keep the accounting for stats().
+        self.runtime.release()
         return module
 
 

@@ -198,6 +198,9 @@ class AdaSpaCache:
         return sum(t.numel() * t.element_size() for t in (self.lse, self.kv_indices, self.kv_counts)
                    if t is not None)
 
+    def release(self) -> None:
+        self.lse = self.kv_indices = self.kv_counts = None
+
 
 class AdaSpa:
     """Runs AdaSpa inside the runtime (same protocol as ``DiTFastAttn``)."""
@@ -237,7 +240,7 @@ class AdaSpa:
 
         out = call.core(core)
         if ctx.step == len(self.plan) - 1:  # the generation's last step: free LSE and masks
-            cache.lse = cache.kv_indices = cache.kv_counts = None
+            cache.release()
         return out, stats["fraction"], what
 
     def details(self, caches: dict[int, AdaSpaCache]) -> dict:

@@ -181,6 +181,9 @@ class LayerCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.out, self.res) if t is not None)
 
+    def release(self) -> None:
+        self.out = self.res = self.res_rows = None
+
 
 @dataclass
 class CallCost:

@@ -1,5 +1,12 @@
 """Offline test beds: small, randomly initialised, real diffusers pipelines."""
 
+from .video import (
+    build_clip_tokenizer,
+    build_llama_tokenizer,
+    tiny_cogvideox_pipeline,
+    tiny_hunyuan_video_pipeline,
+    tiny_wan_pipeline,
+)
 from .tiny import (
     DIT_LABELS,
     build_tokenizer,
@@ -11,6 +18,11 @@ from .tiny import (
 )
 
 __all__ = [
+    "build_clip_tokenizer",
+    "build_llama_tokenizer",
+    "tiny_cogvideox_pipeline",
+    "tiny_hunyuan_video_pipeline",
+    "tiny_wan_pipeline",
     "DIT_LABELS",
     "build_tokenizer",
     "demo_dit_pipeline",
