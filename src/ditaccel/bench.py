@@ -323,6 +323,77 @@ def format_adaspa(r: dict) -> str:
     return "\n".join(lines)
 
 
+#: Wan2.1-T2V-1.3B transformer architecture (diffusers config), random weights
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def bench_adaspa_step(frames: int = 21, height: int = 60, width: int = 104, steps: int = 10, sparsities=(0.8, 0.9),
+                      device: str = "cuda", dtype=torch.bfloat16, repeats: int = 2) -> dict:
+    """Per-step time of the full-size Wan2.1-1.3B transformer (random weights; default latent
+    21 x 60 x 104 = 480p, 81 frames: 32,760 tokens), dense vs AdaSpa over a whole schedule."""
+    from diffusers import WanTransformer3DModel
+
+    import ditaccel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        tr = WanTransformer3DModel(**WAN_1_3B)
+    tr = tr.to(dtype).eval().requires_grad_(False)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, 16, frames, height, width, device=device, dtype=dtype, generator=g)
+    ctx = torch.randn(1, 512, WAN_1_3B["text_dim"], device=device, dtype=dtype, generator=g)
+    timesteps = torch.linspace(999, 1, steps).round()
+
+    def generation():
+        return [_cuda_time(lambda: tr(x, timestep=torch.tensor([float(t)], device=device), encoder_hidden_states=ctx),
+                           device) for t in timesteps]
+
+    res = {"model": "wan2.1-t2v-1.3b", "tokens": frames * (height // 2) * (width // 2), "steps": steps,
+           "dtype": str(dtype).replace("torch.", ""), "date": datetime.date.today().isoformat(),
+           "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "torch": torch.__version__}
+    with torch.no_grad(), dense_sdpa_context():
+        generation()
+        dense = [generation() for _ in range(repeats)]
+        res["dense_step_ms"] = statistics.median(v for run in dense for v in run)
+        res["runs"] = []
+        for s in sparsities:
+            ditaccel.apply(tr, ditaccel.AdaSpaConfig(sparsity=s), num_inference_steps=steps)
+            try:
+                generation()  # warm-up (compiles the kernels)
+                runs = [generation() for _ in range(repeats)]
+                st = ditaccel.stats(tr)
+            finally:
+                ditaccel.remove(tr)
+            plan = ditaccel.AdaSpaConfig(sparsity=s).schedule(steps)
+            per_step = [statistics.median(run[i] for run in runs) for i in range(steps)]
+            res["runs"].append({"sparsity": s, "schedule": plan, "step_ms": per_step, "total_ms": sum(per_step),
+                                "attention_flops_ratio": st.attention_flops_ratio,
+                                "mean_density": statistics.mean(st.details["density_per_layer"]),
+                                "mean_recall": [statistics.mean(r[i] for r in st.details["recall_per_search"])
+                                                for i in range(len(st.details["recall_per_search"][0]))],
+                                "search_seconds": st.details["search_seconds"]})
+    return res
+
+
+def format_adaspa_step(r: dict) -> str:
+    lines = [f"{r['model']} transformer (random weights), {r['tokens']} tokens, {r['steps']} steps, {r['dtype']}, "
+             f"{r['device']}, torch {r['torch']}, {r['date']}",
+             f"  dense step (SDPA, cuDNN first): {r['dense_step_ms']:.1f} ms; {r['steps']} steps "
+             f"{r['dense_step_ms'] * r['steps']:.0f} ms"]
+    for run in r["runs"]:
+        by = {}
+        for what, ms in zip(run["schedule"], run["step_ms"]):
+            by.setdefault(what, []).append(ms)
+        parts = ", ".join(f"{k} {statistics.median(v):.1f} ms" for k, v in by.items())
+        lines.append(f"  AdaSpa s={run['sparsity']}: {parts}; total {run['total_ms']:.0f} ms "
+                     f"({r['dense_step_ms'] * r['steps'] / run['total_ms']:.2f}x), attention FLOPs "
+                     f"{100 * run['attention_flops_ratio']:.1f}%, density {run['mean_density']:.3f}, recall "
+                     f"{', '.join(f'{x:.3f}' for x in run['mean_recall'])}")
+    return "\n".join(lines)
+
+
 def format_step(r: dict) -> str:
     lines = [f"{r['model']} transformer, {r['tokens']} tokens x batch {r['batch']} (CFG), {r['heads']} heads x "
              f"{r['head_dim']}, {r['dtype']}, {r['device']}, torch {r['torch']}, window {r['window']}, {r['date']}",
@@ -339,7 +410,7 @@ def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="ditaccel bench")
-    ap.add_argument("what", choices=["step", "attention", "sweep", "adaspa"])
+    ap.add_argument("what", choices=["step", "attention", "sweep", "adaspa", "adaspa-step"])
     ap.add_argument("--model", default=None,
                     help=f"step: one of {sorted(MODELS)}; sweep: a built-in offline model (tiny-dit, tiny-pixart, ...)")
     ap.add_argument("--steps", type=int, default=20, help="sweep: denoising steps")
@@ -357,6 +428,9 @@ def main(argv=None) -> int:
     if args.what == "step":
         r = bench_step(args.model or "pixart-sigma-2k", args.device, repeats=args.repeats, window=args.window)
         print(format_step(r))
+    elif args.what == "adaspa-step":
+        r = bench_adaspa_step(device=args.device, repeats=args.repeats)
+        print(format_adaspa_step(r))
     elif args.what == "adaspa":
         r = bench_adaspa(device=args.device)
         print(format_adaspa(r))
