@@ -158,3 +158,21 @@ def test_cache_is_compact_and_freed(dit):
     assert dtype == torch.int16 and k < 4  # 4 key blocks: rows cut to the longest kept list
     assert nbytes <= cache_bytes_per_layer(heads=2, tokens=64, block_size=16, sparsity=0.5, batch=4)
     assert all(c.lse is None and c.kv_indices is None for c in caches)  # freed after the last step
+
+
+def test_a_step_count_the_schedule_cannot_fit_is_refused(dit):
+    ditaccel.apply(dit, AdaSpaConfig(search_at=(0.2, 0.95), block_size=16))
+    try:
+        with pytest.raises(ValueError, match="search_at.*num_inference_steps=10"):
+            dit_call(dit, steps=10)  # floor(9.5 + 0.5) = 10: past the last step
+        assert torch.isfinite(dit_call(dit, steps=30)).all()  # 29 fits: the next call is unharmed
+    finally:
+        ditaccel.remove(dit)
+
+
+def test_unsupported_model_is_refused_untouched():
+    model = torch.nn.Linear(2, 2)
+    forward = model.forward
+    with pytest.raises(TypeError, match="no adapter for transformer class 'Linear'"):
+        ditaccel.apply(model, AdaSpaConfig(), num_inference_steps=10)
+    assert model.forward == forward and get_runtime(model) is None

@@ -193,6 +193,7 @@ class AdaSpaCache:
     flops: float = 0.0  # attention FLOPs of one sparse call with these masks
     density: torch.Tensor | None = None  # (H,) mean kept fraction per head
     recalls: list[float] = field(default_factory=list)  # mean recall at each search
+    search_seconds: float = 0.0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.lse, self.kv_indices, self.kv_counts)
@@ -210,19 +211,17 @@ class AdaSpa:
     def __init__(self, config: AdaSpaConfig):
         self.config = config
         self.plan: list[str] | None = None
-        self.search_seconds = 0.0
 
     def check_num_layers(self, n: int):
         pass
 
     def check_num_steps(self, n: int):
         self.plan = self.config.schedule(n)
-        self.search_seconds = 0.0
 
     def begin_call(self, ctx):
         if self.plan is None:
-            raise ValueError("AdaSpa needs the step count: apply it to a pipeline (its scheduler tells), "
-                             "or call ditaccel.adaspa_steps(transformer, num_inference_steps) first")
+            raise ValueError("num_inference_steps: AdaSpa needs the step count: apply it to a pipeline (its "
+                             "scheduler tells), or ditaccel.apply(transformer, AdaSpaConfig(), num_inference_steps=N)")
         if ctx.step >= len(self.plan):
             raise ValueError(f"num_inference_steps: step {ctx.step} is past the {len(self.plan)} steps scheduled")
 
@@ -252,7 +251,7 @@ class AdaSpa:
             "density_per_head": [caches[i].density.tolist() if caches[i].density is not None else None
                                  for i in layers],
             "recall_per_search": [caches[i].recalls for i in layers],
-            "search_seconds": self.search_seconds,
+            "search_seconds": sum(caches[i].search_seconds for i in layers),
         }
 
     def _core(self, what, ctx, q, k, v, kpm, cache: AdaSpaCache, stats):
@@ -294,5 +293,5 @@ class AdaSpa:
         cache.recalls.append(float(rec.mean()))
         if q.is_cuda:
             torch.cuda.synchronize(q.device)
-        self.search_seconds += time.perf_counter() - t0
+        cache.search_seconds += time.perf_counter() - t0
         return out
