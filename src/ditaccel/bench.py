@@ -159,6 +159,12 @@ def bench_attention(tokens: int = 16384, heads: int = 16, head_dim: int = 72, ba
         window_attention(q, k, v, spec)
         res["window_ms"] = do_bench(lambda: window_attention(q, k, v, spec), warmup=100, rep=500,
                                     return_mode="median")
+        from ditaccel.kernels.window_residual import full_and_window_attention
+
+        full_and_window_attention(q, k, v, spec)  # the experimental one-pass kernel (autotunes here)
+        res["full_plus_window_two_calls_ms"] = res["dense_ms"] + res["window_ms"]
+        res["full_and_window_one_pass_ms"] = do_bench(lambda: full_and_window_attention(q, k, v, spec), warmup=100,
+                                                      rep=500, return_mode="median")
     else:
         res["dense_ms"] = statistics.median(_cuda_time(lambda: F.scaled_dot_product_attention(q, k, v), device)
                                             for _ in range(5))
