@@ -18,9 +18,9 @@ of dense attention plus the mixed tiles' second product.
 Layout is SDPA's ``(B, H, L, D)``, self-attention, ``L == spec.seq_len``.
 
 Status: correct (tested against the reference on CPU under the interpreter and on an H100) but
-not yet fast: on an H100 (2 x 16 x 16384 x 72, bf16, band N/8) it took about 2.3x a dense
-cuDNN attention, slower than dense + window as two calls, so ``methods.ditfastattn`` does not use
-it yet. Suspected cause: four accumulators (in/out x the two head-dim parts of D=72) rescaled
+not yet fast: ``ditaccel bench attention`` on an H100 (2 x 16 x 16384 x 72, bf16, band N/8,
+2026-11-24) gave 15.56 ms vs 6.72 ms dense and 9.24 ms for dense + window as two calls, so
+``methods.ditfastattn`` does not use it yet. Suspected cause: four accumulators (in/out x the two head-dim parts of D=72) rescaled
 every tile spill registers; next to try: always ``acc_full += P @ V`` plus ``acc_win`` only on
 tiles the window touches.
 
