@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -46,3 +47,16 @@ def check_qkv(tensors, key_padding_mask=None, scale=None) -> float:
 def pad_head_dim(d: int) -> int:
     """The power-of-two head dim (≥ 16) a kernel pads ``d`` to."""
     return max(16, 1 << (d - 1).bit_length())
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read now:
+    kernels are jitted lazily so that they follow the variable as it is at first use."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

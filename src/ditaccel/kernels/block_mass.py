@@ -28,12 +28,11 @@ stale (cached) LSE the row sums drift from it by how much the LSE moved.
 
 import functools
 import math
-import os
 import warnings
 
 import torch
 
-from ._common import check_qkv
+from ._common import check_qkv, triton_interpreting
 import torch.nn.functional as F
 
 try:  # optional: only the "triton" block_mass backend needs it
@@ -455,14 +454,6 @@ def _jit_kernel(interpret: bool):
     return triton.jit(_block_mass_kernel)
 
 
-def _interpret() -> bool:
-    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET), read now."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
-
-
 def _default_config(bs: int, d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages).
 
@@ -479,7 +470,7 @@ def _default_config(bs: int, d: int) -> tuple[int, int, int, int]:
 def _block_mass_triton(q, k, lse, bs, scale, mask, block_m=None, block_n=None, num_warps=None, num_stages=None):
     if triton is None:
         raise RuntimeError("block_mass backend 'triton' needs the triton package")
-    if not (q.is_cuda or _interpret()):
+    if not (q.is_cuda or triton_interpreting()):
         raise ValueError("block_mass backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q dtype must be float16, bfloat16 or float32 for backend 'triton', got {q.dtype}")
@@ -494,14 +485,14 @@ def _block_mass_triton(q, k, lse, bs, scale, mask, block_m=None, block_n=None, n
     m = mask.to(torch.uint8) if mask is not None else torch.empty(1, 1, dtype=torch.uint8, device=q.device)
     block_d = max(16, 1 << (D - 1).bit_length())
     grid = (triton.cdiv(L, block_m), B * H)
-    _jit_kernel(_interpret())[grid](
+    _jit_kernel(triton_interpreting())[grid](
         q, k, lse, m, W,
         *q.stride(), *k.stride(), *lse.stride(), *m.stride(),
         H, L, D, nb,
         scale * _LOG2E,
         BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32,
-        UPCAST=_interpret() and q.dtype == torch.bfloat16,
+        UPCAST=triton_interpreting() and q.dtype == torch.bfloat16,
         num_warps=num_warps or dw, num_stages=num_stages or ds,
     )  # fmt: skip
     return W
@@ -538,7 +529,7 @@ def block_mass(q, k, lse, *, block_size=64, scale=None, key_padding_mask=None, b
     if backend not in _MASS_BACKENDS:
         raise ValueError(f"backend must be one of {_MASS_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        fast = triton is not None and (q.is_cuda or _interpret()) and q.dtype != torch.float64
+        fast = triton is not None and (q.is_cuda or triton_interpreting()) and q.dtype != torch.float64
         backend = "triton" if fast else "reference"
     if backend == "reference":
         return block_mass_reference(q, k, lse, block_size=bs, scale=scale, key_padding_mask=key_padding_mask)

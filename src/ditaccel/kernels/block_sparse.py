@@ -33,13 +33,12 @@ become interpreted and no kernel can be compiled for CUDA in that process.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from ._common import check_qkv, pad_head_dim
+from ._common import check_qkv, pad_head_dim, triton_interpreting
 
 try:  # Triton is optional: without it only "flex" and "reference" run.
     import triton
@@ -314,16 +313,6 @@ def _bsa_fwd_kernel(
         tl.store(Lse + pid_bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
 
 
-def _interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (env ``TRITON_INTERPRET=1``, read now)."""
-    if triton is None:
-        return False
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def _prune_configs(configs, named_args, **kwargs):
     """Drop pipeline depths whose K/V tiles would not fit shared memory (fp32 with 128-wide tiles)."""
     tile = 2 * kwargs["BLOCK"] * kwargs["BLOCK_D"] * named_args["Q"].element_size()  # K + V, one stage
@@ -349,7 +338,7 @@ def _triton_kernel(interpret: bool):
 def _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, return_lse):
     if triton is None:
         raise ValueError("backend 'triton' needs the triton package")
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or triton_interpreting()):
         raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
     if q.dtype not in _TRITON_DTYPES:
         raise ValueError(f"backend 'triton' supports q dtypes {_TRITON_DTYPES}, got {q.dtype}")
@@ -363,7 +352,7 @@ def _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_pad
     cnt = kv_counts.contiguous()
     kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else cnt
     grid = (nq, B * H)
-    interpret = _interpreting()
+    interpret = triton_interpreting()
     _triton_kernel(interpret)[grid](
         q, k, v, out, lse, idx, cnt, kpm,
         scale * _LOG2E,
@@ -502,7 +491,7 @@ def block_sparse_attention(
     """
     scale = _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, backend, validate)
     if backend == "auto":
-        backend = "triton" if triton is not None and (q.is_cuda or _interpreting()) else "reference"
+        backend = "triton" if triton is not None and (q.is_cuda or triton_interpreting()) else "reference"
     if backend == "triton":
         return _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, return_lse)
     if backend == "flex":

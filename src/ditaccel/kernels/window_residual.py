@@ -33,12 +33,11 @@ would get window output 0 (guarded, never NaN).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
-from ._common import pad_head_dim
+from ._common import pad_head_dim, triton_interpreting
 from .window import WindowSpec, _check_inputs, _mask_rows, window_attention_reference
 
 try:  # Triton is optional: without it only "reference" runs.
@@ -267,16 +266,6 @@ def _fw_fwd_kernel(
                  (acc_in1 * inv_win[:, None]).to(OutW.dtype.element_ty), mask=st1)
 
 
-def _interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (env ``TRITON_INTERPRET=1``, read now)."""
-    if triton is None:
-        return False
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def _prune_configs(configs, named_args, **kwargs):
     """Drop pipeline depths whose K/V tiles would not fit shared memory."""
     width = kwargs["BLOCK_D0"] + (kwargs["BLOCK_D1"] if kwargs["SPLIT_D"] else 0)
@@ -318,7 +307,7 @@ def _split_head_dim(d: int) -> tuple[int, int, bool]:
 def _triton_full_and_window(q, k, v, spec, scale, block_size, configs=None):
     if triton is None:
         raise ValueError("backend 'triton' needs the triton package")
-    interpret = _interpreting()
+    interpret = triton_interpreting()
     if not (q.is_cuda or interpret):
         raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
     if q.dtype not in _TRITON_DTYPES:
@@ -380,7 +369,7 @@ def full_and_window_attention(
     if block_size is not None and (isinstance(block_size, bool) or block_size not in _BLOCK_SIZES):
         raise ValueError(f"block_size must be one of {_BLOCK_SIZES}, got {block_size!r}")
     if backend == "auto":
-        backend = "triton" if triton is not None and (q.is_cuda or _interpreting()) else "reference"
+        backend = "triton" if triton is not None and (q.is_cuda or triton_interpreting()) else "reference"
     if backend == "triton":
         return _triton_full_and_window(q, k, v, spec, scale, block_size)
     return full_and_window_attention_reference(q, k, v, spec, scale=scale)
