@@ -193,7 +193,8 @@ TRITON_CASES = [
     (192, 32, 64, torch.bfloat16, False, 1, 2),
     (100, 64, 128, torch.bfloat16, True, 2, 2),
     (130, 16, 128, torch.bfloat16, True, 1, 2),
-    (100, 32, 72, torch.float32, True, 2, 1),  # head dim padded to 128 with d-masking
+    (100, 32, 72, torch.float32, True, 2, 1),  # head dim 72 = 64 + 16
+    (150, 64, 72, torch.bfloat16, False, 1, 2),
     (192, 128, 64, torch.float16, True, 1, 2),
 ]
 
@@ -205,13 +206,15 @@ def test_triton_matches_reference(L, bs, D, dtype, use_kpm, B, H):
     q, k, v = qkv(B, H, L, D, dtype, seed=seed)
     idx, cnt = random_selection(B, H, L, bs, seed=seed + 1)
     kpm = random_kpm(B, L, seed=seed + 2) if use_kpm else None
-    out, lse = block_sparse_attention(
-        q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm, return_lse=True, backend="triton"
-    )
     ref_out, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm)
-    check_close(out, lse, ref_out, ref_lse, atol=1e-4 if dtype == torch.float32 else 2e-2)
-    plain = block_sparse_attention(q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm, backend="triton")
-    assert torch.equal(plain, out)  # return_lse does not change the output
+    # query_blocks=2: two query blocks per program over the union of their selections
+    for query_blocks in (1, 2) if bs <= 64 else (1,):
+        out, lse = block_sparse_attention(q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm, return_lse=True,
+                                          backend="triton", query_blocks=query_blocks)
+        check_close(out, lse, ref_out, ref_lse, atol=1e-4 if dtype == torch.float32 else 2e-2)
+        plain = block_sparse_attention(q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm, backend="triton",
+                                       query_blocks=query_blocks)
+        assert torch.equal(plain, out)  # return_lse does not change the output
 
 
 @needs_triton

@@ -49,6 +49,19 @@ def pad_head_dim(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
+def split_head_dim(d: int) -> tuple[int, int, bool]:
+    """``(BLOCK_D0, BLOCK_D1, SPLIT_D)``: a kernel covers head dim ``d`` with a power-of-two part
+    plus, when that saves work, a small power-of-two tail: 72 -> 64 + 16 (80 columns, not 128)."""
+    p = pad_head_dim(d)
+    if p == d or d <= 16:
+        return p, 16, False
+    d0 = p // 2
+    d1 = pad_head_dim(d - d0)
+    if d0 + d1 >= p:  # the tail is as wide as the head: no gain from splitting
+        return p, 16, False
+    return d0, d1, True
+
+
 def triton_interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read now:
     kernels are jitted lazily so that they follow the variable as it is at first use."""

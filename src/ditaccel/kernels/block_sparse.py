@@ -39,13 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check_qkv, pad_head_dim, triton_interpreting
+from .tiles import SKIP_BOTTOM, SKIP_TOP, TileList, compact_columns, tile_attention
 
 try:  # Triton is optional: without it only "flex" and "reference" run.
     import triton
-    import triton.language as tl
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
-    tl = None
 
 __all__ = [
     "block_sparse_attention",
@@ -58,7 +57,6 @@ __all__ = [
 _BACKENDS = ("auto", "triton", "flex", "reference")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_BLOCK_SIZES = (16, 32, 64, 128)
-_LOG2E = 1.4426950408889634
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -224,118 +222,31 @@ def _reference(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, ke
 # --------------------------------------------------------------------------- triton
 
 
-# Plain function, jitted lazily by _triton_kernel(): whether Triton interprets it (TRITON_INTERPRET=1)
-# is read at first launch, not at import, so the import order of this module does not matter.
-# If triton.language itself was imported before TRITON_INTERPRET was set (torch / diffusers import
-# it), its @jit helpers (tl.zeros, tl.max, tl.sum) cannot run under the interpreter; the kernel
-# therefore uses only builtins: tl.full, and tl.reduce with the stdlib combine functions (exactly
-# what tl.max / tl.sum expand to for fp32, and what the interpreter maps to numpy).
-def _bsa_fwd_kernel(
-    Q, K, V, Out, Lse, KvIdx, KvCnt, Kpm,
-    qk_scale,  # softmax scale * log2(e)
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_km, stride_kd,
-    stride_vb, stride_vh, stride_vm, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    H, L, NQ, KMAX,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KPM: tl.constexpr, STORE_LSE: tl.constexpr, EVEN_L: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+def tile_list(kv_indices: torch.Tensor, kv_counts: torch.Tensor, block_size: int, query_blocks: int = 1) -> TileList:
+    """The :class:`~ditaccel.kernels.tiles.TileList` of a block selection.
 
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < L
-
-    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-              + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST_BF16:  # the interpreter's tl.dot mishandles bf16 (stored as uint16): dot in fp32
-        q = q.to(tl.float32)
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)  # running max (log2 units)
-    l_i = tl.full([BLOCK], 0.0, dtype=tl.float32)  # running sum of exp2
-    acc = tl.full([BLOCK, BLOCK_D], 0.0, dtype=tl.float32)
-
-    row = pid_bh.to(tl.int64) * NQ + pid_m  # kv_indices / kv_counts are contiguous
-    cnt = tl.load(KvCnt + row)
-    idx_ptr = KvIdx + row * KMAX
-    for j in range(0, cnt):
-        kb = tl.load(idx_ptr + j).to(tl.int64)
-        offs_k = kb * BLOCK + offs_n
-        k_ok = offs_k < L
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k_ptrs = k_base + offs_k[:, None] * stride_km + offs_d[None, :] * stride_kd
-        v_ptrs = v_base + offs_k[:, None] * stride_vm + offs_d[None, :] * stride_vd
-        if EVEN_L and BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        if UPCAST_BF16:
-            k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_KPM:
-            keep = k_ok & (tl.load(Kpm + off_b * L + offs_k, mask=k_ok, other=0) != 0)
-            qk = tl.where(keep[None, :], qk, float("-inf"))
-        elif not EVEN_L:
-            qk = tl.where(k_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))  # == tl.max(qk, 1)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys masked so far: avoid -inf - -inf
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)  # == tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if EVEN_L and BLOCK_D == HEAD_DIM:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        if UPCAST_BF16:  # keep the bf16 rounding of p, multiply in fp32
-            p = p.to(tl.bfloat16).to(tl.float32)
-            v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]  # empty rows: acc is 0 -> output 0
-    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh
-              + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    if STORE_LSE:
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        tl.store(Lse + pid_bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
+    ``query_blocks = 1``: each program handles one query block (``block_size`` rows).
+    ``query_blocks = 2``: each program handles two consecutive query blocks (a 2·block_size-row
+    tile, better suited to large tensor-core tiles): it visits the union of their key blocks,
+    and entries only one of the two selected are flagged so the other half's rows skip them.
+    """
+    B, H, nq, K = kv_indices.shape
+    if query_blocks == 1:
+        return TileList(kv_indices.reshape(B * H, nq, K), kv_counts.reshape(B * H, nq), None, block_size, block_size)
+    if query_blocks != 2:
+        raise ValueError(f"query_blocks must be 1 or 2, got {query_blocks!r}")
+    mask = indices_to_mask(kv_indices.reshape(B * H, nq, 1, K), kv_counts.reshape(B * H, nq, 1), nq)[:, :, 0]
+    if nq % 2:
+        mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
+    top, bottom = mask[:, 0::2], mask[:, 1::2]
+    union = top | bottom
+    idx, cnt = compact_columns(union)
+    flags = ((union & ~top).to(torch.uint8) * SKIP_TOP) | ((union & ~bottom).to(torch.uint8) * SKIP_BOTTOM)
+    flags = torch.gather(flags, -1, idx.long())
+    return TileList(idx, cnt, flags.contiguous(), 2 * block_size, block_size)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop pipeline depths whose K/V tiles would not fit shared memory (fp32 with 128-wide tiles)."""
-    tile = 2 * kwargs["BLOCK"] * kwargs["BLOCK_D"] * named_args["Q"].element_size()  # K + V, one stage
-    fit = [c for c in configs if tile * max(1, c.num_stages) <= 192 * 1024]
-    return fit or [triton.Config({}, num_warps=8, num_stages=1)]
-
-
-@functools.lru_cache(maxsize=2)
-def _triton_kernel(interpret: bool):
-    """The launchable kernel: autotuned over num_warps/num_stages, plain under the interpreter
-    (where every autotune config would be interpreted, slowly, for identical results)."""
-    kernel = triton.jit(_bsa_fwd_kernel)
-    if interpret:
-        return kernel
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-    return triton.autotune(
-        configs,
-        key=["L", "BLOCK", "HEAD_DIM", "HAS_KPM", "STORE_LSE", "EVEN_L"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(kernel)
-
-
-def _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, return_lse):
+def _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, return_lse, query_blocks):
     if triton is None:
         raise ValueError("backend 'triton' needs the triton package")
     if not (q.is_cuda or triton_interpreting()):
@@ -344,26 +255,12 @@ def _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_pad
         raise ValueError(f"backend 'triton' supports q dtypes {_TRITON_DTYPES}, got {q.dtype}")
     if block_size not in _TRITON_BLOCK_SIZES:
         raise ValueError(f"block_size for backend 'triton' must be one of {_TRITON_BLOCK_SIZES}, got {block_size}")
-    B, H, L, D = q.shape
-    nq = kv_indices.shape[2]
-    out = torch.empty_like(q)
-    lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32) if return_lse else out
-    idx = kv_indices.contiguous()
-    cnt = kv_counts.contiguous()
-    kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else cnt
-    grid = (nq, B * H)
-    interpret = triton_interpreting()
-    _triton_kernel(interpret)[grid](
-        q, k, v, out, lse, idx, cnt, kpm,
-        scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, L, nq, idx.shape[3],
-        BLOCK=block_size, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        HAS_KPM=key_padding_mask is not None, STORE_LSE=return_lse, EVEN_L=L % block_size == 0,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_BF16=interpret and q.dtype == torch.bfloat16,
-    )
-    return (out, lse) if return_lse else out
+    if query_blocks is None:
+        query_blocks = 1
+    if query_blocks not in (1, 2) or query_blocks * block_size > 128:
+        raise ValueError(f"query_blocks must be 1, or 2 with block_size <= 64; got {query_blocks!r}")
+    tiles = tile_list(kv_indices, kv_counts, block_size, query_blocks)
+    return tile_attention(q, k, v, tiles, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
 
 
 # --------------------------------------------------------------------------- flex
@@ -460,6 +357,7 @@ def block_sparse_attention(
     return_lse: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    query_blocks: int | None = None,
 ):
     """Block-sparse self-attention, ``(B, H, L, D)`` in and out.
 
@@ -485,6 +383,8 @@ def block_sparse_attention(
             and distinct). They synchronise with the device; pass False inside CUDA graphs
             or once the indices are known good. Out-of-range indices with ``validate=False``
             read out of bounds in the Triton kernel.
+        query_blocks: ``"triton"``: query blocks per program, 1 or 2 (see :func:`tile_list`);
+            default 1.
 
     Returns:
         ``out`` ``(B, H, L, D)`` in ``q.dtype``, and ``lse`` if ``return_lse``.
@@ -493,7 +393,8 @@ def block_sparse_attention(
     if backend == "auto":
         backend = "triton" if triton is not None and (q.is_cuda or triton_interpreting()) else "reference"
     if backend == "triton":
-        return _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, return_lse)
+        return _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, return_lse,
+                                 query_blocks)
     if backend == "flex":
         bm = _flex_block_mask(kv_indices, kv_counts, block_size, q.shape[2], key_padding_mask, eager=not q.is_cuda)
         return _flex_forward(q, k, v, bm, scale, return_lse, q.is_cuda, block_size)

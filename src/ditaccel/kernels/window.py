@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check_qkv, pad_head_dim
+from .tiles import INSIDE, OUTSIDE, TileList, available, compact_columns, tile_attention
 
 __all__ = [
     "WindowSpec",
@@ -36,11 +37,14 @@ __all__ = [
     "window_attention",
     "window_tile_fraction",
     "window_pair_fraction",
+    "window_tile_classes",
+    "window_tiles",
 ]
 
 _KINDS = ("band1d", "neighborhood2d")
 _TEXT_POSITIONS = ("prefix", "suffix")
-_BACKENDS = ("auto", "flex", "chunked", "sdpa_mask", "reference")
+_BACKENDS = ("auto", "triton", "flex", "chunked", "sdpa_mask", "reference")
+_OUTSIDE, _MIXED, _INSIDE = 0, 1, 2
 
 
 def _int_pair(value, name: str) -> tuple[int, int]:
@@ -201,6 +205,71 @@ def window_attention_reference(q, k, v, spec: WindowSpec, scale: float | None = 
     return (out, lse) if return_lse else out
 
 
+# --------------------------------------------------------------------------- tiles (Triton)
+
+
+@functools.lru_cache(maxsize=32)
+def _tile_classes_cached(spec: WindowSpec, block_m: int, block_n: int, device: str) -> torch.Tensor:
+    L = spec.seq_len
+    nq, nk = -(-L // block_m), -(-L // block_n)
+    lk = nk * block_n
+    keys = torch.arange(L, device=device)
+    out = torch.empty(nq, nk, dtype=torch.int8, device=device)
+    step = max(1, (1 << 25) // (block_m * lk))  # a few query tiles at a time: <= ~32M mask entries
+    for p0 in range(0, nq, step):
+        p1 = min(nq, p0 + step)
+        rows = torch.arange(p0 * block_m, p1 * block_m, device=device)
+        m = _mask_rows(spec, rows.clamp_max(L - 1), keys)  # (R, L)
+        valid_row = (rows < L)[:, None]
+        any_m = F.pad(m & valid_row, (0, lk - L), value=False)
+        all_m = F.pad(m | ~valid_row, (0, lk - L), value=True)  # padded rows / keys never matter
+        any_t = any_m.view(p1 - p0, block_m, nk, block_n).any(3).any(1)
+        all_t = all_m.view(p1 - p0, block_m, nk, block_n).all(3).all(1)
+        out[p0:p1] = torch.where(all_t, _INSIDE, torch.where(any_t, _MIXED, _OUTSIDE)).to(torch.int8)
+    return out
+
+
+def window_tile_classes(spec: WindowSpec, block_m: int = 128, block_n: int = 128, device=None) -> torch.Tensor:
+    """int8 ``(NQT, NKT)`` for (query tile of ``block_m``, key tile of ``block_n``): 0 if every
+    pair lies outside the window, 2 if every pair lies inside, 1 if the boundary cuts the tile.
+    Cached per (spec, tiles, device)."""
+    if not isinstance(spec, WindowSpec):
+        raise ValueError(f"spec must be a WindowSpec, got {type(spec).__name__}")
+    for name, b in (("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
+            raise ValueError(f"{name} must be a positive int, got {b!r}")
+    return _tile_classes_cached(spec, block_m, block_n, str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=64)
+def _window_tiles_cached(spec: WindowSpec, part: str, block_m: int, block_n: int, device: str) -> TileList:
+    cls = window_tile_classes(spec, block_m, block_n, device)
+    keep = cls != _OUTSIDE if part == "inside" else cls != _INSIDE
+    idx, cnt = compact_columns(keep[None])
+    most = int(cnt.max())
+    idx = idx[..., : max(1, most)].contiguous()
+    mixed = torch.gather((cls == _MIXED)[None], -1, idx.long())
+    flags = (mixed.to(torch.uint8) * (INSIDE if part == "inside" else OUTSIDE)).contiguous()
+    return TileList(idx, cnt, flags, block_m, block_n, most)
+
+
+def window_tiles(spec: WindowSpec, part: str = "inside", block_m: int = 128, block_n: int = 128,
+                 device=None) -> TileList:
+    """The :class:`~ditaccel.kernels.tiles.TileList` of the window (``part="inside"``) or of
+    its complement (``"outside"``): tiles wholly on that side run unmasked, tiles the boundary
+    cuts carry the ``INSIDE`` / ``OUTSIDE`` flag. Shared by all batches and heads; cached."""
+    if part not in ("inside", "outside"):
+        raise ValueError(f"part must be 'inside' or 'outside', got {part!r}")
+    return _window_tiles_cached(spec, part, block_m, block_n, str(torch.device(device or "cpu")))
+
+
+def _triton_attention(q, k, v, spec: WindowSpec, scale: float, block_size: int):
+    if not available(q):
+        raise ValueError("backend 'triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    tiles = window_tiles(spec, "inside", block_size, block_size, q.device)
+    return tile_attention(q, k, v, tiles, scale=scale, window=spec)
+
+
 # --------------------------------------------------------------------------- flex (CUDA)
 
 
@@ -315,7 +384,10 @@ def window_attention(
         q, k, v: same shape, dtype and device; any float dtype, any head dim.
         spec: the window pattern.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"`` (``"flex"`` on CUDA, ``"chunked"`` elsewhere),
+        backend: ``"auto"`` (``"flex"`` on CUDA, ``"chunked"`` elsewhere), ``"triton"`` (the
+            tile kernel of :mod:`ditaccel.kernels.tiles` over the tiles the window touches,
+            masking only those its boundary cuts; CUDA, or CPU under ``TRITON_INTERPRET=1``;
+            1.6x slower than ``"flex"`` at head dim 72 on an H100, see BENCHMARKS.md),
             ``"flex"`` (FlexAttention with a cached block mask; compiled on CUDA,
             eager/unfused elsewhere; head dims flex rejects are zero-padded to a
             power of two), ``"chunked"`` (SDPA per query chunk over the reachable
@@ -324,13 +396,15 @@ def window_attention(
         chunk_size: ``"chunked"`` query chunk in tokens (neighborhood2d rounds it
             down to whole grid rows, at least one); default ``max(64, r // 2)`` for
             band1d, ``max(64, rh * gw // 2)`` for neighborhood2d.
-        block_size: ``"flex"`` block-mask block size.
+        block_size: ``"triton"`` tile / ``"flex"`` block-mask block size.
     """
     scale = _check_inputs(q, k, v, spec, scale, backend)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
     if backend == "auto":
         backend = "flex" if q.is_cuda else "chunked"
+    if backend == "triton":
+        return _triton_attention(q, k, v, spec, scale, block_size)
     if backend == "flex":
         return _flex_attention(q, k, v, spec, scale, block_size)
     if backend == "chunked":

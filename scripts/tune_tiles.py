@@ -1,0 +1,211 @@
+"""Time the tile kernel (kernels/tiles.py) on a GPU: tile shapes x (num_warps, num_stages) for
+block-sparse (AdaSpa), window, full + window and all tiles (dense), next to dense SDPA
+(cuDNN first) and compiled FlexAttention with the same masks, each output spot-checked
+against an fp32 reference before it is timed.
+
+    python scripts/tune_tiles.py --out DIR [--only sparse,window,dense]
+
+Writes DIR/tune_tiles.json and prints one line per case. Used to choose the defaults in
+kernels/tiles.py (CONFIGS), block_sparse.py (query_blocks) and window.py (tile size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ditaccel.bench import dense_sdpa_context, structured_qkv
+from ditaccel.kernels.block_mass import attention_with_lse, block_mass
+from ditaccel.kernels.block_sparse import block_sparse_attention, mask_to_indices, tile_list
+from ditaccel.kernels.tiles import CONFIGS, TileList, tile_attention
+from ditaccel.kernels.window import WindowSpec, window_attention, window_dense_mask, window_tiles
+from ditaccel.methods.adaspa import AdaSpaConfig, select_mask
+
+RESULTS: list[dict] = []
+
+
+def timed(fn, reps: int = 10, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def record(**kw):
+    RESULTS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def spot_check(out, q, k, v, token_mask_rows, rows, scale, tol=3e-2):
+    """Compare ``out[0, :, rows]`` with fp32 attention under ``token_mask_rows`` ((H, R, L) bool)."""
+    s = torch.einsum("hrd,hld->hrl", q[0, :, rows].float(), k[0].float()) * scale
+    s = s.masked_fill(~token_mask_rows, float("-inf"))
+    ref = torch.einsum("hrl,hld->hrd", torch.softmax(s, -1), v[0].float())
+    err = (out[0, :, rows].float() - ref).abs().max().item()
+    if not err < tol:
+        raise AssertionError(f"spot check failed: max abs err {err}")
+    return err
+
+
+def block_rows_mask(blocks, rows, bs, L):
+    """(H, R, L) token mask of block mask ``blocks`` (1, H, NB, NB) for query ``rows``."""
+    tok = torch.arange(L, device=blocks.device) // bs
+    return blocks[0][:, rows // bs][:, :, tok]
+
+
+def sparse_cases(L, H, D, reps):
+    dev = "cuda"
+    frames = L // 4096
+    q, k, v = structured_qkv(frames, 64, 64, H, D, dev, torch.bfloat16)
+    scale = 1 / math.sqrt(D)
+    with dense_sdpa_context():
+        dense = timed(lambda: F.scaled_dot_product_attention(q, k, v), reps)
+    record(case="dense_sdpa", L=L, H=H, D=D, ms=dense)
+    _, lse = attention_with_lse(q, k, v)
+    rows = torch.randint(0, L, (64,), device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for bs in (64, 128):
+        nb = -(-L // bs)
+        W = block_mass(q, k, lse, block_size=bs)
+        for keep in (0.2, 0.1):
+            rnd = torch.rand(1, H, nb, nb, device=dev, generator=g) < keep
+            rnd |= torch.eye(nb, dtype=torch.bool, device=dev)
+            struct, _, _ = select_mask(W, AdaSpaConfig(sparsity=1 - keep, block_size=bs), None)
+            for kind, mask in (("random", rnd), ("adaspa", struct)):
+                idx, cnt = mask_to_indices(mask)
+                density = float(mask.float().mean())
+                tm = block_rows_mask(mask, rows, bs, L)
+                for qb in ((1, 2) if bs == 64 else (1,)):
+                    tiles = tile_list(idx, cnt, bs, qb)
+                    visited = float(tiles.counts.float().sum()) * tiles.block_m * tiles.block_n / (H * L * L)
+                    for cfg in CONFIGS:
+                        fn = lambda: tile_attention(q, k, v, tiles, scale=scale, configs=(cfg,))  # noqa: E731
+                        try:
+                            err = spot_check(fn(), q, k, v, tm, rows, scale)
+                            ms = timed(fn, reps)
+                        except Exception as e:  # noqa: BLE001 - record and go on (e.g. out of shared memory)
+                            record(case="sparse", bs=bs, mask=kind, keep=keep, query_blocks=qb, cfg=cfg, error=str(e)[:200])
+                            continue
+                        record(case="sparse", bs=bs, mask=kind, keep=keep, density=density, visited=visited,
+                               query_blocks=qb, cfg=cfg, ms=ms, speedup=dense / ms, err=err)
+                fn = lambda: block_sparse_attention(q, k, v, idx, cnt, block_size=bs, backend="flex", validate=False)  # noqa: E731
+                try:
+                    err = spot_check(fn(), q, k, v, tm, rows, scale)
+                    ms = timed(fn, reps)
+                    record(case="sparse_flex", bs=bs, mask=kind, keep=keep, density=density, ms=ms,
+                           speedup=dense / ms, err=err)
+                except Exception as e:  # noqa: BLE001
+                    record(case="sparse_flex", bs=bs, mask=kind, keep=keep, error=str(e)[:200])
+    # dense through the tile kernel, with LSE, and with the block mass against a previous LSE
+    for bs in (128,):
+        nb = -(-L // bs)
+        full = torch.arange(nb, device=dev, dtype=torch.int32).expand(1, nb, nb).contiguous()
+        tiles = TileList(full, torch.full((1, nb), nb, dtype=torch.int32, device=dev), None, bs, bs, nb)
+        for cfg in CONFIGS:
+            for what in ("out", "out+lse"):
+                kw = dict(scale=scale, configs=(cfg,), return_lse=what != "out")
+                try:
+                    ms = timed(lambda: tile_attention(q, k, v, tiles, **kw), reps)
+                except Exception as e:  # noqa: BLE001
+                    record(case="dense_tiles", what=what, cfg=cfg, error=str(e)[:200])
+                    continue
+                record(case="dense_tiles", what=what, bs=bs, cfg=cfg, ms=ms, vs_dense=ms / dense)
+    ms = timed(lambda: block_mass(q, k, lse, block_size=64), reps)
+    record(case="block_mass_current", ms=ms, vs_dense=ms / dense)
+
+
+def window_cases(reps):
+    dev = "cuda"
+    B, H, L, D = 2, 16, 16384, 72
+    q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    scale = 1 / math.sqrt(D)
+    spec = WindowSpec.paper_default((128, 128))
+    rows = torch.randint(0, L, (64,), device=dev)
+    tm = window_dense_mask(spec, dev)[rows][None].expand(H, -1, -1)
+    q1, k1, v1 = q[:1], k[:1], v[:1]
+    with dense_sdpa_context():
+        dense = timed(lambda: F.scaled_dot_product_attention(q, k, v), reps * 5)
+    record(case="window_dense_sdpa", ms=dense)
+    flex = timed(lambda: window_attention(q, k, v, spec, backend="flex"), reps * 5)
+    record(case="window_flex", ms=flex, speedup=dense / flex)
+    for bs in (128, 64):
+        for cfg in CONFIGS:
+            tiles = window_tiles(spec, "inside", bs, bs, dev)
+            fn = lambda: tile_attention(q, k, v, tiles, scale=scale, window=spec, configs=(cfg,))  # noqa: E731
+            try:
+                err = spot_check(fn()[:1], q1, k1, v1, tm, rows, scale)
+                ms = timed(fn, reps * 5)
+            except Exception as e:  # noqa: BLE001
+                record(case="window", bs=bs, cfg=cfg, error=str(e)[:200])
+                continue
+            record(case="window", bs=bs, cfg=cfg, ms=ms, speedup=dense / ms, err=err)
+            outside = window_tiles(spec, "outside", bs, bs, dev)
+
+            def both():
+                ow, lw = tile_attention(q, k, v, tiles, scale=scale, window=spec, return_lse=True, configs=(cfg,))
+                return tile_attention(q, k, v, outside, scale=scale, window=spec, init=(ow, lw), configs=(cfg,)), ow
+
+            try:
+                of, _ = both()
+                err = spot_check(of[:1], q1, k1, v1, torch.ones_like(tm), rows, scale)
+                ms = timed(both, reps * 5)
+            except Exception as e:  # noqa: BLE001
+                record(case="full_and_window", bs=bs, cfg=cfg, error=str(e)[:200])
+                continue
+            record(case="full_and_window", bs=bs, cfg=cfg, ms=ms, vs_dense=ms / dense, err=err)
+        nb = -(-L // bs)
+        full = torch.arange(nb, device=dev, dtype=torch.int32).expand(1, nb, nb).contiguous()
+        tiles = TileList(full, torch.full((1, nb), nb, dtype=torch.int32, device=dev), None, bs, bs, nb)
+        for cfg in CONFIGS:
+            try:
+                ms = timed(lambda: tile_attention(q, k, v, tiles, scale=scale, configs=(cfg,)), reps * 5)
+            except Exception as e:  # noqa: BLE001
+                record(case="window_shape_dense_tiles", bs=bs, cfg=cfg, error=str(e)[:200])
+                continue
+            record(case="window_shape_dense_tiles", bs=bs, cfg=cfg, ms=ms, vs_dense=ms / dense)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--only", default="sparse,window")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--tokens", type=int, default=118784)
+    args = ap.parse_args()
+    t0 = time.time()
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(json.dumps(meta))
+    only = args.only.split(",")
+    try:
+        if "window" in only:
+            window_cases(args.reps)
+        if "sparse" in only:
+            sparse_cases(args.tokens, 24, 128, args.reps)
+    finally:
+        with open(os.path.join(args.out, "tune_tiles.json"), "w") as f:
+            json.dump({"meta": meta, "seconds": time.time() - t0, "results": RESULTS}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
