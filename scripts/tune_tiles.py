@@ -31,6 +31,11 @@ from ditaccel.methods.adaspa import AdaSpaConfig, select_mask
 RESULTS: list[dict] = []
 
 
+def configs_for(block_m):
+    """The (num_warps, num_stages) worth timing for a tile height (the others lost by 1.3-2x)."""
+    return [c for c in CONFIGS if c[0] == (8 if block_m >= 128 else 4)]
+
+
 def timed(fn, reps: int = 10, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -90,19 +95,19 @@ def sparse_cases(L, H, D, reps):
                 idx, cnt = mask_to_indices(mask)
                 density = float(mask.float().mean())
                 tm = block_rows_mask(mask, rows, bs, L)
-                for qb in ((1, 2) if bs == 64 else (1,)):
+                for qb, tma in ((1, False), (1, True)):
                     tiles = tile_list(idx, cnt, bs, qb)
                     visited = float(tiles.counts.float().sum()) * tiles.block_m * tiles.block_n / (H * L * L)
-                    for cfg in CONFIGS:
-                        fn = lambda: tile_attention(q, k, v, tiles, scale=scale, configs=(cfg,))  # noqa: E731
+                    for cfg in configs_for(tiles.block_m):
+                        fn = lambda: tile_attention(q, k, v, tiles, scale=scale, configs=(cfg,), tma=tma)  # noqa: E731
                         try:
                             err = spot_check(fn(), q, k, v, tm, rows, scale)
                             ms = timed(fn, reps)
                         except Exception as e:  # noqa: BLE001 - record and go on (e.g. out of shared memory)
-                            record(case="sparse", bs=bs, mask=kind, keep=keep, query_blocks=qb, cfg=cfg, error=str(e)[:200])
+                            record(case="sparse", bs=bs, mask=kind, keep=keep, tma=tma, cfg=cfg, error=str(e)[:200])
                             continue
                         record(case="sparse", bs=bs, mask=kind, keep=keep, density=density, visited=visited,
-                               query_blocks=qb, cfg=cfg, ms=ms, speedup=dense / ms, err=err)
+                               query_blocks=qb, tma=tma, cfg=cfg, ms=ms, speedup=dense / ms, err=err)
                 fn = lambda: block_sparse_attention(q, k, v, idx, cnt, block_size=bs, backend="flex", validate=False)  # noqa: E731
                 try:
                     err = spot_check(fn(), q, k, v, tm, rows, scale)
@@ -116,15 +121,15 @@ def sparse_cases(L, H, D, reps):
         nb = -(-L // bs)
         full = torch.arange(nb, device=dev, dtype=torch.int32).expand(1, nb, nb).contiguous()
         tiles = TileList(full, torch.full((1, nb), nb, dtype=torch.int32, device=dev), None, bs, bs, nb)
-        for cfg in CONFIGS:
+        for cfg, tma in [(c, t) for c in configs_for(bs) for t in (False, True)]:
             for what in ("out", "out+lse"):
-                kw = dict(scale=scale, configs=(cfg,), return_lse=what != "out")
+                kw = dict(scale=scale, configs=(cfg,), return_lse=what != "out", tma=tma)
                 try:
                     ms = timed(lambda: tile_attention(q, k, v, tiles, **kw), reps)
                 except Exception as e:  # noqa: BLE001
-                    record(case="dense_tiles", what=what, cfg=cfg, error=str(e)[:200])
+                    record(case="dense_tiles", what=what, cfg=cfg, tma=tma, error=str(e)[:200])
                     continue
-                record(case="dense_tiles", what=what, bs=bs, cfg=cfg, ms=ms, vs_dense=ms / dense)
+                record(case="dense_tiles", what=what, bs=bs, cfg=cfg, tma=tma, ms=ms, vs_dense=ms / dense)
     ms = timed(lambda: block_mass(q, k, lse, block_size=64), reps)
     record(case="block_mass_current", ms=ms, vs_dense=ms / dense)
 
@@ -144,40 +149,42 @@ def window_cases(reps):
     flex = timed(lambda: window_attention(q, k, v, spec, backend="flex"), reps * 5)
     record(case="window_flex", ms=flex, speedup=dense / flex)
     for bs in (128, 64):
-        for cfg in CONFIGS:
+        for cfg, tma in [(c, t) for c in configs_for(bs) for t in (False, True)]:
             tiles = window_tiles(spec, "inside", bs, bs, dev)
-            fn = lambda: tile_attention(q, k, v, tiles, scale=scale, window=spec, configs=(cfg,))  # noqa: E731
+            fn = lambda: tile_attention(q, k, v, tiles, scale=scale, window=spec, configs=(cfg,), tma=tma)  # noqa: E731
             try:
                 err = spot_check(fn()[:1], q1, k1, v1, tm, rows, scale)
                 ms = timed(fn, reps * 5)
             except Exception as e:  # noqa: BLE001
-                record(case="window", bs=bs, cfg=cfg, error=str(e)[:200])
+                record(case="window", bs=bs, cfg=cfg, tma=tma, error=str(e)[:200])
                 continue
-            record(case="window", bs=bs, cfg=cfg, ms=ms, speedup=dense / ms, err=err)
+            record(case="window", bs=bs, cfg=cfg, tma=tma, ms=ms, speedup=dense / ms, err=err)
             outside = window_tiles(spec, "outside", bs, bs, dev)
 
             def both():
-                ow, lw = tile_attention(q, k, v, tiles, scale=scale, window=spec, return_lse=True, configs=(cfg,))
-                return tile_attention(q, k, v, outside, scale=scale, window=spec, init=(ow, lw), configs=(cfg,)), ow
+                ow, lw = tile_attention(q, k, v, tiles, scale=scale, window=spec, return_lse=True, configs=(cfg,),
+                                        tma=tma)
+                return tile_attention(q, k, v, outside, scale=scale, window=spec, init=(ow, lw), configs=(cfg,),
+                                      tma=tma), ow
 
             try:
                 of, _ = both()
                 err = spot_check(of[:1], q1, k1, v1, torch.ones_like(tm), rows, scale)
                 ms = timed(both, reps * 5)
             except Exception as e:  # noqa: BLE001
-                record(case="full_and_window", bs=bs, cfg=cfg, error=str(e)[:200])
+                record(case="full_and_window", bs=bs, cfg=cfg, tma=tma, error=str(e)[:200])
                 continue
-            record(case="full_and_window", bs=bs, cfg=cfg, ms=ms, vs_dense=ms / dense, err=err)
+            record(case="full_and_window", bs=bs, cfg=cfg, tma=tma, ms=ms, vs_dense=ms / dense, err=err)
         nb = -(-L // bs)
         full = torch.arange(nb, device=dev, dtype=torch.int32).expand(1, nb, nb).contiguous()
         tiles = TileList(full, torch.full((1, nb), nb, dtype=torch.int32, device=dev), None, bs, bs, nb)
-        for cfg in CONFIGS:
+        for cfg, tma in [(c, t) for c in configs_for(bs) for t in (False, True)]:
             try:
-                ms = timed(lambda: tile_attention(q, k, v, tiles, scale=scale, configs=(cfg,)), reps * 5)
+                ms = timed(lambda: tile_attention(q, k, v, tiles, scale=scale, configs=(cfg,), tma=tma), reps * 5)
             except Exception as e:  # noqa: BLE001
-                record(case="window_shape_dense_tiles", bs=bs, cfg=cfg, error=str(e)[:200])
+                record(case="window_shape_dense_tiles", bs=bs, cfg=cfg, tma=tma, error=str(e)[:200])
                 continue
-            record(case="window_shape_dense_tiles", bs=bs, cfg=cfg, ms=ms, vs_dense=ms / dense)
+            record(case="window_shape_dense_tiles", bs=bs, cfg=cfg, tma=tma, ms=ms, vs_dense=ms / dense)
 
 
 def main():

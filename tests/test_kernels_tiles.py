@@ -63,19 +63,19 @@ def check(out, lse, ref_out, ref_lse, atol):
     torch.testing.assert_close(lse[fin], ref_lse[fin].float(), atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("L, D, bm, bn, shared, dtype", [
-    (100, 64, 32, 16, False, torch.float32),
-    (97, 72, 32, 32, True, torch.float32),
-    (130, 128, 64, 32, False, torch.float32),
-    (100, 72, 64, 64, False, torch.bfloat16),
-    (64, 40, 16, 16, True, torch.float16),
+@pytest.mark.parametrize("L, D, bm, bn, shared, dtype, tma", [
+    (100, 64, 32, 16, False, torch.float32, False),
+    (97, 72, 32, 32, True, torch.float32, False),
+    (130, 128, 64, 32, False, torch.float32, True),  # K/V through tensor descriptors
+    (100, 72, 64, 64, False, torch.bfloat16, True),
+    (64, 40, 16, 16, True, torch.float16, False),
 ])
-def test_random_lists_with_half_row_flags(L, D, bm, bn, shared, dtype):
+def test_random_lists_with_half_row_flags(L, D, bm, bn, shared, dtype, tma):
     B, H = 2, 2
     q, k, v = qkv(B, H, L, D, dtype, seed=L + D)
     tiles = random_tiles(1 if shared else B * H, L, bm, bn, seed=D, flag_values=(0, SKIP_TOP, SKIP_BOTTOM))
     scale = 1 / math.sqrt(D)
-    out, lse = tile_attention(q, k, v, tiles, scale=scale, return_lse=True)
+    out, lse = tile_attention(q, k, v, tiles, scale=scale, return_lse=True, tma=tma)
     ref_out, ref_lse = tile_attention_reference(q, k, v, tiles, scale=scale)
     check(out, lse, ref_out, ref_lse, 1e-4 if dtype == torch.float32 else 2e-2)
     assert bool((out[torch.isinf(ref_lse)] == 0).all())  # query rows with no key: output 0
@@ -86,21 +86,22 @@ def test_random_lists_with_half_row_flags(L, D, bm, bn, shared, dtype):
     WindowSpec.neighborhood((9, 11), (2, 3), text_tokens=6, text_position="prefix"),
     WindowSpec.band((12, 12), 20),
 ])
-@pytest.mark.parametrize("D", [64, 72])
-def test_window_flags_and_continuation(spec, D):
+@pytest.mark.parametrize("D, tma", [(64, False), (72, False), (72, True)])
+def test_window_flags_and_continuation(spec, D, tma):
     """INSIDE / OUTSIDE entries, and a second pass continuing the first: the union is full attention."""
     from ditaccel.kernels.window import window_tiles
 
     q, k, v = qkv(1, 2, spec.seq_len, D, seed=D)
     scale = 0.2
     inside, outside = (window_tiles(spec, part, 32, 16) for part in ("inside", "outside"))
-    out_w, lse_w = tile_attention(q, k, v, inside, scale=scale, window=spec, return_lse=True)
+    out_w, lse_w = tile_attention(q, k, v, inside, scale=scale, window=spec, return_lse=True, tma=tma)
     ref_w, ref_lw = tile_attention_reference(q, k, v, inside, scale=scale, window=spec)
     check(out_w, lse_w, ref_w, ref_lw, 1e-4)
-    out_o, lse_o = tile_attention(q, k, v, outside, scale=scale, window=spec, return_lse=True)
+    out_o, lse_o = tile_attention(q, k, v, outside, scale=scale, window=spec, return_lse=True, tma=tma)
     ref_o, ref_lo = tile_attention_reference(q, k, v, outside, scale=scale, window=spec)
     check(out_o, lse_o, ref_o, ref_lo, 1e-4)
-    full, lse = tile_attention(q, k, v, outside, scale=scale, window=spec, init=(out_w, lse_w), return_lse=True)
+    full, lse = tile_attention(q, k, v, outside, scale=scale, window=spec, init=(out_w, lse_w), return_lse=True,
+                               tma=tma)
     s = q @ k.transpose(-1, -2) * scale
     torch.testing.assert_close(full, torch.softmax(s, -1) @ v, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-4, rtol=1e-4)

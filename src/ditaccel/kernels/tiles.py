@@ -122,6 +122,7 @@ def _tile_attn_kernel(
     BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
     HAS_FLAGS: tl.constexpr, HALF_ROWS: tl.constexpr, WINDOW: tl.constexpr, HAS_TEXT: tl.constexpr,
     HAS_KPM: tl.constexpr, STORE_LSE: tl.constexpr, EVEN_N: tl.constexpr, HAS_INIT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -148,6 +149,12 @@ def _tile_attn_kernel(
             q1 = q1.to(tl.float32)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
+    if USE_TMA:  # K/V tiles by the tensor-memory accelerator: rows >= L and columns >= D come back 0
+        kd0 = tl.make_tensor_descriptor(k_base, [L, HEAD_DIM], [stride_km, 1], [BLOCK_N, BLOCK_D0])
+        vd0 = tl.make_tensor_descriptor(v_base, [L, HEAD_DIM], [stride_vm, 1], [BLOCK_N, BLOCK_D0])
+        if SPLIT_D:
+            kd1 = tl.make_tensor_descriptor(k_base, [L, HEAD_DIM], [stride_km, 1], [BLOCK_N, BLOCK_D1])
+            vd1 = tl.make_tensor_descriptor(v_base, [L, HEAD_DIM], [stride_vm, 1], [BLOCK_N, BLOCK_D1])
 
     if WINDOW != 0:  # window coordinates of the query rows (text rows: qv outside [0, N_VIS))
         qv = offs_m - OFF
@@ -184,7 +191,9 @@ def _tile_attn_kernel(
         offs_k = kb * BLOCK_N + offs_n
         k_ok = offs_k < L
         k_rows = offs_k.to(tl.int64)[:, None]
-        if FAST_KV:
+        if USE_TMA:
+            k0 = kd0.load([kb * BLOCK_N, 0])
+        elif FAST_KV:
             k0 = tl.load(k_base + k_rows * stride_km + offs_d0[None, :] * stride_kd)
         else:
             k0 = tl.load(k_base + k_rows * stride_km + offs_d0[None, :] * stride_kd,
@@ -193,8 +202,11 @@ def _tile_attn_kernel(
             k0 = k0.to(tl.float32)
         qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
         if SPLIT_D:
-            k1 = tl.load(k_base + k_rows * stride_km + offs_d1[None, :] * stride_kd,
-                         mask=k_ok[:, None] & d1_ok[None, :], other=0.0)
+            if USE_TMA:
+                k1 = kd1.load([kb * BLOCK_N, BLOCK_D0])
+            else:
+                k1 = tl.load(k_base + k_rows * stride_km + offs_d1[None, :] * stride_kd,
+                             mask=k_ok[:, None] & d1_ok[None, :], other=0.0)
             if UPCAST_BF16:
                 k1 = k1.to(tl.float32)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
@@ -229,7 +241,9 @@ def _tile_attn_kernel(
         acc0 = acc0 * alpha[:, None]
         if SPLIT_D:
             acc1 = acc1 * alpha[:, None]
-        if FAST_KV:
+        if USE_TMA:
+            v0 = vd0.load([kb * BLOCK_N, 0])
+        elif FAST_KV:
             v0 = tl.load(v_base + k_rows * stride_vm + offs_d0[None, :] * stride_vd)
         else:
             v0 = tl.load(v_base + k_rows * stride_vm + offs_d0[None, :] * stride_vd,
@@ -240,8 +254,11 @@ def _tile_attn_kernel(
         pv = p.to(v0.dtype)
         acc0 = tl.dot(pv, v0, acc0, input_precision=DOT_PRECISION)
         if SPLIT_D:
-            v1 = tl.load(v_base + k_rows * stride_vm + offs_d1[None, :] * stride_vd,
-                         mask=k_ok[:, None] & d1_ok[None, :], other=0.0)
+            if USE_TMA:
+                v1 = vd1.load([kb * BLOCK_N, BLOCK_D0])
+            else:
+                v1 = tl.load(v_base + k_rows * stride_vm + offs_d1[None, :] * stride_vd,
+                             mask=k_ok[:, None] & d1_ok[None, :], other=0.0)
             if UPCAST_BF16:
                 v1 = v1.to(tl.float32)
             acc1 = tl.dot(pv, v1, acc1, input_precision=DOT_PRECISION)
@@ -300,9 +317,23 @@ def _kernel(interpret: bool, configs: tuple | None = None):
     return triton.autotune(
         cfgs,
         key=["L", "BLOCK_M", "BLOCK_N", "HEAD_DIM", "HAS_FLAGS", "HALF_ROWS", "WINDOW", "HAS_KPM",
-             "STORE_LSE", "EVEN_N", "HAS_INIT", "DOT_PRECISION"],
+             "STORE_LSE", "EVEN_N", "HAS_INIT", "USE_TMA", "DOT_PRECISION"],
         prune_configs_by={"early_config_prune": _prune_explicit if configs else _prune_configs},
     )(kernel)
+
+
+def _tma_ok(*tensors) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides, unit last stride."""
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    """Triton's allocator for in-kernel tensor descriptors (128 bytes per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def available(q: torch.Tensor) -> bool:
@@ -322,6 +353,7 @@ def tile_attention(
     return_lse: bool = False,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     configs: tuple | None = None,
+    tma: bool | None = None,
 ):
     """Attention of every query tile over its listed key tiles.
 
@@ -340,6 +372,8 @@ def tile_attention(
             of both passes' keys, with no separate merge (the earlier pass is the online-softmax
             state ``m = lse0, l = 1, acc = out0``).
         configs: ``(num_warps, num_stages)`` pairs to autotune over instead of :data:`CONFIGS`.
+        tma: load K/V tiles through tensor descriptors (Hopper's TMA); default: on CUDA devices
+            of compute capability >= 9 when the strides allow it.
     """
     if not available(q):
         raise ValueError("the Triton tile kernel needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
@@ -364,6 +398,10 @@ def tile_attention(
         init_lse = init_lse.float().contiguous()
     else:
         init_out = init_lse = out
+    if tma is None:
+        tma = q.is_cuda and not interpret and torch.cuda.get_device_capability(q.device)[0] >= 9 and _tma_ok(k, v)
+    if tma and q.is_cuda:
+        triton.set_allocator(_tma_scratch)
     d0, d1, split = split_head_dim(D)
     nqt = idx.shape[1]
     _kernel(interpret, configs)[(nqt, B * H)](
@@ -375,7 +413,7 @@ def tile_attention(
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, SPLIT_D=split,
         HAS_FLAGS=tiles.flags is not None, HALF_ROWS=tiles.flags is not None and window is None,
         WINDOW=win[0], HAS_TEXT=win[6], HAS_KPM=key_padding_mask is not None, STORE_LSE=return_lse,
-        EVEN_N=L % tiles.block_n == 0, HAS_INIT=init is not None,
+        EVEN_N=L % tiles.block_n == 0, HAS_INIT=init is not None, USE_TMA=bool(tma),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST_BF16=interpret and q.dtype == torch.bfloat16,
     )
