@@ -1,24 +1,47 @@
-"""Speed measurements on full-size architectures with random weights (no downloads).
+"""Speed measurements: attention kernels at real shapes and full-size architectures with random
+weights (no downloads), and the harness that runs them all.
 
-``ditaccel bench step``: per-denoising-step time of a full-size transformer, dense vs. a
-hand-made DiTFastAttn plan whose every step uses one method across all layers, so each step's
-time is that method's time. ``ditaccel bench attention``: the attention kernels alone (dense SDPA
-vs. window attention) with effective TFLOP/s.
+Cases (``ditaccel bench CASE``):
 
-Timing: CUDA events after warm-up, median over repeats; dense SDPA runs with cuDNN first in the
-backend priority (the fastest on H100), never FlashAttention-2 as the baseline.
+* ``step``: per-denoising-step time of a full-size transformer, dense vs. a hand-made DiTFastAttn
+  plan whose every step uses one method across all layers, so each step's time is that method's.
+* ``attention``: the attention kernels alone (dense SDPA vs. window attention), effective TFLOP/s.
+* ``sweep``: calibration time, attention FLOPs and PSNR at D1..D6 on a built-in tiny model (CPU).
+* ``adaspa``: AdaSpa's kernels (search and block-sparse attention) at a video shape.
+* ``adaspa-step``: per-step time of a full-size Wan2.1 transformer under AdaSpa's schedule.
+* ``sparsity``: block-sparse attention speed-up vs. the kept fraction of key blocks, ours vs.
+  compiled FlexAttention vs. dense SDPA, with a PNG plot.
+* ``all``: every case in :data:`CASES` (each backs numbers in README.md / BENCHMARKS.md): prints
+  each table and writes it as a Markdown section, the raw JSON and the plots
+  (:mod:`ditaccel.bench_report`). ``--dry-run`` runs the same plumbing on the CPU at toy sizes.
+
+Kernel timing (:func:`time_fn`): an output check against an exact reference first, then CUDA
+events around each run after a warm-up, median of 20 runs (configurable), inputs rotated over
+copies so that small cases do not run from the L2 cache; ``time.perf_counter`` and 3 runs on the CPU. Model-level
+cases time whole transformer calls per step (:func:`_cuda_time`). Dense SDPA runs with cuDNN first
+in the backend priority (the fastest on H100), never FlashAttention-2 as the baseline.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
+import math
+import os
 import statistics
+import sys
+import tempfile
 import time
+import traceback
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .bench_report import (device_name, environment, missing_matplotlib, plot_sparsity, render_section,
+                           result_stem, update_markdown, write_json)
 
 #: PixArt-Sigma-XL-2-2K-MS transformer architecture (diffusers config), random weights
 PIXART_SIGMA_2K = dict(
@@ -39,6 +62,15 @@ MODELS = {"pixart-sigma-2k": PIXART_SIGMA_2K, "dit-xl-2-512": DIT_XL_2_512}
 #: the hand-made plan's columns: one method per step for all layers
 STEP_METHODS = ["full", "wars", "wars+asc", "asc", "ast", "full", "ast", "asc"]
 
+#: toy sizes of the same architectures, for ``ditaccel bench all --dry-run`` on the CPU
+TOY_PIXART = dict(sample_size=16, num_layers=1, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                  caption_channels=32)
+TOY_WAN = dict(num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=16, ffn_dim=64, num_layers=1,
+               rope_max_seq_len=32)
+
+#: kept fractions of key blocks that ``ditaccel bench sparsity`` measures by default
+SPARSITY_KEPT = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
+
 
 def dense_sdpa_context():
     """SDPA with cuDNN attention first in the priority list (falls back if unsupported)."""
@@ -52,13 +84,273 @@ def dense_sdpa_context():
         return contextlib.nullcontext()
 
 
-def build_transformer(model: str, device: str, dtype: torch.dtype, seed: int = 0):
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _tflops(value: float) -> str:
+    """TFLOP/s for a table: whole numbers on a GPU, two significant digits for small CPU values."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+
+def _check_positive_ints(**values) -> None:
+    for name, val in values.items():
+        if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+
+# ------------------------------------------------------------------------------ timing
+#: L2 cache assumed when the GPU does not report its size (H100: 50 MB)
+DEFAULT_L2_BYTES = 50 * 10**6
+#: cache assumed on the CPU when choosing how many input copies to rotate through
+CPU_CACHE_BYTES = 32 * 2**20
+#: (rtol, atol) of the output check by input dtype: |out - ref| <= atol + rtol * max|ref|
+CHECK_TOLERANCE = {torch.float64: (1e-6, 1e-9), torch.float32: (5e-3, 1e-5), torch.float16: (1e-2, 1e-4),
+                   torch.bfloat16: (3e-2, 1e-3)}
+
+
+class CheckFailed(RuntimeError):
+    """A kernel's output disagrees with its reference (raised before anything is timed)."""
+
+
+@dataclasses.dataclass
+class Timing:
+    """One measurement by :func:`time_fn`.
+
+    ``median_ms`` is the median of ``times_ms`` (one entry per timed run); ``copies`` the number
+    of distinct input sets the runs cycled through; ``warmup`` the untimed runs before them;
+    ``checked_rows`` the output rows compared with the reference (None: no reference given).
+    """
+
+    median_ms: float
+    times_ms: list[float]
+    copies: int
+    warmup: int
+    checked_rows: int | None
+
+    def summary(self) -> dict:
+        """The JSON-able description of how it was measured (without the per-run times)."""
+        return {"repeats": len(self.times_ms), "warmup": self.warmup, "input_copies": self.copies,
+                "checked_rows": self.checked_rows}
+
+
+def cache_bytes(device: str) -> int:
+    """The cache a run's inputs must not be left in: the GPU's L2, or :data:`CPU_CACHE_BYTES`."""
+    if str(device).startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return int(getattr(props, "L2_cache_size", 0) or DEFAULT_L2_BYTES)
+    return CPU_CACHE_BYTES
+
+
+def memory_budget(device: str) -> int:
+    """Bytes the extra input copies may take: a quarter of the free GPU memory, 1 GiB on the CPU."""
+    if str(device).startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free // 4
+    return 2**30
+
+
+def rotation_copies(set_bytes: int, cache: int, budget: int, limit: int) -> int:
+    """How many copies of an input set (``set_bytes``) to cycle through: enough that together
+    they exceed ``2 * cache`` (so the copy a run reads was evicted by the runs since its last
+    use), with the extra copies within ``budget`` bytes, and at most ``limit`` (no more copies
+    than runs). At least 1 (the inputs themselves)."""
+    if set_bytes <= 0:
+        return 1
+    wanted = -(-2 * cache // set_bytes)
+    affordable = 1 + budget // set_bytes
+    return max(1, min(wanted, affordable, limit))
+
+
+def sample_rows(n: int, group: int, max_rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted int64 indices of the output rows to check, out of ``n``: all of them when
+    ``n <= max_rows``, else about ``max_rows`` rows as whole groups of ``group`` consecutive rows
+    (a kernel's query block) picked at random, the last (possibly ragged) group always included."""
+    if n <= max_rows:
+        return torch.arange(n)
+    groups = -(-n // group)
+    want = min(groups, max(1, max_rows // group))
+    picked = torch.randperm(groups - 1, generator=generator)[: want - 1].tolist() + [groups - 1]
+    rows = torch.cat([torch.arange(g * group, min(n, (g + 1) * group)) for g in sorted(picked)])
+    return rows
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _check_output(out, reference, inputs, *, rows_max: int, group: int, rtol: float, atol: float,
+                  generator: torch.Generator) -> int:
+    outs = _as_tuple(out)
+    rows = sample_rows(outs[0].shape[2], group, rows_max, generator).to(outs[0].device)
+    refs = _as_tuple(reference(rows, *inputs))
+    if len(refs) != len(outs):
+        raise ValueError(f"reference returned {len(refs)} tensor(s) for the {len(outs)} output(s) of the kernel")
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        got = o.index_select(2, rows).to(r.dtype)
+        if got.shape != r.shape:
+            raise ValueError(f"reference output {i} has shape {tuple(r.shape)}, the kernel's rows {tuple(got.shape)}")
+        err = float((got - r).abs().max())
+        bound = atol + rtol * float(r.abs().max())
+        if not err <= bound:  # also catches NaN
+            raise CheckFailed(f"output {i}: max |out - reference| = {err:.3g} > {bound:.3g} on {rows.numel()} "
+                              f"checked rows (rtol {rtol:g}, atol {atol:g})")
+    return int(rows.numel())
+
+
+def time_fn(fn: Callable, inputs: tuple, *, device: str, reference: Callable | None = None, check_rows: int = 256,
+            check_group: int = 1, rtol: float | None = None, atol: float | None = None, repeats: int | None = None,
+            warmup: int | None = None, warmup_ms: float | None = None, cache: int | None = None,
+            budget: int | None = None, seed: int = 0) -> Timing:
+    """Median time of ``fn(*inputs)`` in milliseconds, after a correctness check and a warm-up.
+
+    1. ``fn(*inputs)`` runs once (it compiles or autotunes here). With a ``reference``, its output
+       (a tensor, or a tuple of tensors) is checked: dim 2 of each indexes rows (``(B, H, L, D)``
+       outputs, ``(B, H, L)`` LSEs, ``(B, H, NQ, NK)`` block maps) and ``reference(rows, *inputs)``
+       returns the same structure for just those rows (``rows``: int64 on the output's device).
+       All rows are checked up to ``check_rows``; beyond that a random subset of whole
+       ``check_group``-row groups (the kernel's query block), so that the reference of a huge
+       shape costs a few rows. ``max|out - ref| > atol + rtol * max|ref|`` (defaults by the
+       first input's dtype, :data:`CHECK_TOLERANCE`) raises :class:`CheckFailed`.
+    2. The tensors of ``inputs`` are cloned into :func:`rotation_copies` copies (``cache``:
+       default :func:`cache_bytes`, ``budget``: :func:`memory_budget`) and every following run
+       takes the next copy in turn, so a small case does not read what the previous run left in
+       the cache. Non-tensor inputs are shared; state captured by ``fn`` is not copied.
+    3. Warm-up: at least ``warmup`` runs and at least ``warmup_ms`` of wall time, so that a
+       short kernel also finds the GPU at its steady clock (on an H100, a 2.5 ms window kernel
+       still ran up to 20% slower in the first timed runs after 5 warm-up runs).
+       Then ``repeats`` timed runs: CUDA events around each run and one synchronisation at the
+       end on CUDA, ``time.perf_counter`` around each run elsewhere. Defaults: 5 runs and 200 ms
+       of warm-up, 20 timed runs on CUDA; 1 run, 3 timed runs on the CPU.
+    """
+    cuda = str(device).startswith("cuda")
+    repeats = (20 if cuda else 3) if repeats is None else repeats
+    warmup = (5 if cuda else 1) if warmup is None else warmup
+    warmup_ms = (200.0 if cuda else 0.0) if warmup_ms is None else warmup_ms
+    _check_positive_ints(repeats=repeats, check_rows=check_rows, check_group=check_group)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if isinstance(warmup_ms, bool) or not isinstance(warmup_ms, (int, float)) or not warmup_ms >= 0:
+        raise ValueError(f"warmup_ms must be a number >= 0, got {warmup_ms!r}")
+    inputs = tuple(inputs)
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    first = tensors[0].dtype if tensors else torch.float32
+    default_rtol, default_atol = CHECK_TOLERANCE.get(first, CHECK_TOLERANCE[torch.float32])
+
+    out = fn(*inputs)
+    checked = None
+    if reference is not None:
+        checked = _check_output(out, reference, inputs, rows_max=check_rows, group=check_group,
+                                rtol=default_rtol if rtol is None else rtol,
+                                atol=default_atol if atol is None else atol,
+                                generator=torch.Generator().manual_seed(seed))
+    del out
+
+    set_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    n = rotation_copies(set_bytes, cache_bytes(device) if cache is None else cache,
+                        memory_budget(device) if budget is None else budget, repeats)
+    copies = [inputs] + [tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs) for _ in range(n - 1)]
+    runs, t0 = 0, time.perf_counter()
+    while runs < warmup or (time.perf_counter() - t0) * 1e3 < warmup_ms:
+        fn(*copies[runs % n])
+        runs += 1
+        if cuda:
+            torch.cuda.synchronize(torch.device(device))  # wall time = GPU time
+    order = [copies[(runs + i) % n] for i in range(repeats)]
+    if cuda:
+        torch.cuda.synchronize(torch.device(device))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for (start, end), args in zip(events, order):
+            start.record()
+            fn(*args)
+            end.record()
+        torch.cuda.synchronize(torch.device(device))
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        times = []
+        for args in order:
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), times, n, runs, checked)
+
+
+def attention_rows_reference(q, k, v, rows, *, allowed: Callable | None = None, scale: float | None = None,
+                             return_lse: bool = False):
+    """Exact softmax attention for query ``rows`` only: ``(B, H, R, D)`` float32 (float64 for
+    float64 inputs), plus the natural-log row LSE ``(B, H, R)`` with ``return_lse``.
+
+    ``allowed(b, h, rows)`` returns the bool ``(R, L)`` keys those rows may attend (None: all).
+    One (batch, head) at a time, so memory is O(R * L) however large the shape.
+    """
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, H, _, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    out = torch.empty(B, H, rows.numel(), v.shape[-1], dtype=cdt, device=q.device)
+    lse = torch.empty(B, H, rows.numel(), dtype=cdt, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            s = (q[b, h, rows].to(cdt) @ k[b, h].to(cdt).T) * scale
+            if allowed is not None:
+                s = s.masked_fill(~allowed(b, h, rows), float("-inf"))
+            lse[b, h] = torch.logsumexp(s, dim=-1)
+            out[b, h] = torch.exp(s - lse[b, h, :, None]) @ v[b, h].to(cdt)
+    return (out, lse) if return_lse else out
+
+
+def rows_reference(allowed: Callable | None = None) -> Callable:
+    """``reference(rows, q, k, v)`` for :func:`time_fn`: :func:`attention_rows_reference` with
+    the mask ``allowed`` (None: dense attention)."""
+    def reference(rows, q, k, v):
+        return attention_rows_reference(q, k, v, rows, allowed=allowed)
+
+    return reference
+
+
+def block_mass_rows_reference(q, k, lse, blocks, *, block_size: int, scale: float | None = None):
+    """:func:`ditaccel.kernels.block_mass.block_mass` for the query ``blocks`` only: float32
+    ``(B, H, P, NB)``, ``W[b, h, p, c] = sum_{i in block p, j in block c} exp(q_i . k_j * scale -
+    lse_i)`` (ragged last blocks: missing tokens count nothing). One (batch, head) at a time."""
+    B, H, L, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    nb = -(-L // block_size)
+    rows = (blocks[:, None] * block_size + torch.arange(block_size, device=blocks.device)).flatten()
+    real = rows < L
+    rows = rows.clamp(max=L - 1)
+    W = torch.empty(B, H, blocks.numel(), nb, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            p = torch.exp((q[b, h, rows].float() @ k[b, h].float().T) * scale - lse[b, h, rows, None].float())
+            p = F.pad(p * real[:, None], (0, nb * block_size - L))
+            W[b, h] = p.view(blocks.numel(), block_size, nb, block_size).sum(dim=(1, 3))
+    return W
+
+
+def _cuda_time(fn, device) -> float:
+    """One call of ``fn`` in ms: CUDA events on CUDA, ``time.perf_counter`` elsewhere (model-level
+    cases, whose steps are timed one by one)."""
+    if not device.startswith("cuda"):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+# ------------------------------------------------------------------------------ cases
+def build_transformer(model: str, device: str, dtype: torch.dtype, seed: int = 0, overrides: dict | None = None):
+    """The random-weight transformer of ``MODELS[model]``, config entries replaced by ``overrides``
+    (toy sizes for dry runs)."""
     from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
     cls = PixArtTransformer2DModel if model.startswith("pixart") else DiTTransformer2DModel
     torch.manual_seed(seed)
     with torch.device(device):
-        tr = cls(**MODELS[model])
+        tr = cls(**{**MODELS[model], **(overrides or {})})
     return tr.to(dtype).eval().requires_grad_(False)
 
 
@@ -75,26 +367,14 @@ def model_inputs(model: str, transformer, batch: int, device: str, dtype: torch.
     return {"hidden_states": x, "class_labels": labels}
 
 
-def _cuda_time(fn, device) -> float:
-    if not device.startswith("cuda"):
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
-
-
 def bench_step(model: str = "pixart-sigma-2k", device: str = "cuda", dtype=torch.bfloat16, batch: int = 2,
-               repeats: int = 5, window: str = "band1d") -> dict:
-    """Per-step transformer time: dense vs. each DiTFastAttn method (a hand-made plan)."""
+               repeats: int = 5, window: str = "band1d", overrides: dict | None = None) -> dict:
+    """Per-step transformer time: dense vs. each DiTFastAttn method (a hand-made plan), median of
+    ``repeats`` generations per step. ``overrides`` replaces config entries (toy sizes)."""
     import ditaccel
     from ditaccel.plan import Plan
 
-    tr = build_transformer(model, device, dtype)
+    tr = build_transformer(model, device, dtype, overrides=overrides)
     inputs = model_inputs(model, tr, batch, device, dtype)
     n_layers = len(tr.transformer_blocks)
     steps = len(STEP_METHODS)
@@ -108,10 +388,10 @@ def bench_step(model: str = "pixart-sigma-2k", device: str = "cuda", dtype=torch
             times.append(_cuda_time(lambda: tr(timestep=ts, **inputs), device))
         return times
 
-    results = {"model": model, "tokens": grid * grid, "batch": batch, "heads": tr.config.num_attention_heads,
-               "head_dim": tr.config.attention_head_dim, "dtype": str(dtype).replace("torch.", ""),
-               "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-               "torch": torch.__version__, "window": window, "date": datetime.date.today().isoformat()}
+    results = {"model": model, "layers": n_layers, "tokens": grid * grid, "batch": batch,
+               "heads": tr.config.num_attention_heads, "head_dim": tr.config.attention_head_dim,
+               "dtype": _dtype_name(dtype), "device": device_name(device), "torch": torch.__version__,
+               "window": window, "repeats": repeats, "date": datetime.date.today().isoformat()}
     with torch.no_grad(), dense_sdpa_context():
         generation()  # warm-up
         dense = [generation() for _ in range(repeats)]
@@ -137,42 +417,46 @@ def bench_step(model: str = "pixart-sigma-2k", device: str = "cuda", dtype=torch
 
 def bench_attention(tokens: int = 16384, heads: int = 16, head_dim: int = 72, batch: int = 2,
                     device: str = "cuda", dtype=torch.bfloat16, window: str = "band1d",
-                    window_size: float = 0.25) -> dict:
-    """Dense SDPA (cuDNN priority) vs. window attention at one shape, with TFLOP/s."""
-    import math
-
-    from ditaccel.kernels.window import window_attention, window_pair_fraction, window_tile_fraction
+                    window_size: float = 0.25, repeats: int | None = None) -> dict:
+    """Dense SDPA (cuDNN priority) vs. window attention at one shape, with TFLOP/s; on CUDA also
+    the experimental one-pass full + window kernel. Every kernel is checked against an exact
+    reference on sampled rows, then timed by :func:`time_fn` (``repeats``: its default)."""
+    from ditaccel.kernels.window import window_attention, window_mask_mod, window_pair_fraction, window_tile_fraction
     from ditaccel.methods.ditfastattn import make_window
 
+    _check_positive_ints(tokens=tokens, heads=heads, head_dim=head_dim, batch=batch)
     side = math.isqrt(tokens)
     spec = make_window(window, window_size, (side, tokens // side))
     q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
     flops = 4.0 * batch * heads * tokens * tokens * head_dim
     res = {"tokens": tokens, "heads": heads, "head_dim": head_dim, "batch": batch, "window": window,
-           "tile_fraction": window_tile_fraction(spec), "pair_fraction": window_pair_fraction(spec)}
-    if device.startswith("cuda"):
-        from triton.testing import do_bench
+           "tile_fraction": window_tile_fraction(spec), "pair_fraction": window_pair_fraction(spec),
+           "dtype": _dtype_name(dtype), "device": device_name(device), "torch": torch.__version__,
+           "date": datetime.date.today().isoformat()}
+    mask_mod = window_mask_mod(spec)
+    keys = torch.arange(tokens, device=device)
 
-        with dense_sdpa_context():
-            res["dense_ms"] = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=100, rep=500,
-                                       return_mode="median")
-        window_attention(q, k, v, spec)
-        res["window_ms"] = do_bench(lambda: window_attention(q, k, v, spec), warmup=100, rep=500,
-                                    return_mode="median")
+    dense_ref = rows_reference()
+    window_ref = rows_reference(lambda b, h, rows: mask_mod(b, h, rows[:, None], keys[None]))
+
+    with dense_sdpa_context():
+        dense = time_fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (q, k, v), device=device,
+                        reference=dense_ref, repeats=repeats)
+    res["dense_ms"] = dense.median_ms
+    res["window_ms"] = time_fn(lambda q, k, v: window_attention(q, k, v, spec), (q, k, v), device=device,
+                               reference=window_ref, repeats=repeats).median_ms
+    if device.startswith("cuda"):
         from ditaccel.kernels.window_residual import full_and_window_attention
 
-        full_and_window_attention(q, k, v, spec)  # the experimental one-pass kernel (autotunes here)
         res["full_plus_window_two_calls_ms"] = res["dense_ms"] + res["window_ms"]
-        res["full_and_window_one_pass_ms"] = do_bench(lambda: full_and_window_attention(q, k, v, spec), warmup=100,
-                                                      rep=500, return_mode="median")
-    else:
-        res["dense_ms"] = statistics.median(_cuda_time(lambda: F.scaled_dot_product_attention(q, k, v), device)
-                                            for _ in range(5))
-        res["window_ms"] = statistics.median(_cuda_time(lambda: window_attention(q, k, v, spec), device)
-                                             for _ in range(5))
+        res["full_and_window_one_pass_ms"] = time_fn(  # the experimental one-pass kernel (autotunes at first call)
+            lambda q, k, v: full_and_window_attention(q, k, v, spec), (q, k, v), device=device,
+            reference=lambda rows, q, k, v: (dense_ref(rows, q, k, v), window_ref(rows, q, k, v)),
+            repeats=repeats).median_ms
     res["dense_tflops"] = flops / res["dense_ms"] / 1e9
     res["window_effective_tflops"] = flops * res["tile_fraction"] / res["window_ms"] / 1e9
     res["speedup"] = res["dense_ms"] / res["window_ms"]
+    res["timing"] = dense.summary()
     return res
 
 
@@ -225,11 +509,16 @@ def bench_sweep(model: str = "tiny-dit", steps: int = 20, device: str = "cpu", t
             "date": datetime.date.today().isoformat(), "rows": rows}
 
 
-def format_sweep(r: dict) -> str:
-    lines = [f"{r['model']} ({r['class']}, {r['layers']} layers, {r['tokens']} tokens), {r['steps']} steps, "
-             f"{r['calibration_inputs']} calibration inputs, window {r['window']}, search {r['search']}, "
-             f"{r['device']} ({r['torch_threads']} threads), torch {r['torch']}, {r['date']}",
-             "| δ | calibration (s) | attention FLOPs | full/wars/ast/asc/wars+asc | PSNR vs dense (dB) |",
+
+def _sweep_title(r: dict) -> str:
+    return (f"{r['model']} ({r['class']}, {r['layers']} layers, {r['tokens']} tokens), {r['steps']} steps, "
+            f"{r['calibration_inputs']} calibration inputs, window {r['window']}, search {r['search']}, "
+            f"{r['device']} ({r['torch_threads']} threads)")
+
+
+def markdown_sweep(r: dict) -> str:
+    """The Markdown table of a :func:`bench_sweep` result."""
+    lines = ["| δ | calibration (s) | attention FLOPs | full/wars/ast/asc/wars+asc | PSNR vs dense (dB) |",
              "|---|---|---|---|---|"]
     for x in r["rows"]:
         c = x["plan_counts"]
@@ -237,6 +526,10 @@ def format_sweep(r: dict) -> str:
         lines.append(f"| {x['threshold']} ({x['delta']:.3f}) | {x['calibration_s']:.1f} | "
                      f"{100 * x['attention_flops_ratio']:.1f}% | {counts} | {x['psnr_vs_dense']:.1f} |")
     return "\n".join(lines)
+
+
+def format_sweep(r: dict) -> str:
+    return f"{_sweep_title(r)}, torch {r['torch']}, {r['date']}\n{markdown_sweep(r)}"
 
 
 def structured_qkv(frames: int, rows: int, cols: int, heads: int, head_dim: int, device: str, dtype,
@@ -268,12 +561,34 @@ def structured_qkv(frames: int, rows: int, cols: int, heads: int, head_dim: int,
     return q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous()
 
 
+def _block_allowed(block_mask: torch.Tensor, block_size: int, tokens: int) -> Callable:
+    """``allowed(b, h, rows)`` for :func:`attention_rows_reference` from a ``(B, H, NQ, NK)`` block mask."""
+    key_block = torch.arange(tokens, device=block_mask.device) // block_size
+
+    def allowed(b, h, rows):
+        return block_mask[b, h][rows // block_size][:, key_block]
+
+    return allowed
+
+
+def _block_sparse_call(attention, idx, cnt, block_size: int, backend: str) -> Callable:
+    """``call(q, k, v)``: ``block_sparse_attention`` with a fixed selection and backend, without the
+    data-dependent index checks (as the AdaSpa method calls it: the indices come from
+    ``mask_to_indices``)."""
+    def call(q, k, v):
+        return attention(q, k, v, idx, cnt, block_size=block_size, backend=backend, validate=False)
+
+    return call
+
+
 def bench_adaspa(frames: int = 32, rows: int = 45, cols: int = 80, heads: int = 24, head_dim: int = 128,
                  text_tokens: int = 0, sparsities=(0.8, 0.9), block_size: int = 64, device: str = "cuda",
-                 dtype=torch.bfloat16) -> dict:
+                 dtype=torch.bfloat16, repeats: int | None = None) -> dict:
     """AdaSpa's kernels at a real shape (default ≈ HunyuanVideo 720p: 32·45·80 + 0 = 115,200
     video tokens): search with fresh LSE (full attention + LSE, block mass), search with the
-    cached LSE (block mass only), and block-sparse attention, each next to dense SDPA."""
+    cached LSE (block mass only), and block-sparse attention, each next to dense SDPA. Kernels
+    are checked against exact references on sampled query blocks, then timed by :func:`time_fn`
+    (the block-sparse call as the AdaSpa method makes it: ``validate=False``)."""
     from ditaccel.kernels.block_mass import attention_with_lse, block_mass
     from ditaccel.kernels.block_sparse import block_sparse_attention, block_sparse_flops, mask_to_indices
     from ditaccel.methods.adaspa import AdaSpaConfig, select_mask, text_blocks
@@ -282,35 +597,40 @@ def bench_adaspa(frames: int = 32, rows: int = 45, cols: int = 80, heads: int = 
     L = q.shape[2]
     dense_flops = 4.0 * heads * L * L * head_dim
 
-    def timed(fn):
-        if device.startswith("cuda"):
-            from triton.testing import do_bench
-
-            return do_bench(fn, warmup=25, rep=100, return_mode="median")
-        return statistics.median(_cuda_time(fn, device) for _ in range(3))
+    def timed(fn, inputs, reference=None, **kw):
+        return time_fn(fn, inputs, device=device, reference=reference, repeats=repeats, **kw).median_ms
 
     res = {"tokens": L, "heads": heads, "head_dim": head_dim, "block_size": block_size, "text_tokens": text_tokens,
-           "dtype": str(dtype).replace("torch.", ""), "date": datetime.date.today().isoformat(),
-           "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "torch": torch.__version__}
+           "dtype": _dtype_name(dtype), "date": datetime.date.today().isoformat(),
+           "device": device_name(device), "torch": torch.__version__}
     with dense_sdpa_context():
-        res["dense_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v))
+        dense = time_fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (q, k, v), device=device,
+                        reference=rows_reference(), check_group=block_size, repeats=repeats)
+    res["dense_ms"] = dense.median_ms
+    res["attention_with_lse_ms"] = timed(
+        lambda q, k, v: attention_with_lse(q, k, v), (q, k, v),
+        lambda rows, q, k, v: attention_rows_reference(q, k, v, rows, return_lse=True), check_group=block_size)
     _, lse = attention_with_lse(q, k, v)
-    res["attention_with_lse_ms"] = timed(lambda: attention_with_lse(q, k, v))
-    res["block_mass_ms"] = timed(lambda: block_mass(q, k, lse, block_size=block_size))
+    res["block_mass_ms"] = timed(
+        lambda q, k, lse: block_mass(q, k, lse, block_size=block_size), (q, k, lse),
+        lambda blocks, q, k, lse: block_mass_rows_reference(q, k, lse, blocks, block_size=block_size),
+        check_rows=4)  # W's rows are query blocks: check 4 of them
     W = block_mass(q, k, lse, block_size=block_size)
     always = text_blocks(L, block_size, text_tokens, "suffix", q.device) if text_tokens else None
-    res["select_ms"] = timed(lambda: select_mask(W, AdaSpaConfig(block_size=block_size), always))
+    res["select_ms"] = timed(lambda W: select_mask(W, AdaSpaConfig(block_size=block_size), always), (W,))
     res["search_first_ms"] = res["attention_with_lse_ms"] + res["block_mass_ms"] + res["select_ms"]
     res["search_cached_ms"] = res["block_mass_ms"] + res["select_ms"]
     res["sparse"] = []
     for s in sparsities:
         mask, _, rec = select_mask(W, AdaSpaConfig(sparsity=s, block_size=block_size), always)
         idx, cnt = mask_to_indices(mask)
-        ms = timed(lambda: block_sparse_attention(q, k, v, idx, cnt, block_size=block_size))
+        ms = timed(_block_sparse_call(block_sparse_attention, idx, cnt, block_size, "auto"), (q, k, v),
+                   rows_reference(_block_allowed(mask, block_size, L)), check_group=block_size)
         flops = block_sparse_flops(cnt, block_size, L, head_dim)
         res["sparse"].append({"sparsity": s, "density": float(mask.float().mean()), "recall": float(rec.mean()),
                               "ms": ms, "speedup": res["dense_ms"] / ms, "effective_tflops": flops / ms / 1e9})
     res["dense_tflops"] = dense_flops / res["dense_ms"] / 1e9
+    res["timing"] = dense.summary()
     return res
 
 
@@ -336,29 +656,33 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
 
 
 def bench_adaspa_step(frames: int = 21, height: int = 60, width: int = 104, steps: int = 10, sparsities=(0.8, 0.9),
-                      device: str = "cuda", dtype=torch.bfloat16, repeats: int = 2) -> dict:
+                      device: str = "cuda", dtype=torch.bfloat16, repeats: int = 2,
+                      overrides: dict | None = None) -> dict:
     """Per-step time of the full-size Wan2.1-1.3B transformer (random weights; default latent
-    21 x 60 x 104 = 480p, 81 frames: 32,760 tokens), dense vs AdaSpa over a whole schedule."""
+    21 x 60 x 104 = 480p, 81 frames: 32,760 tokens), dense vs AdaSpa over a whole schedule, median
+    of ``repeats`` generations per step. ``overrides`` replaces config entries (toy sizes)."""
     from diffusers import WanTransformer3DModel
 
     import ditaccel
 
+    config = {**WAN_1_3B, **(overrides or {})}
     torch.manual_seed(0)
     with torch.device(device):
-        tr = WanTransformer3DModel(**WAN_1_3B)
+        tr = WanTransformer3DModel(**config)
     tr = tr.to(dtype).eval().requires_grad_(False)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(1, 16, frames, height, width, device=device, dtype=dtype, generator=g)
-    ctx = torch.randn(1, 512, WAN_1_3B["text_dim"], device=device, dtype=dtype, generator=g)
+    ctx = torch.randn(1, 512, config["text_dim"], device=device, dtype=dtype, generator=g)
     timesteps = torch.linspace(999, 1, steps).round()
 
     def generation():
         return [_cuda_time(lambda: tr(x, timestep=torch.tensor([float(t)], device=device), encoder_hidden_states=ctx),
                            device) for t in timesteps]
 
-    res = {"model": "wan2.1-t2v-1.3b", "tokens": frames * (height // 2) * (width // 2), "steps": steps,
-           "dtype": str(dtype).replace("torch.", ""), "date": datetime.date.today().isoformat(),
-           "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "torch": torch.__version__}
+    res = {"model": "wan2.1-t2v-1.3b", "layers": config["num_layers"],
+           "tokens": frames * (height // 2) * (width // 2), "steps": steps, "repeats": repeats,
+           "dtype": _dtype_name(dtype), "date": datetime.date.today().isoformat(), "device": device_name(device),
+           "torch": torch.__version__}
     with torch.no_grad(), dense_sdpa_context():
         generation()
         dense = [generation() for _ in range(repeats)]
@@ -412,41 +736,546 @@ def format_step(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+
+def random_block_mask(batch: int, heads: int, blocks: int, kept: float, *, device="cpu",
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random bool block mask ``(batch, heads, blocks, blocks)``: every query-block row keeps
+    ``max(1, round(kept * blocks))`` key blocks, always its diagonal block and the others drawn
+    uniformly without replacement, independently per (batch, head, row), so the kept fraction is
+    ``kept`` up to rounding and every head has its own pattern (as AdaSpa's masks do)."""
+    _check_positive_ints(batch=batch, heads=heads, blocks=blocks)
+    if isinstance(kept, bool) or not isinstance(kept, (int, float)) or not 0 < kept <= 1:
+        raise ValueError(f"kept must be a fraction in (0, 1], got {kept!r}")
+    count = max(1, round(kept * blocks))
+    scores = torch.rand(batch, heads, blocks, blocks, device=device, generator=generator)
+    scores.diagonal(dim1=-2, dim2=-1).fill_(2.0)  # above every random score: always chosen
+    top = scores.topk(count, dim=-1).indices
+    return torch.zeros(batch, heads, blocks, blocks, dtype=torch.bool, device=device).scatter_(-1, top, True)
+
+
+def bench_sparsity(tokens: int = 118_784, heads: int = 24, head_dim: int = 128, batch: int = 1, block_size: int = 64,
+                   kept=SPARSITY_KEPT, device: str = "cuda", dtype=torch.bfloat16, repeats: int | None = None,
+                   ours_backend: str = "triton", seed: int = 0) -> dict:
+    """Block-sparse attention speed-up over dense SDPA vs. the kept fraction of key blocks.
+
+    One shape (default ≈ HunyuanVideo 720p: 1 × 24 heads × 118,784 tokens × 128, bf16, block 64),
+    random q/k/v; per kept fraction a :func:`random_block_mask` (per head, diagonal kept), run by
+    ``block_sparse_attention`` with ``backend=ours_backend`` ("triton"; dry runs pass "auto": the
+    interpreted Triton kernel, or the reference where Triton cannot run) and with
+    ``backend="flex"`` (FlexAttention, compiled on CUDA, eager elsewhere; its time includes building
+    the ``BlockMask`` from the indices, which that backend does on every call), both with
+    ``validate=False`` as the AdaSpa method calls them; dense SDPA (cuDNN first) in the same run.
+    Every kernel is checked against an exact reference on sampled query blocks before it is timed
+    (:func:`time_fn`). Speed-ups are dense time / sparse time; the ideal is ``1 / kept``.
+    """
+    from ditaccel.kernels.block_sparse import block_sparse_attention, block_sparse_flops, mask_to_indices
+
+    _check_positive_ints(tokens=tokens, heads=heads, head_dim=head_dim, batch=batch, block_size=block_size)
+    kept = tuple(kept)
+    if not kept:
+        raise ValueError("kept must list at least one fraction")
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))
+    blocks = -(-tokens // block_size)
+
+    with dense_sdpa_context():
+        dense = time_fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (q, k, v), device=device,
+                        reference=rows_reference(), check_group=block_size, repeats=repeats, seed=seed)
+    res = {"tokens": tokens, "heads": heads, "head_dim": head_dim, "batch": batch, "block_size": block_size,
+           "dtype": _dtype_name(dtype), "ours_backend": ours_backend, "device": device_name(device),
+           "torch": torch.__version__, "date": datetime.date.today().isoformat(), "dense_ms": dense.median_ms,
+           "dense_tflops": 4.0 * batch * heads * tokens * tokens * head_dim / dense.median_ms / 1e9,
+           "timing": dense.summary(), "rows": []}
+    for fraction in kept:
+        mask = random_block_mask(batch, heads, blocks, fraction, device=device, generator=g)
+        idx, cnt = mask_to_indices(mask)
+        reference = rows_reference(_block_allowed(mask, block_size, tokens))
+        ms = {name: time_fn(_block_sparse_call(block_sparse_attention, idx, cnt, block_size, backend), (q, k, v),
+                            device=device, reference=reference, check_group=block_size, repeats=repeats,
+                            seed=seed).median_ms
+              for name, backend in (("ours", ours_backend), ("flex", "flex"))}
+        flops = block_sparse_flops(cnt, block_size, tokens, head_dim)
+        share = float(mask.float().mean())
+        res["rows"].append({"kept_target": fraction, "kept": share, "blocks_per_row": int(cnt.max()),
+                            "ours_ms": ms["ours"], "flex_ms": ms["flex"], "ours_speedup": dense.median_ms / ms["ours"],
+                            "flex_speedup": dense.median_ms / ms["flex"], "ideal_speedup": 1.0 / share,
+                            "ours_effective_tflops": flops / ms["ours"] / 1e9,
+                            "flex_effective_tflops": flops / ms["flex"] / 1e9})
+    return res
+
+
+def sparsity_shapes(r: dict) -> str:
+    """One line: what :func:`bench_sparsity` measured."""
+    t = r["timing"]
+    return (f"{r['batch']} × {r['heads']} heads × {r['tokens']:,} tokens × {r['head_dim']}, {r['dtype']}, block "
+            f"{r['block_size']}; random per-head block masks keeping the diagonal; median of {t['repeats']} runs "
+            f"after {t['warmup']} warm-up, {t['input_copies']} input set(s) in rotation, outputs checked against "
+            f"an exact reference on {t['checked_rows']} query rows first")
+
+
+def markdown_sparsity(r: dict) -> str:
+    """The Markdown table of a :func:`bench_sparsity` result."""
+    lines = [f"Dense SDPA (cuDNN first): {r['dense_ms']:.2f} ms ({_tflops(r['dense_tflops'])} TFLOP/s). FlexAttention "
+             "times include building its BlockMask from the indices (the `flex` backend does it on every call).", "",
+             f"| kept (target) | key blocks per row | ours (`{r['ours_backend']}`) ms | FlexAttention ms | "
+             "ours vs dense | Flex vs dense | ideal 1/kept | ours TFLOP/s (effective) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['kept']:.4f} ({x['kept_target']:g}) | {x['blocks_per_row']} | {x['ours_ms']:.2f} | "
+                     f"{x['flex_ms']:.2f} | **{x['ours_speedup']:.2f}×** | {x['flex_speedup']:.2f}× | "
+                     f"{x['ideal_speedup']:.2f}× | {_tflops(x['ours_effective_tflops'])} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ Markdown tables
+def step_shapes(r: dict) -> str:
+    return (f"{r['model']} transformer, random weights, {r['layers']} layers, {r['tokens']:,} tokens × batch "
+            f"{r['batch']} (CFG), {r['heads']} heads × {r['head_dim']}, {r['dtype']}, window {r['window']}; hand-made "
+            f"plan, one method per step for all layers; median of {r['repeats']} generations per step")
+
+
+def markdown_step(r: dict) -> str:
+    """The Markdown table of a :func:`bench_step` result."""
+    lines = [f"| step | method | ms | speed-up vs dense ({r['dense_step_ms']:.1f} ms) |", "|---|---|---|---|"]
+    lines += [f"| {s['step']} | `{s['method']}` | {s['ms']:.1f} | {s['speedup']:.2f}× |" for s in r["steps"]]
+    lines += ["", f"Plan total {r['plan_total_ms']:.1f} ms vs {r['dense_total_ms']:.1f} ms dense "
+                  f"({r['dense_total_ms'] / r['plan_total_ms']:.2f}×); attention FLOPs "
+                  f"{100 * r['attention_flops_ratio']:.1f}% of dense; peak cache "
+                  f"{r['cache_bytes_peak'] / 2**30:.2f} GiB."]
+    return "\n".join(lines)
+
+
+def attention_shapes(r: dict) -> str:
+    t = r["timing"]
+    return (f"B={r['batch']}, H={r['heads']}, L={r['tokens']:,}, D={r['head_dim']}, {r['dtype']}, window "
+            f"`{r['window']}` ({100 * r['pair_fraction']:.1f}% of the (q, k) pairs); median of {t['repeats']} runs, "
+            f"{t['input_copies']} input set(s) in rotation, outputs checked first")
+
+
+def markdown_attention(r: dict) -> str:
+    """The Markdown table of a :func:`bench_attention` result."""
+    lines = ["| kernel | tiles computed (128×128) | ms | TFLOP/s (effective = kept tiles) | vs dense |",
+             "|---|---|---|---|---|",
+             f"| dense SDPA (cuDNN first) | 100% | {r['dense_ms']:.2f} | {_tflops(r['dense_tflops'])} | 1.00× |",
+             f"| window `{r['window']}` | {100 * r['tile_fraction']:.1f}% | {r['window_ms']:.2f} | "
+             f"{_tflops(r['window_effective_tflops'])} | {r['speedup']:.2f}× |"]
+    for key, label in (("full_plus_window_two_calls_ms", "full + window, two calls"),
+                       ("full_and_window_one_pass_ms", "full + window, one-pass Triton kernel")):
+        if key in r:
+            lines.append(f"| {label} | | {r[key]:.2f} | | {r['dense_ms'] / r[key]:.2f}× |")
+    return "\n".join(lines)
+
+
+def adaspa_shapes(r: dict) -> str:
+    t = r["timing"]
+    return (f"1 × {r['heads']} heads × {r['tokens']:,} tokens × {r['head_dim']} ({r['text_tokens']} text), "
+            f"{r['dtype']}, block {r['block_size']}, structured space-time q/k (`structured_qkv`); median of "
+            f"{t['repeats']} runs, outputs checked first")
+
+
+def markdown_adaspa(r: dict) -> str:
+    """The Markdown table of a :func:`bench_adaspa` result."""
+    d = r["dense_ms"]
+    lines = ["| | ms | vs dense | notes |", "|---|---|---|---|",
+             f"| dense SDPA | {d:.1f} | 1.00× | {_tflops(r['dense_tflops'])} TFLOP/s |",
+             f"| first search: attention + LSE | {r['attention_with_lse_ms']:.1f} | | |",
+             f"| first search: block mass | {r['block_mass_ms']:.1f} | | {r['block_mass_ms'] / d:.2f}× a dense call |",
+             f"| top-k + head tiers | {r['select_ms']:.1f} | | |",
+             f"| **first search total** | {r['search_first_ms']:.1f} | | |",
+             f"| **cached-LSE search total** | {r['search_cached_ms']:.1f} | | block mass + selection |"]
+    for x in r["sparse"]:
+        lines.append(f"| **sparse, s = {x['sparsity']}** (density {x['density']:.3f}, recall {x['recall']:.4f}) | "
+                     f"{x['ms']:.1f} | **{x['speedup']:.2f}×** | {_tflops(x['effective_tflops'])} TFLOP/s effective |")
+    return "\n".join(lines)
+
+
+def adaspa_step_shapes(r: dict) -> str:
+    return (f"{r['model']} transformer, random weights, {r['layers']} layers, {r['tokens']:,} tokens, "
+            f"{r['steps']}-step schedule, {r['dtype']}; median of {r['repeats']} generations per step")
+
+
+#: AdaSpa schedule phases (``AdaSpaConfig.schedule``) as table columns
+_PHASES = (("dense", "dense"), ("search", "first search"), ("sparse", "sparse"), ("research", "cached search"))
+
+
+def markdown_adaspa_step(r: dict) -> str:
+    """The Markdown table of a :func:`bench_adaspa_step` result (per phase: median step time)."""
+    dense, n = r["dense_step_ms"], r["steps"]
+    head = " | ".join(label for _, label in _PHASES)
+    lines = [f"| | {head} | {n} steps | attention FLOPs |", "|---" * (len(_PHASES) + 3) + "|",
+             f"| dense SDPA | {dense:.1f} ms |{' |' * (len(_PHASES) - 1)} {dense * n:.0f} ms | 100% |"]
+    for run in r["runs"]:
+        by = {}
+        for what, ms in zip(run["schedule"], run["step_ms"]):
+            by.setdefault(what, []).append(ms)
+        cells = []
+        for phase, _ in _PHASES:
+            if phase not in by:
+                cells.append("")
+                continue
+            ms = statistics.median(by[phase])
+            cells.append(f"**{ms:.1f} ms ({dense / ms:.2f}×)**" if phase == "sparse" else f"{ms:.1f} ms")
+        lines.append(f"| AdaSpa s = {run['sparsity']} | {' | '.join(cells)} | {run['total_ms']:.0f} ms "
+                     f"({dense * n / run['total_ms']:.2f}×) | {100 * run['attention_flops_ratio']:.1f}% |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ the registry
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark behind numbers in README.md / BENCHMARKS.md, run by ``ditaccel bench all``.
+
+    ``run(**kwargs, device=...)`` returns a JSON-able dict; ``table(result)`` is its Markdown
+    table, ``shapes(result)`` one line saying what was measured; ``command`` reruns the case
+    alone. ``dry_kwargs`` replace entries of ``kwargs`` for ``--dry-run`` (toy sizes, CPU, 2-3
+    runs). ``device``: ``"cpu"`` for cases measured on the CPU whatever ``--device`` says (None:
+    the run's device); ``needs_cuda``: refused without a GPU unless dry-running. ``plot(result,
+    png_path)``, when set, writes a PNG next to the JSON.
+    """
+
+    name: str
+    run: Callable[..., dict]
+    table: Callable[[dict], str]
+    shapes: Callable[[dict], str]
+    command: str
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    dry_kwargs: dict = dataclasses.field(default_factory=dict)
+    device: str | None = None
+    needs_cuda: bool = True
+    plot: Callable[[dict, str], None] | None = None
+
+    def arguments(self, device: str, dry_run: bool) -> dict:
+        """The keyword arguments of ``run`` for this invocation."""
+        kw = {**self.kwargs, **(self.dry_kwargs if dry_run else {})}
+        kw["device"] = "cpu" if dry_run else (self.device or device)
+        return kw
+
+
+_TOY_KERNEL = dict(dtype=torch.float32, repeats=2)
+_TOY_SWEEP = dict(steps=2, thresholds=("D6",))
+
+
+def _sweep_case(model: str, search: str) -> Case:
+    return Case(f"sweep-{model}-{search}", bench_sweep, markdown_sweep, _sweep_title,
+                f"ditaccel bench sweep --model {model} --steps 20 --device cpu --search {search}",
+                kwargs=dict(model=model, steps=20, search=search), dry_kwargs=_TOY_SWEEP, device="cpu",
+                needs_cuda=False)
+
+
+#: every case ``ditaccel bench all`` runs, in order. A new case is one entry.
+CASES: list[Case] = [
+    Case("pixart-sigma-2k-step", bench_step, markdown_step, step_shapes,
+         "ditaccel bench step --model pixart-sigma-2k --repeats 5",
+         kwargs=dict(model="pixart-sigma-2k", repeats=5, window="band1d"),
+         dry_kwargs=dict(dtype=torch.float32, repeats=2, overrides=TOY_PIXART)),
+    Case("attention-band1d", bench_attention, markdown_attention, attention_shapes,
+         "ditaccel bench attention --tokens 16384 --head-dim 72",
+         kwargs=dict(tokens=16384, head_dim=72, window="band1d"),
+         dry_kwargs=dict(tokens=256, heads=2, head_dim=16, batch=1, **_TOY_KERNEL)),
+    Case("attention-neighborhood2d", bench_attention, markdown_attention, attention_shapes,
+         "ditaccel bench attention --tokens 16384 --head-dim 72 --window neighborhood2d",
+         kwargs=dict(tokens=16384, head_dim=72, window="neighborhood2d"),
+         dry_kwargs=dict(tokens=256, heads=2, head_dim=16, batch=1, **_TOY_KERNEL)),
+    Case("adaspa-kernels", bench_adaspa, markdown_adaspa, adaspa_shapes, "ditaccel bench adaspa",
+         dry_kwargs=dict(frames=2, rows=4, cols=8, heads=2, head_dim=32, block_size=16, **_TOY_KERNEL)),
+    Case("adaspa-wan-1.3b-steps", bench_adaspa_step, markdown_adaspa_step, adaspa_step_shapes,
+         "ditaccel bench adaspa-step --repeats 2", kwargs=dict(repeats=2),
+         dry_kwargs=dict(frames=2, height=8, width=8, steps=5, dtype=torch.float32, repeats=1, overrides=TOY_WAN)),
+    Case("sparsity", bench_sparsity, markdown_sparsity, sparsity_shapes, "ditaccel bench sparsity",
+         dry_kwargs=dict(tokens=128, heads=2, head_dim=16, block_size=16, kept=(1.0, 0.25),
+                         ours_backend="auto", **_TOY_KERNEL), plot=plot_sparsity),
+    Case("attention-cpu", bench_attention, markdown_attention, attention_shapes,
+         "ditaccel bench attention --device cpu --tokens 4096 --head-dim 72 --threads 2",
+         kwargs=dict(tokens=4096, head_dim=72, window="band1d", dtype=torch.float32, repeats=5),
+         dry_kwargs=dict(tokens=256, heads=2, head_dim=16, batch=1, **_TOY_KERNEL), device="cpu", needs_cuda=False),
+    *[_sweep_case(model, search) for model in ("tiny-dit", "tiny-pixart") for search in ("greedy", "local")],
+]
+
+
+# ------------------------------------------------------------------------------ command line
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+#: the options each command takes besides --device and --threads; any other one given is an error
+_OPTIONS = {
+    "step": {"model", "window", "repeats", "dtype", "json"},
+    "attention": {"tokens", "heads", "head_dim", "batch", "window", "repeats", "dtype", "json"},
+    "sweep": {"model", "steps", "window", "search", "json"},
+    "adaspa": {"block_size", "repeats", "dtype", "json"},
+    "adaspa-step": {"repeats", "dtype", "json"},
+    "sparsity": {"tokens", "heads", "head_dim", "batch", "block_size", "kept", "repeats", "dtype", "plot", "json"},
+    "all": {"only", "out_md", "results_dir", "dry_run"},
+}
+
+
+def _positive_int(text: str) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="ditaccel bench")
-    ap.add_argument("what", choices=["step", "attention", "sweep", "adaspa", "adaspa-step"])
-    ap.add_argument("--model", default=None,
-                    help=f"step: one of {sorted(MODELS)}; sweep: a built-in offline model (tiny-dit, tiny-pixart, ...)")
-    ap.add_argument("--steps", type=int, default=20, help="sweep: denoising steps")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--window", default="band1d", choices=["band1d", "neighborhood2d"])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--head-dim", type=int, default=72)
-    ap.add_argument("--search", default="greedy", choices=["greedy", "local"], help="sweep: plan search")
-    ap.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    import argparse
+
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0 < x <= 1 for x in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated fractions in (0, 1], got {text!r}")
+    return values
+
+
+def _parser():
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="ditaccel bench", description="Speed of attention kernels and full-size architectures (random weights). "
+        "`all` runs every case behind README/BENCHMARKS numbers and writes their tables into BENCHMARKS.md.")
+    ap.add_argument("what", choices=list(_OPTIONS))
+    ap.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
+    ap.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's)")
+    ap.add_argument("--model", help=f"step: one of {sorted(MODELS)} (default pixart-sigma-2k); sweep: a built-in "
+                    "offline model (tiny-dit (default), tiny-pixart, ...)")
+    ap.add_argument("--steps", type=_positive_int, help="sweep: denoising steps (default 20)")
+    ap.add_argument("--window", choices=["band1d", "neighborhood2d"], help="step, attention, sweep (default band1d)")
+    ap.add_argument("--search", choices=["greedy", "local"], help="sweep: plan search (default greedy)")
+    ap.add_argument("--repeats", type=_positive_int,
+                    help="step, adaspa-step: generations per step (default 5); attention, adaspa, sparsity: timed "
+                    "runs per kernel (default 20 on CUDA, 3 on CPU)")
+    ap.add_argument("--tokens", type=_positive_int, help="attention (default 16384), sparsity (default 118784)")
+    ap.add_argument("--heads", type=_positive_int, help="attention (default 16), sparsity (default 24)")
+    ap.add_argument("--head-dim", type=_positive_int, help="attention (default 72), sparsity (default 128)")
+    ap.add_argument("--batch", type=_positive_int, help="attention (default 2), sparsity (default 1)")
+    ap.add_argument("--block-size", type=_positive_int, help="adaspa, sparsity: block size in tokens (default 64; "
+                    "the Triton kernel takes 16, 32, 64 or 128)")
+    ap.add_argument("--kept", type=_fractions, help="sparsity: kept fractions of key blocks (default "
+                    f"{','.join(f'{x:g}' for x in SPARSITY_KEPT)})")
+    ap.add_argument("--dtype", choices=list(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--plot", help="sparsity: the PNG to write (default sparsity.png; needs matplotlib)")
     ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    ap.add_argument("--only", help="all: comma-separated case names (default: all of "
+                    f"{', '.join(c.name for c in CASES)})")
+    ap.add_argument("--out-md", help="all: the Markdown file to update (default BENCHMARKS.md; with --dry-run a "
+                    "temporary file)")
+    ap.add_argument("--results-dir", help="all: where raw JSON and PNGs go (default docs/results; with --dry-run "
+                    "next to --out-md)")
+    ap.add_argument("--dry-run", action="store_true", help="all: every case at toy sizes on the CPU (Triton "
+                    "kernels interpreted), to check the plumbing in well under a minute; writes nowhere in the repo "
+                    "unless --out-md / --results-dir say so")
+    return ap
+
+
+def _check_options(args) -> None:
+    for name in ("model", "steps", "window", "search", "repeats", "tokens", "heads", "head_dim", "batch",
+                 "block_size", "kept", "dtype", "plot", "json", "only", "out_md", "results_dir", "dry_run"):
+        value = getattr(args, name)
+        if value not in (None, False) and name not in _OPTIONS[args.what]:
+            takes = sorted(w for w, opts in _OPTIONS.items() if name in opts)
+            raise ValueError(f"--{name.replace('_', '-')}: not an option of `ditaccel bench {args.what}` "
+                             f"(only of: {', '.join(takes)})")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _run_one(args) -> int:
+    device = args.device or _default_device()
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    window = _or(args.window, "band1d")
     if args.what == "step":
-        r = bench_step(args.model or "pixart-sigma-2k", args.device, repeats=args.repeats, window=args.window)
+        r = bench_step(_or(args.model, "pixart-sigma-2k"), device, dtype=dtype, repeats=_or(args.repeats, 5),
+                       window=window)
         print(format_step(r))
     elif args.what == "adaspa-step":
-        r = bench_adaspa_step(device=args.device, repeats=args.repeats)
+        r = bench_adaspa_step(device=device, dtype=dtype, repeats=_or(args.repeats, 5))
         print(format_adaspa_step(r))
     elif args.what == "adaspa":
-        r = bench_adaspa(device=args.device)
+        r = bench_adaspa(block_size=_or(args.block_size, 64), device=device, dtype=dtype, repeats=args.repeats)
         print(format_adaspa(r))
     elif args.what == "sweep":
-        r = bench_sweep(args.model or "tiny-dit", args.steps, args.device, window=args.window, search=args.search)
+        r = bench_sweep(_or(args.model, "tiny-dit"), _or(args.steps, 20), device, window=window,
+                        search=_or(args.search, "greedy"))
         print(format_sweep(r))
-    else:
-        r = bench_attention(args.tokens, head_dim=args.head_dim, device=args.device, window=args.window)
+    elif args.what == "attention":
+        r = bench_attention(_or(args.tokens, 16384), heads=_or(args.heads, 16), head_dim=_or(args.head_dim, 72),
+                            batch=_or(args.batch, 2), device=device, dtype=dtype, window=window, repeats=args.repeats)
         print(json.dumps(r, indent=1))
+    else:  # sparsity
+        no_plot = missing_matplotlib()
+        if no_plot:
+            print(f"ditaccel bench: {no_plot}", file=sys.stderr)
+        r = bench_sparsity(_or(args.tokens, 118_784), _or(args.heads, 24), _or(args.head_dim, 128),
+                           _or(args.batch, 1), _or(args.block_size, 64), _or(args.kept, SPARSITY_KEPT), device,
+                           dtype, repeats=args.repeats)
+        print(f"{sparsity_shapes(r)}; {r['device']}, torch {r['torch']}, {r['date']}\n\n{markdown_sparsity(r)}")
+        if not no_plot:
+            plot_sparsity(r, _or(args.plot, "sparsity.png"))
+            print(f"wrote {_or(args.plot, 'sparsity.png')}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=1)
     return 0
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    """``os.environ[name] = value`` inside the block, the old value (or its absence) back after it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
+def _triton_interpreter(enabled: bool):
+    """``TRITON_INTERPRET=1`` inside the block when ``enabled``.
+
+    The repo's kernels read the variable at launch, so setting it here, before the first launch,
+    runs them (backend ``"auto"`` / ``"triton"``) in Triton's CPU interpreter. ``triton.language``
+    is imported first (by the probe): imported while the variable is set, Triton's own helpers
+    would stay interpreted and no CUDA kernel could be compiled later in the process (e.g. in a
+    test session). Without Triton, or where its interpreter cannot run the kernels (Triton 3.6
+    with numpy >= 2.5), the variable is left alone and ``"auto"`` picks the PyTorch references.
+    """
+    problem = _interpreter_problem() if enabled else None
+    if problem:
+        print(f"ditaccel bench: {problem}: the dry run uses the PyTorch reference kernels", file=sys.stderr)
+    with _environ("TRITON_INTERPRET", "1") if enabled and not problem else contextlib.nullcontext():
+        yield
+
+
+def _interpreter_problem() -> str | None:
+    """None if Triton's interpreter runs the block-sparse kernel on a tiny input, else why not."""
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    from ditaccel.kernels.block_sparse import block_sparse_attention
+
+    q = torch.zeros(1, 1, 16, 16)
+    idx, cnt = torch.zeros(1, 1, 1, 1, dtype=torch.int32), torch.ones(1, 1, 1, dtype=torch.int32)
+    try:
+        with _environ("TRITON_INTERPRET", "1"):
+            block_sparse_attention(q, q, q, idx, cnt, block_size=16, backend="triton")
+    except Exception as e:  # noqa: BLE001 - whatever the failure, the kernels cannot be interpreted here
+        return f"Triton's interpreter cannot run the kernels here ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def _jsonable(value):
+    if isinstance(value, torch.dtype):
+        return _dtype_name(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _select(only: str | None) -> list[Case]:
+    if only is None:
+        return list(CASES)
+    by_name = {c.name: c for c in CASES}
+    names = list(dict.fromkeys(n.strip() for n in only.split(",") if n.strip()))
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        raise ValueError(f"--only: unknown case(s) {', '.join(map(repr, unknown)) or '(none given)'}; known: "
+                         f"{', '.join(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def run_all(only: str | None = None, device: str | None = None, dry_run: bool = False, out_md: str | None = None,
+            results_dir: str | None = None) -> int:
+    """Run the selected :data:`CASES` (``only``: comma-separated names; default all), print each
+    table, write it as a section of ``out_md`` and its raw JSON (and PNG) to ``results_dir``.
+
+    Real runs default to ``BENCHMARKS.md`` and ``docs/results`` (relative to the current
+    directory: run from the repository root); a dry run (toy sizes, CPU, Triton interpreted) to a
+    fresh temporary folder. A case that raises is reported and skipped, the others still run.
+    Returns 0, or 1 if a case failed; bad arguments raise ``ValueError``.
+    """
+    selected = _select(only)
+    if dry_run and device not in (None, "cpu"):
+        raise ValueError(f"--device {device}: --dry-run runs on the CPU; leave --device out")
+    device = "cpu" if dry_run else (device or _default_device())
+    if not dry_run and not device.startswith("cuda"):
+        gpu = [c.name for c in selected if c.needs_cuda]
+        if gpu:
+            cpu = [c.name for c in CASES if not c.needs_cuda]
+            raise ValueError(f"--device {device}: case(s) {', '.join(gpu)} need a CUDA GPU; select CPU cases with "
+                             f"--only ({', '.join(cpu)}) or check the plumbing with --dry-run")
+    if dry_run:
+        out_md = out_md or os.path.join(tempfile.mkdtemp(prefix="ditaccel-bench-dry-run-"), "BENCHMARKS.md")
+        results_dir = results_dir or os.path.join(os.path.dirname(os.path.abspath(out_md)), "results")
+    else:
+        out_md = out_md or "BENCHMARKS.md"
+        results_dir = results_dir or os.path.join("docs", "results")
+    md_dir = os.path.dirname(os.path.abspath(out_md))
+    no_plot = missing_matplotlib() if any(c.plot for c in selected) else None
+    if no_plot:
+        print(f"ditaccel bench: {no_plot}", file=sys.stderr)
+    date = datetime.date.today().isoformat()
+    failed = []
+    with _triton_interpreter(dry_run):
+        for case in selected:
+            command = f"ditaccel bench all --dry-run --only {case.name}" if dry_run else case.command
+            print(f"\n== {case.name}: {command}", flush=True)
+            kwargs = case.arguments(device, dry_run)
+            t0 = time.perf_counter()
+            try:
+                result = case.run(**kwargs)
+                table, shapes = case.table(result), case.shapes(result)
+            except Exception:  # noqa: BLE001 - one broken case must not lose the other cases' measurements
+                traceback.print_exc()
+                failed.append(case.name)
+                continue
+            seconds = time.perf_counter() - t0
+            env = environment(kwargs["device"], date)
+            stem = result_stem(results_dir, env, case.name)
+            files = [stem + ".json"]
+            if case.plot and not no_plot:
+                case.plot(result, stem + ".png")
+                files.append(stem + ".png")
+            write_json(files[0], {"case": case.name, "command": command, "dry_run": dry_run, "environment": env,
+                                  "kwargs": _jsonable(kwargs), "seconds": seconds, "result": result})
+            links = [os.path.relpath(os.path.abspath(f), md_dir) for f in files]
+            update_markdown(out_md, case.name, render_section(case.name, env, shapes, command, table, links, dry_run))
+            print(f"{shapes}\n\n{table}\n\n({seconds:.1f} s) wrote {', '.join(files)}", flush=True)
+    print(f"\n{len(selected) - len(failed)} of {len(selected)} case(s) written to {out_md}; raw results in "
+          f"{results_dir}")
+    if failed:
+        print(f"ditaccel bench: failed: {', '.join(failed)} (tracebacks above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    """``ditaccel bench WHAT [options]``: 0 on success, 2 on bad arguments, 1 if a case of
+    ``all`` failed."""
+    args = _parser().parse_args(argv)
+    try:
+        _check_options(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.what == "all":
+            return run_all(args.only, args.device, args.dry_run, args.out_md, args.results_dir)
+        return _run_one(args)
+    except ValueError as e:
+        print(f"ditaccel: error: {e}", file=sys.stderr)
+        return 2
