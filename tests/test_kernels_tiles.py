@@ -7,8 +7,6 @@ import pytest
 import torch
 
 from ditaccel.kernels.tiles import (
-    INSIDE,
-    OUTSIDE,
     SKIP_BOTTOM,
     SKIP_TOP,
     TileList,
@@ -22,7 +20,10 @@ triton = pytest.importorskip("triton")
 
 
 @pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
+def _interpret(request, monkeypatch):
+    if request.node.name.startswith("test_cuda"):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # compiled kernels on the GPU
+        return
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # per test: the kernel reads it at launch
     if _interpreter_problem():
         pytest.skip(_interpreter_problem())
@@ -138,3 +139,28 @@ def test_tile_list_checks_name_the_field():
         tile_attention(q, q, q, TileList(good.indices, good.counts, good.indices, 16, 16), scale=1.0)
     with pytest.raises(ValueError, match="init"):
         tile_attention(q, q, q, good, scale=1.0, init=(q[..., :8], torch.zeros(1, 1, 32)))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("D", [64, 72, 128])
+@pytest.mark.parametrize("tma", [False, True])
+def test_cuda_window_and_sparse_lists(D, tma):
+    """Compiled kernel (not the interpreter) on the GPU, pointer and tensor-descriptor loads."""
+    from ditaccel.kernels.window import window_tiles
+
+    spec = WindowSpec.band((24, 20), 60, text_tokens=37, text_position="suffix")
+    q, k, v = (t.cuda().to(torch.bfloat16) for t in qkv(2, 3, spec.seq_len, D, seed=D))
+    scale = 1 / math.sqrt(D)
+    for bs in (64, 128):
+        tiles = window_tiles(spec, "inside", bs, bs, "cuda")
+        out, lse = tile_attention(q, k, v, tiles, scale=scale, window=spec, return_lse=True, tma=tma)
+        ref_out, ref_lse = tile_attention_reference(q, k, v, tiles, scale=scale, window=spec)
+        check(out, lse, ref_out, ref_lse, 2e-2)
+        rnd = random_tiles(6, spec.seq_len, bs, bs, seed=bs, flag_values=(0, SKIP_TOP, SKIP_BOTTOM))
+        rnd = TileList(*(t.cuda() if t is not None else None for t in (rnd.indices, rnd.counts, rnd.flags)), bs, bs)
+        out, lse = tile_attention(q, k, v, rnd, scale=scale, return_lse=True, tma=tma)
+        ref_out, ref_lse = tile_attention_reference(q, k, v, rnd, scale=scale)
+        check(out, lse, ref_out, ref_lse, 2e-2)

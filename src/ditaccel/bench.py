@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import bench_models
 from .bench_report import (device_name, environment, missing_matplotlib, plot_sparsity, render_section,
                            result_stem, update_markdown, write_json)
 
@@ -989,6 +990,13 @@ CASES: list[Case] = [
          kwargs=dict(tokens=4096, head_dim=72, window="band1d", dtype=torch.float32, repeats=5),
          dry_kwargs=dict(tokens=256, heads=2, head_dim=16, batch=1, **_TOY_KERNEL), device="cpu", needs_cuda=False),
     *[_sweep_case(model, search) for model in ("tiny-dit", "tiny-pixart") for search in ("greedy", "local")],
+    Case("hunyuan-video-720p-adaspa", bench_models.bench_hunyuan_adaspa, bench_models.markdown_hunyuan,
+         bench_models.hunyuan_shapes, "ditaccel bench all --only hunyuan-video-720p-adaspa",
+         dry_kwargs=dict(frames=2, height=8, width=8, text_tokens=8, block_size=16, dtype=torch.float32,
+                         overrides=bench_models.TOY_HUNYUAN)),
+    Case("pixart-sigma-2k-plan-50", bench_models.bench_pixart_plan, bench_models.markdown_pixart_plan,
+         bench_models.pixart_plan_shapes, "ditaccel bench all --only pixart-sigma-2k-plan-50",
+         dry_kwargs=dict(steps=12, dtype=torch.float32, overrides=TOY_PIXART)),
 ]
 
 
@@ -1163,7 +1171,7 @@ def _triton_interpreter(enabled: bool):
 def _interpreter_problem() -> str | None:
     """None if Triton's interpreter runs the block-sparse kernel on a tiny input, else why not."""
     try:
-        import triton.language  # noqa: F401
+        import triton.language  # noqa: F401  (is Triton installed?)
     except ImportError:
         return "Triton is not installed"
     from ditaccel.kernels.block_sparse import block_sparse_attention

@@ -19,8 +19,6 @@ import statistics
 
 import torch
 
-from .bench import _cuda_time, build_transformer, dense_sdpa_context, model_inputs
-
 #: HunyuanVideo (13B) transformer architecture, diffusers config
 HUNYUAN_VIDEO = dict(
     in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
@@ -42,11 +40,12 @@ def paper_like_plan(num_layers: int, steps: int = 50, refresh: int = 10) -> list
             for layer in range(num_layers)]
 
 
-def _meta(device: str) -> dict:
+def _meta(device: str, dtype) -> dict:
     import triton
 
     return {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-            "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat()}
+            "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+            "dtype": str(dtype).replace("torch.", "")}
 
 
 def _peak_reset(device: str):
@@ -62,12 +61,14 @@ def _peak(device: str, base: int) -> int:
 
 
 def bench_pixart_plan(device: str = "cuda", dtype=torch.bfloat16, steps: int = 50, model: str = "pixart-sigma-2k",
-                      dense_repeats: int = 1) -> dict:
-    """50 transformer calls dense vs. the same 50 with :func:`paper_like_plan` applied."""
+                      dense_repeats: int = 1, overrides: dict | None = None) -> dict:
+    """50 transformer calls dense vs. the same 50 with :func:`paper_like_plan` applied.
+    ``overrides`` replaces config entries (toy sizes for dry runs)."""
     import ditaccel
+    from ditaccel.bench import _cuda_time, build_transformer, dense_sdpa_context, model_inputs
     from ditaccel.plan import Plan
 
-    tr = build_transformer(model, device, dtype)
+    tr = build_transformer(model, device, dtype, overrides=overrides)
     inputs = model_inputs(model, tr, 2, device, dtype)
     n_layers = len(tr.transformer_blocks)
     timesteps = torch.linspace(999, 1, steps).round()
@@ -76,7 +77,7 @@ def bench_pixart_plan(device: str = "cuda", dtype=torch.bfloat16, steps: int = 5
         return [_cuda_time(lambda: tr(timestep=torch.full((2,), float(t), device=device), **inputs), device)
                 for t in timesteps]
 
-    res = {"model": model, "steps": steps, "batch": 2, "layers": n_layers, **_meta(device)}
+    res = {"model": model, "steps": steps, "batch": 2, "layers": n_layers, **_meta(device, dtype)}
     with torch.no_grad(), dense_sdpa_context():
         generation()  # warm-up
         base = _peak_reset(device)
@@ -123,7 +124,7 @@ def hunyuan_inputs(frames: int, height: int, width: int, text_tokens: int, devic
 
 
 def bench_hunyuan_adaspa(frames: int = 33, height: int = 90, width: int = 160, text_tokens: int = 256,
-                         sparsity: float = 0.8, device: str = "cuda", dtype=torch.bfloat16, config=None,
+                         sparsity: float = 0.8, device: str = "cuda", dtype=torch.bfloat16, overrides: dict | None = None,
                          block_size: int = 64) -> dict:
     """One step of each AdaSpa kind on the full-size HunyuanVideo transformer, and dense.
 
@@ -134,15 +135,17 @@ def bench_hunyuan_adaspa(frames: int = 33, height: int = 90, width: int = 160, t
     from diffusers import HunyuanVideoTransformer3DModel
 
     import ditaccel
+    from ditaccel.bench import _cuda_time, dense_sdpa_context
 
     torch.manual_seed(0)
     with torch.device(device):
-        tr = HunyuanVideoTransformer3DModel(**(config or HUNYUAN_VIDEO))
+        tr = HunyuanVideoTransformer3DModel(**{**HUNYUAN_VIDEO, **(overrides or {})})
     tr = tr.to(dtype).eval().requires_grad_(False)
     inputs = hunyuan_inputs(frames, height, width, text_tokens, device, dtype)
     p = tr.config.patch_size
     res = {"model": "hunyuan-video", "latent": [frames, height, width], "video_tokens": frames * (height // p) *
-           (width // p), "text_tokens": text_tokens, "sparsity": sparsity, "block_size": block_size, **_meta(device)}
+           (width // p), "text_tokens": text_tokens, "sparsity": sparsity, "block_size": block_size,
+           "layers": len(tr.transformer_blocks) + len(tr.single_transformer_blocks), **_meta(device, dtype)}
     times = [999.0, 800.0, 600.0, 400.0, 200.0]
 
     def call(t):
@@ -191,4 +194,50 @@ def format_hunyuan_adaspa(r: dict) -> str:
         f"  50 steps ({c['dense']} dense, {c['search']} search, {c['research']} cached search, {c['sparse']} sparse): "
         f"{r['total_50_ms'] / 1e3:.1f} s vs {r['dense_50_ms'] / 1e3:.1f} s dense ({r['speedup_50']:.2f}x); peak "
         f"{r['adaspa_peak_bytes'] / 2**30:.1f} GiB vs {r['dense_peak_bytes'] / 2**30:.1f} GiB dense",
+    ])
+
+
+#: toy configs for ``ditaccel bench all --dry-run``
+TOY_HUNYUAN = dict(num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
+                   num_refiner_layers=1, rope_axes_dim=(8, 12, 12))
+
+
+def pixart_plan_shapes(r: dict) -> str:
+    return (f"{r['model']} transformer, random weights, {r['layers']} layers, batch 2 (the CFG pair), "
+            f"{r['steps']} steps, {r['dtype']}; plan `bench_models.paper_like_plan` (full every 10 steps)")
+
+
+def markdown_pixart_plan(r: dict) -> str:
+    c = ", ".join(f"{m} {n}" for m, n in r["plan_counts"].items())
+    gib = 2**30
+    return "\n".join([
+        "| | transformer time, all steps | speed-up | attention FLOPs | peak GPU memory | over dense |",
+        "|---|---|---|---|---|---|",
+        f"| dense SDPA | {r['dense_ms'] / 1e3:.2f} s | 1.00× | 100% | {r['dense_peak_bytes'] / gib:.2f} GiB | |",
+        f"| DiTFastAttn plan ({c}) | {r['plan_ms'] / 1e3:.2f} s | **{r['speedup']:.2f}×** | "
+        f"{100 * r['attention_flops_ratio']:.1f}% | {r['plan_peak_bytes'] / gib:.2f} GiB | "
+        f"+{r['extra_peak_bytes'] / gib:.2f} GiB (caches {r['cache_bytes_peak'] / gib:.2f} GiB) |",
+    ])
+
+
+def hunyuan_shapes(r: dict) -> str:
+    return (f"HunyuanVideo transformer, random weights, {r['layers']} blocks, latent "
+            f"{'×'.join(map(str, r['latent']))} = {r['video_tokens']:,} video + {r['text_tokens']} text tokens, "
+            f"{r['dtype']}, AdaSpa s = {r['sparsity']}, block {r['block_size']}; one measured step of each kind")
+
+
+def markdown_hunyuan(r: dict) -> str:
+    c = r["schedule_50"]
+    d = r["dense_ms"]
+    gib = 2**30
+    return "\n".join([
+        "| step kind | ms | time / dense step |",
+        "|---|---|---|",
+        f"| dense | {d:.0f} | 1.00× |",
+        f"| first search (fresh LSE) | {r['search_ms']:.0f} | {r['search_ms'] / d:.2f}× |",
+        f"| sparse (density {r['density']:.3f}) | {r['sparse_ms']:.0f} | **{r['sparse_ms'] / d:.2f}×** |",
+        f"| cached-LSE search | {r['research_ms']:.0f} | {r['research_ms'] / d:.2f}× |",
+        f"| **50 steps** ({c['dense']} dense, {c['search']} + {c['research']} searches, {c['sparse']} sparse) | "
+        f"{r['total_50_ms'] / 1e3:.1f} s vs {r['dense_50_ms'] / 1e3:.1f} s dense | speed-up **{r['speedup_50']:.2f}×** |",
+        f"| peak GPU memory | {r['adaspa_peak_bytes'] / gib:.1f} GiB vs {r['dense_peak_bytes'] / gib:.1f} GiB dense | |",
     ])

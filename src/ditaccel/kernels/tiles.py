@@ -13,8 +13,8 @@ visits; a per-entry flag can restrict an entry to part of the tile:
 
 Entries with flag 0 run unmasked, so the masks cost only on the few tiles that need them.
 The kernel is FlashAttention-2-style (one program per (query tile, batch * head), online
-softmax in base 2, fp32 accumulators). Head dims that are not a power of two are covered by
-two power-of-two parts (72 = 64 + 16, not 128). It can return the row log-sum-exp, and start
+softmax in base 2, fp32 accumulators). With tensor-descriptor (TMA) loads, head dims that are
+not a power of two are covered by two power-of-two parts (72 = 64 + 16, not 128). It can return the row log-sum-exp, and start
 from an earlier pass's ``(out, lse)`` so that two passes over disjoint key sets give the
 attention over their union with no merge pass.
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import split_head_dim, triton_interpreting
+from ._common import pad_head_dim, split_head_dim, triton_interpreting
 
 try:  # Triton is optional: callers fall back to their other backends without it.
     import triton
@@ -402,7 +402,9 @@ def tile_attention(
         tma = q.is_cuda and not interpret and torch.cuda.get_device_capability(q.device)[0] >= 9 and _tma_ok(k, v)
     if tma and q.is_cuda:
         triton.set_allocator(_tma_scratch)
-    d0, d1, split = split_head_dim(D)
+    # 72 = 64 + 16 only with tensor-descriptor loads: Triton 3.6 miscompiles the split with masked
+    # pointer loads on an H100 (NaN or illegal address), so pointer loads pad to a power of two.
+    d0, d1, split = split_head_dim(D) if tma else (pad_head_dim(D), 16, False)
     nqt = idx.shape[1]
     _kernel(interpret, configs)[(nqt, B * H)](
         q, k, v, out, lse, idx, cnt, flg, kpm, init_out, init_lse,
