@@ -449,6 +449,10 @@ def bench_attention(tokens: int = 16384, heads: int = 16, head_dim: int = 72, ba
     if device.startswith("cuda"):
         from ditaccel.kernels.window_residual import full_and_window_attention
 
+        for backend in ("flex", "triton"):  # the two window kernels side by side ("auto" is one of them)
+            res[f"window_{backend}_ms"] = time_fn(lambda q, k, v: window_attention(q, k, v, spec, backend=backend),
+                                                  (q, k, v), device=device, reference=window_ref,
+                                                  repeats=repeats).median_ms
         res["full_plus_window_two_calls_ms"] = res["dense_ms"] + res["window_ms"]
         res["full_and_window_one_pass_ms"] = time_fn(  # the experimental one-pass kernel (autotunes at first call)
             lambda q, k, v: full_and_window_attention(q, k, v, spec), (q, k, v), device=device,
@@ -860,8 +864,11 @@ def markdown_attention(r: dict) -> str:
              f"| dense SDPA (cuDNN first) | 100% | {r['dense_ms']:.2f} | {_tflops(r['dense_tflops'])} | 1.00× |",
              f"| window `{r['window']}` | {100 * r['tile_fraction']:.1f}% | {r['window_ms']:.2f} | "
              f"{_tflops(r['window_effective_tflops'])} | {r['speedup']:.2f}× |"]
-    for key, label in (("full_plus_window_two_calls_ms", "full + window, two calls"),
-                       ("full_and_window_one_pass_ms", "full + window, one-pass Triton kernel")):
+    for key, label in (("window_flex_ms", "window, FlexAttention (compiled)"),
+                       ("window_triton_ms", "window, tile kernel (Triton)"),
+                       ("full_plus_window_two_calls_ms", "full + window, two calls (dense + `auto` window)"),
+                       ("full_and_window_one_pass_ms", "full + window, tile kernel: window pass, then the rest "
+                                                       "continuing its softmax")):
         if key in r:
             lines.append(f"| {label} | | {r[key]:.2f} | | {r['dense_ms'] / r[key]:.2f}× |")
     return "\n".join(lines)
