@@ -1,0 +1,181 @@
+"""Procedural testbed data, the pixel-space pipelines, toy training runs and the size budget."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ditaccel.testbed.classifier import ImageClassifier, VideoClassifier
+from ditaccel.testbed.data import ImageClasses, VideoCaptions, make_generator
+from ditaccel.testbed.pixel import (
+    IMAGE_MODEL_CONFIG,
+    VIDEO_MODEL_CONFIG,
+    PixelCogVideoXPipeline,
+    PixelDiTPipeline,
+    build_caption_tokenizer,
+    load_image_pipeline,
+    load_video_pipeline,
+)
+from ditaccel.testbed.train import (
+    build_image_transformer,
+    build_video_components,
+    weights_bytes,
+    train_classifiers,
+    train_image,
+    train_video,
+)
+
+
+# ------------------------------------------------------------------------------ images
+def test_images_deterministic_per_seed():
+    data = ImageClasses(size=32)
+    a, la = data.sample(24, 7)
+    b, lb = data.sample(24, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    c, _ = data.sample(24, 8)
+    assert not torch.equal(a, c)
+    g = make_generator(3)  # a generator continues its stream: two draws differ
+    d1, _ = data.sample(4, g)
+    d2, _ = data.sample(4, g)
+    assert not torch.equal(d1, d2)
+
+
+def test_images_shape_range_and_balance():
+    data = ImageClasses(size=32)
+    assert data.num_classes == 12 >= 10
+    x, y = data.sample(30, 0)
+    assert x.shape == (30, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.min() >= -1 and x.max() <= 1
+    counts = torch.bincount(y, minlength=12)
+    assert counts.min() >= 2 and counts.max() <= 3 and counts.sum() == 30
+    x, y = data.sample(24, 1)
+    assert (torch.bincount(y, minlength=12) == 2).all()
+
+
+def test_images_explicit_labels_and_visible_structure():
+    data = ImageClasses(size=32)
+    labels = torch.arange(12)
+    x, y = data.sample(12, 5, labels=labels)
+    assert torch.equal(y, labels)
+    # every class draws something: strong local contrast in every image
+    assert (x.flatten(1).std(1) > 0.1).all()
+    # same parameters, different class -> different picture (the class is in the structure)
+    x2, _ = data.sample(12, 5, labels=(labels + 1) % 12)
+    assert ((x - x2).abs().flatten(1).amax(1) > 0.5).all()
+    with pytest.raises(ValueError, match="labels"):
+        data.sample(2, 0, labels=[0, 12])
+    with pytest.raises(TypeError):
+        data.sample(2, "seed")
+
+
+# ------------------------------------------------------------------------------ videos
+def test_videos_deterministic_shapes_and_balance():
+    data = VideoCaptions(frames=6, size=24)
+    v, caps, lab = data.sample(20, 3)
+    v2, caps2, lab2 = data.sample(20, 3)
+    assert torch.equal(v, v2) and caps == caps2 and all(torch.equal(lab[k], lab2[k]) for k in lab)
+    assert v.shape == (20, 3, 6, 24, 24) and v.min() >= -1 and v.max() <= 1
+    for k, n in data.num_classes.items():
+        counts = torch.bincount(lab[k], minlength=n)
+        assert counts.max() - counts.min() <= 1, k
+    assert not torch.equal(v, data.sample(20, 4)[0])
+
+
+def test_captions_round_trip_and_tokenize_without_unknowns():
+    data = VideoCaptions(frames=4, size=16)
+    _, caps, lab = data.sample(30, 0)
+    for i, c in enumerate(caps):
+        assert VideoCaptions.parse(c) == {k: int(lab[k][i]) for k in VideoCaptions.FACTORS}
+    assert caps[0].startswith("a ") and len(set(caps)) > 10
+    tok = build_caption_tokenizer(16)
+    ids = tok(caps, padding="max_length", max_length=16).input_ids
+    assert all(tok.unk_token_id not in row and row.count(1) == 1 for row in ids)  # one </s>, no <unk>
+    with pytest.raises(ValueError):
+        VideoCaptions.parse("a red blue circle")
+
+
+def _centroids(video):
+    """Centre (x, y) per frame of the saturated (object) pixels of one video in [-1, 1]."""
+    rgb = (video + 1) / 2
+    sat = rgb.amax(0) - rgb.amin(0)  # (F, H, W)
+    m = (sat > 0.45).float()
+    h, w = m.shape[-2:]
+    ys = torch.arange(h, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, :]
+    tot = m.sum((1, 2))
+    return (m * xs).sum((1, 2)) / tot, (m * ys).sum((1, 2)) / tot
+
+
+def test_videos_move_as_captioned():
+    data = VideoCaptions(frames=8, size=32)
+    n = 10
+    labels = {"object": torch.arange(n) % 4, "colour": torch.arange(n) % 5, "motion": torch.arange(n) % 5,
+              "background": torch.zeros(n, dtype=torch.long)}  # plain: the object is the only saturated thing
+    v, caps, _ = data.sample(n, 11, labels=labels)
+    for i in range(n):
+        cx, cy = _centroids(v[i])
+        dx, dy = float(cx[-1] - cx[0]), float(cy[-1] - cy[0])
+        motion = VideoCaptions.MOTIONS[int(labels["motion"][i])]
+        expect = {"left": (dx < -4, abs(dy) < 1), "right": (dx > 4, abs(dy) < 1), "up": (dy < -4, abs(dx) < 1),
+                  "down": (dy > 4, abs(dx) < 1), "still": (abs(dx) < 0.5, abs(dy) < 0.5)}[motion]
+        assert all(expect), (caps[i], dx, dy)
+
+
+# ------------------------------------------------------------------------------ pipelines + training
+def _safetensors_dtypes(path):
+    with safe_open(str(path), "pt") as f:
+        return {f.get_tensor(k).dtype for k in f.keys()}
+
+
+def test_toy_image_training_saves_fp16_and_loads_with_from_pretrained(tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    info = train_image(tmp_path / "image", toy=True, device="cpu", seed=3, progress=False)
+    assert info["steps_done"] == 3 and (tmp_path / "image" / "train_info.json").is_file()
+    assert _safetensors_dtypes(tmp_path / "image/transformer/diffusion_pytorch_model.safetensors") == {torch.float16}
+    tr = DiTTransformer2DModel.from_pretrained(str(tmp_path / "image/transformer"))
+    assert tr.config.num_embeds_ada_norm == 12 and tr.config.in_channels == 3
+    pipe = load_image_pipeline(tmp_path / "image")
+    assert isinstance(pipe, PixelDiTPipeline) and pipe.get_label_ids(["ring"]) == [3]
+    img = pipe([0, 11], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert img.shape == (2, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
+    # deterministic per seed: a second run gives the same weights
+    train_image(tmp_path / "again", toy=True, device="cpu", seed=3, progress=False)
+    a = DiTTransformer2DModel.from_pretrained(str(tmp_path / "again/transformer")).state_dict()
+    assert all(torch.equal(v, a[k]) for k, v in tr.state_dict().items())
+
+
+def test_toy_video_training_saves_and_loads(tmp_path):
+    info = train_video(tmp_path / "video", toy=True, device="cpu", progress=False)
+    assert info["steps_done"] == 3
+    json.loads((tmp_path / "video/model_index.json").read_text())
+    pipe = load_video_pipeline(tmp_path / "video")
+    assert isinstance(pipe, PixelCogVideoXPipeline)
+    frames = pipe(["a red square moving left over stripes"], num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 4, 3, 16, 16)  # (B, F, C, H, W), transformer's default size and frames
+
+
+def test_toy_classifiers_train_and_load(tmp_path):
+    info = train_classifiers(tmp_path, toy=True, device="cpu", progress=False)
+    assert set(info) == {"image", "video"} and 0 <= info["image"]["eval_accuracy"] <= 1
+    assert set(info["video"]["eval_accuracy"]) == set(VideoCaptions.FACTORS)
+    clf = ImageClassifier.from_pretrained(str(tmp_path / "image_classifier"))
+    vclf = VideoClassifier.from_pretrained(str(tmp_path / "video_classifier"))
+    assert clf(torch.zeros(2, 3, 16, 16)).shape == (2, 12)
+    out = vclf(torch.zeros(2, 3, 4, 16, 16))
+    assert {k: v.shape[-1] for k, v in out.items()} == VideoCaptions().num_classes
+    assert vclf.features(torch.zeros(2, 3, 4, 16, 16)).shape == (2, vclf.config.feature_dim)
+    assert weights_bytes(tmp_path) > 0
+
+
+def test_full_size_models_meet_token_counts_and_the_24mb_budget():
+    tr = build_image_transformer()
+    assert (IMAGE_MODEL_CONFIG["sample_size"] // IMAGE_MODEL_CONFIG["patch_size"]) ** 2 >= 1024
+    c = VIDEO_MODEL_CONFIG
+    video_tokens = c["sample_frames"] * (c["sample_height"] // c["patch_size"]) * (c["sample_width"] // c["patch_size"])
+    assert video_tokens >= 4096
+    _, te, vt = build_video_components()
+    n = sum(p.numel() for m in (tr, te, vt, ImageClassifier(), VideoClassifier()) for p in m.parameters())
+    assert 2 * n < 23_000_000  # fp16 weights, leaving room for configs and the tokenizer in 24 MB
