@@ -379,3 +379,26 @@ def test_stats_flops_ratio_matches_the_analytic_value(dit):
     assert st.attention_flops_ratio == pytest.approx(total / (3 * STEPS))
     assert st.method_counts == {"full": 5, "wars": 2, "ast": 7, "asc": 3, "wars+asc": 1}
     assert st.steps == STEPS and st.denoise_seconds > 0
+
+
+@pytest.mark.parametrize("keep, cond", [("all", None), ("cond", 0), ("cond", 1)])
+def test_full_step_residual_through_the_fused_tile_kernel(pixart, monkeypatch, keep, cond):
+    """Where the tile kernel runs with tensor descriptors (Hopper), a residual-making full step uses
+    full_and_window_attention; forced here under the Triton interpreter, it must match the
+    dense + window path."""
+    pytest.importorskip("triton")
+    from ditaccel.methods import ditfastattn
+
+    attn, call, x = _layer_call(pixart, b=4, seed=8)
+    window = make_window("band1d", 0.25, (4, 4))
+    plain = LayerCache()
+    out_plain, _ = run_layer(StepAction("full", keep_res=keep), call, plain, window, cond=cond)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(ditfastattn, "tma_available", lambda *t: True)
+    fused = LayerCache()
+    _, call2, _ = _layer_call(pixart, b=4, seed=8)
+    out_fused, cost = run_layer(StepAction("full", keep_res=keep), call2, fused, window, cond=cond)
+    assert torch.allclose(out_fused, out_plain, atol=1e-5)
+    assert fused.res_rows == plain.res_rows and torch.allclose(fused.res, plain.res, atol=1e-5)
+    share = 1.0 if keep == "all" else 0.5  # only the tiles the window boundary cuts are computed twice
+    assert cost.extra_window == pytest.approx(ditfastattn._mixed_fraction(window) * share)

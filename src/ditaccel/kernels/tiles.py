@@ -18,10 +18,10 @@ not a power of two are covered by two power-of-two parts (72 = 64 + 16, not 128)
 from an earlier pass's ``(out, lse)`` so that two passes over disjoint key sets give the
 attention over their union with no merge pass.
 
-Measured on an H100 (``scripts/tune_tiles.py``, bf16, 2026-11-24): 412 TFLOP/s on all tiles at
-head dim 128 (128 x 128 tiles, 8 warps) against 639 for cuDNN; 167 at head dim 72 (64 + 16).
-So it beats compiled FlexAttention on block-sparse masks (64-token blocks: 2.2x) but not
-cuDNN-backed dense SDPA, and FlexAttention stays the faster window kernel at head dim 72.
+Measured on an H100 (``ditaccel bench all``, BENCHMARKS.md, bf16, 2026-11-24): about 420 TFLOP/s
+on kept tiles at head dim 128 against about 600-640 for cuDNN's dense attention; block-sparse
+2.5x faster than compiled FlexAttention with 64-token blocks; the N/8 band window at head dim 72
+(TMA loads) 2.11 ms against FlexAttention's 2.60 and dense SDPA's 6.78.
 
 Layout is SDPA's: ``q, k, v`` of shape ``(B, H, L, D)``, self-attention. The kernel knows
 nothing of the methods: callers turn their patterns into tile lists
@@ -336,6 +336,15 @@ def _tma_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def tma_available(*tensors) -> bool:
+    """Whether the kernel would load these (CUDA) tensors through tensor descriptors: a device of
+    compute capability >= 9 (Hopper) and TMA-compatible strides. That is the fast path (see the
+    module docstring); callers pick the tile kernel over FlexAttention only there."""
+    t = tensors[0]
+    return (available(t) and t.is_cuda and not triton_interpreting()
+            and torch.cuda.get_device_capability(t.device)[0] >= 9 and _tma_ok(*tensors))
+
+
 def available(q: torch.Tensor) -> bool:
     """Whether the Triton kernel can run on ``q`` here (CUDA, or the CPU interpreter)."""
     return triton is not None and q.dtype in _DTYPES and (q.is_cuda or triton_interpreting())
@@ -399,7 +408,7 @@ def tile_attention(
     else:
         init_out = init_lse = out
     if tma is None:
-        tma = q.is_cuda and not interpret and torch.cuda.get_device_capability(q.device)[0] >= 9 and _tma_ok(k, v)
+        tma = tma_available(k, v)
     if tma and q.is_cuda:
         triton.set_allocator(_tma_scratch)
     # 72 = 64 + 16 only with tensor-descriptor loads: Triton 3.6 miscompiles the split with masked

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check_qkv, pad_head_dim
-from .tiles import INSIDE, OUTSIDE, TileList, available, compact_columns, tile_attention
+from .tiles import INSIDE, OUTSIDE, TileList, available, compact_columns, tile_attention, tma_available
 
 __all__ = [
     "WindowSpec",
@@ -384,10 +384,11 @@ def window_attention(
         q, k, v: same shape, dtype and device; any float dtype, any head dim.
         spec: the window pattern.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"`` (``"flex"`` on CUDA, ``"chunked"`` elsewhere), ``"triton"`` (the
+        backend: ``"auto"`` (``"triton"`` on Hopper-class GPUs where its tensor-descriptor loads
+            apply, ``"flex"`` on other CUDA devices, ``"chunked"`` elsewhere), ``"triton"`` (the
             tile kernel of :mod:`ditaccel.kernels.tiles` over the tiles the window touches,
             masking only those its boundary cuts; CUDA, or CPU under ``TRITON_INTERPRET=1``;
-            1.6x slower than ``"flex"`` at head dim 72 on an H100, see BENCHMARKS.md),
+            on an H100 at head dim 72: 2.11 ms vs 2.60 for ``"flex"``, see BENCHMARKS.md),
             ``"flex"`` (FlexAttention with a cached block mask; compiled on CUDA,
             eager/unfused elsewhere; head dims flex rejects are zero-padded to a
             power of two), ``"chunked"`` (SDPA per query chunk over the reachable
@@ -402,7 +403,7 @@ def window_attention(
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
     if backend == "auto":
-        backend = "flex" if q.is_cuda else "chunked"
+        backend = ("triton" if tma_available(q, k, v) else "flex") if q.is_cuda else "chunked"
     if backend == "triton":
         return _triton_attention(q, k, v, spec, scale, block_size)
     if backend == "flex":

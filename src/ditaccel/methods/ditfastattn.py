@@ -18,7 +18,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ..kernels.window import WindowSpec, window_attention, window_tile_fraction
+from ..kernels.tiles import tma_available
+from ..kernels.window import WindowSpec, window_attention, window_tile_classes, window_tile_fraction
+from ..kernels.window_residual import full_and_window_attention
 
 FULL, WARS, AST, ASC, WARS_ASC = "full", "wars", "ast", "asc", "wars+asc"
 METHODS: tuple[str, ...] = (FULL, WARS, AST, ASC, WARS_ASC)
@@ -212,12 +214,21 @@ def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window
         out, cost = cache.out, CallCost(0.0)
     elif m == FULL and action.keep_res is not None and write:  # trial runs skip the residual
         q, k, v = call.qkv()
-        o = F.scaled_dot_product_attention(q, k, v)
         rows = slice(None) if action.keep_res == "all" or cond is None else half
-        w = window_attention(q[rows], k[rows], v[rows], window)
-        tf = _tile_fraction(window) * (1.0 if rows == slice(None) else 0.5)
-        cache.res, cache.res_rows = (o[rows] - w), ("all" if rows == slice(None) else "cond")
-        out, cost = call.project(o), CallCost(1.0, tf)
+        share = 1.0 if rows == slice(None) else 0.5
+        if tma_available(q, k, v):  # one kernel computes each tile once: the window, then the rest
+            o = torch.empty_like(q)
+            o[rows], w = full_and_window_attention(q[rows], k[rows], v[rows], window)
+            if share < 1.0:
+                other = slice((1 - cond) * (b // 2), (2 - cond) * (b // 2))
+                o[other] = F.scaled_dot_product_attention(q[other], k[other], v[other])
+            extra = _mixed_fraction(window) * share  # boundary tiles are visited by both passes
+        else:  # dense attention and a separate window pass
+            o = F.scaled_dot_product_attention(q, k, v)
+            w = window_attention(q[rows], k[rows], v[rows], window)
+            extra = _tile_fraction(window) * share
+        cache.res, cache.res_rows = (o[rows] - w), ("all" if share == 1.0 else "cond")
+        out, cost = call.project(o), CallCost(1.0, extra)
     elif m == FULL:
         out, cost = call.full(), CallCost(1.0)
     elif m == ASC:
@@ -252,6 +263,12 @@ def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window
 @functools.lru_cache(maxsize=64)
 def _tile_fraction(window: WindowSpec) -> float:
     return window_tile_fraction(window)
+
+
+@functools.lru_cache(maxsize=64)
+def _mixed_fraction(window: WindowSpec) -> float:
+    """Fraction of the 128 x 128 tiles the window boundary cuts (computed by both fused passes)."""
+    return float((window_tile_classes(window, 128, 128) == 1).float().mean())
 
 
 def _both_halves(x: torch.Tensor) -> torch.Tensor:
