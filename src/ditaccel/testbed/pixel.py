@@ -39,6 +39,7 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from .data import ImageClasses, VideoCaptions
+from .tiny import T5_CONFIG
 
 __all__ = [
     "IMAGE_MODEL_CONFIG",
@@ -127,25 +128,7 @@ VIDEO_MODEL_CONFIG = dict(
 )
 
 #: T5 v1.1 structure (gated-gelu), tiny, trained jointly with the video transformer.
-VIDEO_TEXT_ENCODER_CONFIG = dict(
-    d_model=64,
-    d_kv=16,
-    num_heads=4,
-    d_ff=128,
-    num_layers=2,
-    num_decoder_layers=2,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
-    feed_forward_proj="gated-gelu",
-    dropout_rate=0.0,
-    layer_norm_epsilon=1e-6,
-    tie_word_embeddings=False,
-    is_encoder_decoder=False,
-    use_cache=False,
-    pad_token_id=0,
-    eos_token_id=1,
-    decoder_start_token_id=0,
-)
+VIDEO_TEXT_ENCODER_CONFIG = dict(T5_CONFIG, d_model=64, d_kv=16, d_ff=128, relative_attention_max_distance=16)
 
 #: THUDM/CogVideoX-2b's scheduler (v-prediction, zero terminal SNR, SNR shift 3).
 VIDEO_SCHEDULER_CONFIG = dict(
