@@ -210,3 +210,29 @@ def test_missing_local_model_path(tmp_path, monkeypatch, capsys):
     assert rc == 2 or isinstance(rc, str)
     assert "--model" in msg
     assert not (tmp_path / "P.json").exists()
+
+
+def test_testbed_train_and_eval_at_toy_size(tmp_path, capsys):
+    """`ditaccel testbed train` writes loadable folders; `ditaccel eval` compares a method to dense on them."""
+    root = tmp_path / "weights"
+    assert cli.main(["testbed", "train", "image", "--out", str(root / "image"), "--toy", "--steps", "2",
+                     "--device", "cpu"]) == 0
+    assert cli.main(["testbed", "train", "classifiers", "--out", str(root), "--toy", "--steps", "2",
+                     "--device", "cpu"]) == 0
+    capsys.readouterr()
+    out_json = tmp_path / "eval.json"
+    assert cli.main(["eval", "--weights", str(root), "--samples", "2", "--steps", "3", "--device", "cpu",
+                     "--method", "adaspa", "--sparsity", "0.5", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads(out_json.read_text())
+    for key in ("psnr", "ssim", "fd_compressed_vs_dense", "accuracy_dense", "accuracy_compressed",
+                "attention_flops_ratio", "time_dense_s"):
+        assert key in r and key in printed
+    assert r["n"] == 2 and r["steps"] == 3 and r["method"] == "AdaSpaConfig"
+
+
+def test_eval_and_testbed_errors(tmp_path, capsys):
+    assert cli.main(["eval", "--weights", str(tmp_path / "none")]) == 2
+    assert "--weights" in capsys.readouterr().err
+    assert cli.main(["testbed", "fit"]) == 2
+    assert "ditaccel testbed train" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``ditaccel`` command: demo, calibrate, generate, plan show."""
+"""The ``ditaccel`` command: demo, calibrate, generate, plan show, eval, testbed train, bench."""
 
 from __future__ import annotations
 
@@ -210,6 +210,38 @@ def cmd_plan_show(args) -> int:
 
 
 # ------------------------------------------------------------------------------ parser
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    import ditaccel
+    from ditaccel.evaluate import evaluate_trained
+    from ditaccel.testbed.pixel import WEIGHTS_DIR
+
+    root = Path(args.weights) if args.weights else WEIGHTS_DIR
+    for part in (args.model, f"{args.model}_classifier"):
+        if not (root / part).is_dir():
+            raise ValueError(f"--weights: no trained testbed folder {root / part}; train it with "
+                             f"`ditaccel testbed train {'classifiers' if 'classifier' in part else args.model}`")
+    if args.method == "adaspa":
+        method = ditaccel.AdaSpaConfig(sparsity=args.sparsity, head_adaptive=not args.no_head_adaptive)
+    elif args.method == "ditfastattn":
+        method = args.plan or ditaccel.DiTFastAttnConfig(threshold=args.threshold, show_progress=False)
+    else:
+        method = None
+    device = _device(args.device)
+    kw = {"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {}
+    r = evaluate_trained(args.model, method, weights_dir=root, device=device, n=args.samples, steps=args.steps,
+                         **kw)
+    shown = {k: v for k, v in r.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    width = max(len(k) for k in shown)
+    for k, v in shown.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: v for k, v in r.items() if k != "samples"}, f, indent=1, default=str)
+    return 0
+
+
 def _model_args(p, default="demo-dit"):
     p.add_argument("--model", default=default,
                    help=f"a diffusers pipeline id/path, or a built-in offline model: {', '.join(TINY_MODELS)}")
@@ -259,6 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="speed of full-size architectures (random weights): `ditaccel bench -h`",
                    add_help=False)
+    sub.add_parser("testbed", help="train the testbed models: `ditaccel testbed train -h`", add_help=False)
+
+    p = sub.add_parser("eval", help="quality and speed of a method against dense on a trained testbed model")
+    p.add_argument("--model", default="image", choices=["image", "video"])
+    p.add_argument("--method", default="adaspa", choices=["adaspa", "ditfastattn", "dense"])
+    p.add_argument("--sparsity", type=float, default=0.8, help="adaspa: fraction of key blocks dropped")
+    p.add_argument("--no-head-adaptive", action="store_true", help="adaspa: one sparsity for every head")
+    p.add_argument("--threshold", default="D4", help="ditfastattn: δ (float) or a preset D1..D6")
+    p.add_argument("--plan", help="ditfastattn: a plan file instead of calibrating")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--weights", help="folder with image/, video/ and the classifiers (default: shipped)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the metrics here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plan", help="inspect plan files")
     psub = p.add_subparsers(dest="plan_command", required=True)
@@ -277,6 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:2] == ["testbed", "train"]:
+        from .testbed.train import main as train_main
+
+        return train_main(argv[2:])
+    if argv[:1] == ["testbed"]:
+        print("ditaccel: error: testbed: the subcommand is `ditaccel testbed train image|video|classifiers`",
+              file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     if getattr(args, "threshold", None) is not None:
         try:

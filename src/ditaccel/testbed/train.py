@@ -603,10 +603,11 @@ def train_classifiers(
 # command line (python -m ditaccel.testbed.train ...)
 # --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ditaccel.testbed.train",
+    ap = argparse.ArgumentParser(prog="ditaccel testbed train",
                                  description="Train a testbed model on procedural data.")
     ap.add_argument("what", choices=["image", "video", "classifiers"])
-    ap.add_argument("--out", required=True, help="output folder (classifiers: the parent folder)")
+    ap.add_argument("--out", help="output folder (classifiers: the parent folder); default: the package's "
+                                  "weights folder, where `ditaccel eval` and the demo look")
     ap.add_argument("--minutes", type=float, help="time budget (default: 15 image, 18 video, 4 classifiers)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
@@ -615,12 +616,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer (image/video)")
     a = ap.parse_args(argv)
     kw = dict(seed=a.seed, device=a.device, toy=a.toy, steps=a.steps)
+    from .pixel import WEIGHTS_DIR
+
+    out = a.out or (WEIGHTS_DIR if a.what == "classifiers" else WEIGHTS_DIR / a.what)
     if a.what == "image":
-        info = train_image(a.out, minutes=a.minutes or 15.0, compile=a.compile, **kw)
+        info = train_image(out, minutes=a.minutes or 15.0, compile=a.compile, **kw)
     elif a.what == "video":
-        info = train_video(a.out, minutes=a.minutes or 18.0, compile=a.compile, **kw)
+        info = train_video(out, minutes=a.minutes or 18.0, compile=a.compile, **kw)
     else:
-        info = train_classifiers(a.out, minutes=a.minutes or 4.0, **kw)
+        info = train_classifiers(out, minutes=a.minutes or 4.0, **kw)
     print(json.dumps({k: v for k, v in info.items() if k != "losses"} if "losses" in info else
                      {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in info.items()}, indent=2))
     return 0
