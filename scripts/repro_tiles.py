@@ -1,3 +1,14 @@
+"""Reproduce a Triton 3.6 miscompile on an H100: the tile kernel's 64 + 16 head-dim split (D = 72)
+with masked *pointer* loads gives NaN (or an illegal address), while the same kernel with
+tensor-descriptor (TMA) loads is correct. Hence ``tile_attention`` splits head dims only with TMA.
+
+    python scripts/repro_tiles.py V0       # current kernel, pointer loads: NaN on Triton 3.6
+    python scripts/repro_tiles.py V0tma    # current kernel, TMA loads: correct
+    python scripts/repro_tiles.py V3_notma_code   # the TMA code removed from the source: still NaN
+
+Each variant runs in its own process (a faulting kernel poisons the CUDA context).
+"""
+
 import importlib.util, inspect, math, os, re, sys, tempfile, textwrap
 import torch
 from ditaccel.kernels import tiles
