@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .parallel import context_parallel_core
+
 if TYPE_CHECKING:
     from .runtime import Runtime
 
@@ -105,6 +107,8 @@ def _make_dispatch(original):
         fn = _CORE.get()
         if fn is None or key.shape[1] != query.shape[1]:  # not ours, or a cross-attention call
             return original(query, key, value, attn_mask, *args, **kwargs)
+        if kwargs.get("parallel_config") is not None:  # diffusers context parallelism: query is this rank's shard
+            return context_parallel_core(fn, query, key, value, attn_mask, kwargs["parallel_config"], _key_padding)
         b, length = query.shape[:2]
         out = fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                  _key_padding(attn_mask, b, length))
@@ -189,6 +193,9 @@ class DispatchAttentionCall:
                          "convention yet")
 
     def core(self, fn):
+        """The module output with the attention core of its self-attention dispatch replaced by
+        ``fn(q, k, v, key_padding_mask)``; under diffusers context parallelism by
+        ``fn(q, k, v, key_padding_mask, heads=HeadShard)`` on all tokens of this rank's heads."""
         token = _CORE.set(fn)
         try:
             return self.full()
@@ -222,6 +229,24 @@ class DiTAccelAttnProcessor:
 
         call.__signature__ = inspect.signature(original.__call__)
         self.__call__ = call
+
+    # diffusers' enable_parallelism / set_attention_backend set these on every processor: they
+    # belong to the original processor, which runs every call ditaccel leaves alone.
+    @property
+    def _parallel_config(self):
+        return getattr(self.original, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.original._parallel_config = value
+
+    @property
+    def _attention_backend(self):
+        return getattr(self.original, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self.original._attention_backend = value
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if not self.call_cls.handles(encoder_hidden_states):

@@ -21,6 +21,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .models import ModelAdapter, adapter_for
+from .parallel import check_model as check_parallelism
 from .processors import CALL_KINDS, DiTAccelAttnProcessor, patch_core, unpatch_core
 
 HOOK_NAME = "ditaccel"
@@ -117,6 +118,7 @@ class Runtime:
         t, hs = bound.get(self.adapter.timestep_arg), bound.get("hidden_states")
         if t is None or hs is None:
             raise ValueError(f"ditaccel needs the transformer's hidden_states and {self.adapter.timestep_arg!r} arguments")
+        check_parallelism(self.transformer, self.adapter)  # parallelism may be enabled after apply
         ctx = self.state_manager._context
         if ctx is None or ctx.name.startswith("ditaccel:"):
             self.state_manager.set_context(CacheContext(_OWN_CONTEXT))
@@ -308,6 +310,7 @@ def install(target, method, cfg: bool | None = None) -> Runtime:
     if get_runtime(transformer) is not None:
         raise RuntimeError("ditaccel is already applied to this transformer; call ditaccel.remove first")
     adapter = adapter_for(transformer)
+    check_parallelism(transformer, adapter)
     if cfg is not None and adapter.cfg_batch_order is None:
         warnings.warn(f"cfg={cfg} is ignored: {adapter.name} pipelines do not batch CFG", stacklevel=3)
     runtime = Runtime(transformer, adapter, method, cfg)

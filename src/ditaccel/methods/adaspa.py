@@ -152,8 +152,11 @@ def text_blocks(seq_len: int, block_size: int, text_tokens: int, position: str |
     return is_text[:, None] | is_text[None, :]
 
 
-def select_mask(W: torch.Tensor, config: AdaSpaConfig, always: torch.Tensor | None):
-    """The searched mask and its diagnostics: (mask, per-head sparsity, recall of the mask)."""
+def select_mask(W: torch.Tensor, config: AdaSpaConfig, always: torch.Tensor | None, heads=None):
+    """The searched mask and its diagnostics: (mask, per-head sparsity, recall of the mask).
+
+    heads: the ``HeadShard`` W belongs to when the heads are split across ranks (context
+    parallelism): the sparsity tiers rank the heads of all ranks, as on one device."""
     B, H, NQ, NK = W.shape
     # the budget counts the key blocks a video query block chooses from: all but the text columns
     text_cols = int(always.all(dim=0).sum()) if always is not None else 0
@@ -161,7 +164,10 @@ def select_mask(W: torch.Tensor, config: AdaSpaConfig, always: torch.Tensor | No
     s = torch.full((B, H), float(config.sparsity), dtype=torch.float64, device=W.device)
     if config.head_adaptive and config.sparsity > 0:
         base = topk_blocks(W, keep_counts(s, budget), always)
-        s = head_sparsity(recall(W, base), config.sparsity, config.recall_threshold)
+        base_recall = recall(W, base) if heads is None else heads.gather(recall(W, base))
+        s = head_sparsity(base_recall, config.sparsity, config.recall_threshold)
+        if heads is not None:
+            s = s[:, heads.start:heads.start + heads.count]
     mask = topk_blocks(W, keep_counts(s, budget), always)
     return mask, s, recall(W, mask)
 
@@ -191,9 +197,10 @@ class AdaSpaCache:
     kv_indices: torch.Tensor | None = None  # int32 (B,H,NQ,K)
     kv_counts: torch.Tensor | None = None  # int32 (B,H,NQ)
     flops: float = 0.0  # attention FLOPs of one sparse call with these masks
-    density: torch.Tensor | None = None  # (H,) mean kept fraction per head
+    density: torch.Tensor | None = None  # (H,) mean kept fraction per (global) head
     recalls: list[float] = field(default_factory=list)  # mean recall at each search
     search_seconds: float = 0.0
+    rank_density: list[float] | None = None  # under context parallelism: mean kept fraction per rank
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.lse, self.kv_indices, self.kv_counts)
@@ -234,8 +241,8 @@ class AdaSpa:
             return call.full(), 1.0, "dense"
         stats = {}
 
-        def core(q, k, v, key_padding_mask=None):
-            return self._core(what, ctx, q, k, v, key_padding_mask, cache, stats)
+        def core(q, k, v, key_padding_mask=None, heads=None):
+            return self._core(what, ctx, q, k, v, key_padding_mask, cache, stats, heads)
 
         out = call.core(core)
         if ctx.step == len(self.plan) - 1:  # the generation's last step: free LSE and masks
@@ -243,8 +250,16 @@ class AdaSpa:
         return out, stats["fraction"], what
 
     def details(self, caches: dict[int, AdaSpaCache]) -> dict:
-        """Per-layer density (mean, per head), recall at each search, search time."""
+        """Per-layer density (mean, per head), recall at each search, search time; under context
+        parallelism also each layer's work balance (max over mean of the per-rank kept fraction:
+        the step waits for the busiest rank)."""
         layers = sorted(caches)
+        balance = {}
+        if any(caches[i].rank_density for i in layers):
+            balance["rank_density_per_layer"] = [caches[i].rank_density for i in layers]
+            balance["rank_imbalance_per_layer"] = [
+                max(caches[i].rank_density) * len(caches[i].rank_density) / max(sum(caches[i].rank_density), 1e-30)
+                if caches[i].rank_density else 1.0 for i in layers]
         return {
             "density_per_layer": [float(caches[i].density.mean()) if caches[i].density is not None else 1.0
                                   for i in layers],
@@ -252,15 +267,16 @@ class AdaSpa:
                                  for i in layers],
             "recall_per_search": [caches[i].recalls for i in layers],
             "search_seconds": sum(caches[i].search_seconds for i in layers),
+            **balance,
         }
 
-    def _core(self, what, ctx, q, k, v, kpm, cache: AdaSpaCache, stats):
+    def _core(self, what, ctx, q, k, v, kpm, cache: AdaSpaCache, stats, heads=None):
         cfg = self.config
         B, H, L, D = q.shape
         fraction = 0.0
         if what in ("search", "research"):
             with torch.no_grad():
-                out = self._search(what, ctx, q, k, v, kpm, cache)
+                out = self._search(what, ctx, q, k, v, kpm, cache, heads=heads)
             fraction += 1.5 if what == "search" else 0.5  # (full attention +) the QKᵀ-only mass pass
             if what == "search":
                 stats["fraction"] = fraction
@@ -273,8 +289,11 @@ class AdaSpa:
         stats["fraction"] = fraction + cache.flops / (4.0 * B * H * L * L * D)
         return out
 
-    def _search(self, what, ctx, q, k, v, kpm, cache: AdaSpaCache):
-        """Search the masks; at the first search also return the exact attention output."""
+    def _search(self, what, ctx, q, k, v, kpm, cache: AdaSpaCache, heads=None):
+        """Search the masks; at the first search also return the exact attention output.
+
+        heads: the ``HeadShard`` of q/k/v under context parallelism (``None``: all heads). The
+        LSE and masks cached here are this rank's heads; tiers, density and recall are global."""
         cfg = self.config
         t0 = time.perf_counter()
         out = None
@@ -285,11 +304,15 @@ class AdaSpa:
         always = None
         if cfg.text_sink and ctx.text_tokens:
             always = text_blocks(q.shape[2], cfg.block_size, ctx.text_tokens, ctx.text_position, q.device)
-        mask, _, rec = select_mask(W, cfg, always)
+        mask, _, rec = select_mask(W, cfg, always, heads)
         idx, cache.kv_counts = mask_to_indices(mask)
         cache.flops = block_sparse_flops(cache.kv_counts, cfg.block_size, q.shape[2], q.shape[3], kv_indices=idx)
         cache.kv_indices = compact_indices(idx, cache.kv_counts)
-        cache.density = mask.float().mean(dim=(0, 2, 3)).cpu()
+        density = mask.float().mean(dim=(0, 2, 3))
+        if heads is not None:
+            density, rec = heads.gather(density[None])[0], heads.gather(rec)
+            cache.rank_density = density.view(heads.ranks, heads.count).mean(dim=1).tolist()
+        cache.density = density.cpu()
         cache.recalls.append(float(rec.mean()))
         if q.is_cuda:
             torch.cuda.synchronize(q.device)

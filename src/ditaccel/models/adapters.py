@@ -35,6 +35,9 @@ class ModelAdapter:
         patch_size_attr: config attribute giving the spatial patch size of the token grid.
         text_tokens: where text tokens sit in the self-attention sequence: ``None`` (image
             tokens only), ``"prefix"`` or ``"suffix"``.
+        context_parallel: ditaccel runs this family under diffusers' Ulysses context parallelism
+            (``ditaccel.parallel``): its dispatch processor passes ``parallel_config`` to the core
+            and the attention sequence after the all-to-all is in true token order.
     """
 
     name: str
@@ -47,6 +50,7 @@ class ModelAdapter:
     cfg_batch_order: tuple[str, str] | None = ("cond", "uncond")
     patch_size_attr: str = "patch_size"
     text_tokens: str | None = None
+    context_parallel: bool = False
 
     # ---- derived facts, all from the record + module structure, never from isinstance chains
     def attention_modules(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
@@ -117,6 +121,7 @@ WAN = ModelAdapter(
     attention="attn1",  # attn2 is cross-attention to the text: untouched
     attention_call="dispatch",
     cfg_batch_order=None,  # the pipeline runs cond and uncond as separate calls (cache_context)
+    context_parallel=True,  # _cp_plan splits the video tokens contiguously: true order after the all-to-all
 )
 
 HUNYUAN_VIDEO = ModelAdapter(

@@ -1,0 +1,168 @@
+"""ditaccel under diffusers' Ulysses context parallelism: 2 gloo processes on the CPU.
+
+Each rank first computes the 1-process outputs (no parallelism, ditaccel applied), then enables
+Ulysses over both ranks and checks that ditaccel's outputs are the same within fp32 rounding.
+
+``ModelMixin.enable_parallelism`` cannot run on a CPU-only machine (it picks the device as
+``rank % torch.accelerator.device_count()``, which is 0 there), so ``_enable_ulysses`` does its
+steps by hand: a ``("ring", "ulysses")`` CPU device mesh, ``ParallelConfig.setup``, the config on
+the model and on every attention processor, and ``apply_context_parallel`` with the model's
+``_cp_plan``.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from diffusers import ContextParallelConfig, WanTransformer3DModel
+from diffusers.models._modeling_parallel import ParallelConfig
+
+import ditaccel
+from ditaccel.plan import Plan
+from ditaccel.runtime import get_runtime
+from ditaccel.testbed.video import WAN_TRANSFORMER_CONFIG
+
+WORLD = 2
+STEPS = (900, 700, 500, 300, 100)
+ADASPA = ditaccel.AdaSpaConfig(sparsity=0.5, block_size=16, recall_threshold=0.3)
+
+
+def _wan():
+    torch.manual_seed(0)  # 4 heads: 2 per rank, so the head-adaptive tiers span both ranks
+    return WanTransformer3DModel(**dict(WAN_TRANSFORMER_CONFIG, num_attention_heads=4)).eval()
+
+
+def _wan_inputs():
+    g = torch.Generator().manual_seed(0)  # 4 x 8 x 8 = 256 tokens: 16 blocks of 16, 128 tokens per rank
+    return torch.randn(1, 4, 4, 16, 16, generator=g), torch.randn(1, 7, 32, generator=g)
+
+
+def _methods(model):
+    """(name, plan or config) of the cases compared: ditaccel applied with every layer full,
+    a DiTFastAttn full/ast plan, AdaSpa with sparse steps and head tiers."""
+    return [("dense", Plan.from_methods(model, [["full"] * len(STEPS)] * 2, cfg=False)),
+            ("ditfastattn", Plan.from_methods(model, [["full", "ast", "full", "ast", "ast"]] * 2, cfg=False)),
+            ("adaspa", ADASPA)]
+
+
+def _generate(model, method):
+    """One bare-transformer generation; returns the outputs of every step and the stats."""
+    ditaccel.apply(model, method, num_inference_steps=len(STEPS) if method is ADASPA else None)
+    try:
+        x, ctx = _wan_inputs()
+        with torch.no_grad():
+            outs = [model(x, timestep=torch.tensor([t]), encoder_hidden_states=ctx, return_dict=False)[0]
+                    for t in STEPS]
+        return outs, ditaccel.stats(model)
+    finally:
+        ditaccel.remove(model)
+
+
+def _enable_ulysses(model, rank: int):
+    """What ``model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))`` does, with
+    the device mesh built on the CPU."""
+    from diffusers.hooks.context_parallel import apply_context_parallel
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cp = ContextParallelConfig(ulysses_degree=WORLD)
+    config = ParallelConfig(context_parallel_config=cp)
+    config.setup(rank, WORLD, torch.device("cpu"),
+                 mesh=init_device_mesh("cpu", cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names))
+    model._parallel_config = config
+    for m in model.modules():
+        if hasattr(getattr(m, "processor", None), "_parallel_config"):
+            m.processor._parallel_config = config
+    apply_context_parallel(model, cp, model._cp_plan)
+
+
+def _worker(rank: int, port: int):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = _wan()
+        refs = {name: _generate(model, m) for name, m in _methods(model)}
+        # DiTFastAttn applied before parallelism is enabled: the processors must pass the config on
+        ditaccel.apply(model, _methods(model)[1][1])
+        _enable_ulysses(model, rank)
+        x, ctx = _wan_inputs()
+        with torch.no_grad():
+            outs = [model(x, timestep=torch.tensor([t]), encoder_hidden_states=ctx, return_dict=False)[0]
+                    for t in STEPS]
+        ditaccel.remove(model)
+        _check("ditfastattn (applied first)", outs, refs["ditfastattn"][0])
+        for name, m in _methods(model):  # applied after parallelism is enabled
+            outs, st = _generate(model, m)
+            _check(name, outs, refs[name][0])
+            assert st.method_counts == refs[name][1].method_counts, name
+        st, ref = _generate(model, ADASPA)[1].details, refs["adaspa"][1].details
+        # global head indexing: the tiers, densities and recalls are those of one process
+        assert torch.allclose(torch.tensor(st["density_per_head"]), torch.tensor(ref["density_per_head"])), st
+        assert len({round(d, 4) for d in st["density_per_head"][0]}) > 1, "head tiers are not exercised"
+        assert all(abs(a - b) < 1e-5 for a, b in zip(sum(st["recall_per_search"], []),
+                                                      sum(ref["recall_per_search"], [])))
+        assert len(st["rank_imbalance_per_layer"]) == 2 and all(r >= 1.0 for r in st["rank_imbalance_per_layer"])
+    finally:
+        dist.destroy_process_group()
+
+
+def _check(name, outs, refs):
+    for step, (o, r) in enumerate(zip(outs, refs)):
+        err = (o - r).abs().max().item()
+        assert err <= 1e-5 * max(1.0, r.abs().max().item()), f"{name}, step {step}: max |2-rank - 1-process| = {err}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wan_ulysses_two_ranks_match_one_process():
+    """dense (all-full plan), DiTFastAttn (full/ast) and AdaSpa (sparse, head tiers) on a tiny Wan
+    transformer: 2 gloo ranks under Ulysses give the 1-process outputs within fp32 rounding."""
+    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD)
+
+
+# ----------------------------------------------------------------------------------- refusals
+def _processors(model):
+    return [m.processor for m in model.modules() if hasattr(m, "processor")]
+
+
+@pytest.mark.parametrize("cp, match", [(dict(ring_degree=2), "ring_degree"),
+                                       (dict(ulysses_degree=2, ulysses_anything=True), "ulysses_anything")])
+def test_refused_parallel_settings_leave_the_model_unchanged(cp, match):
+    model = _wan()
+    model._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(**cp))
+    before = _processors(model)
+    for method in (ADASPA, Plan.from_methods(model, [["full", "ast"]] * 2, cfg=False)):
+        with pytest.raises(ValueError, match=match):
+            ditaccel.apply(model, method, num_inference_steps=5 if method is ADASPA else None)
+        assert _processors(model) == before and get_runtime(model) is None
+        assert not hasattr(model, "_diffusers_hook") or "ditaccel" not in model._diffusers_hook.hooks
+
+
+def test_unsupported_family_refused_under_context_parallelism():
+    from ditaccel.testbed import tiny_dit_pipeline
+
+    model = tiny_dit_pipeline(sample_size=8, num_layers=1).transformer
+    model._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    before = _processors(model)
+    with pytest.raises(ValueError, match="parallel_config"):
+        ditaccel.apply(model, ADASPA, num_inference_steps=5)
+    assert _processors(model) == before and get_runtime(model) is None
+
+
+def test_parallelism_enabled_after_apply_is_checked_at_the_call():
+    model = _wan()
+    ditaccel.apply(model, ADASPA, num_inference_steps=5)
+    try:
+        model._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2))
+        x, ctx = _wan_inputs()
+        with pytest.raises(ValueError, match="ring_degree"):
+            model(x, timestep=torch.tensor([900]), encoder_hidden_states=ctx)
+    finally:
+        ditaccel.remove(model)
