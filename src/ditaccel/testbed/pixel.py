@@ -39,7 +39,8 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from .data import ImageClasses, VideoCaptions
-from .tiny import T5_CONFIG
+from .tiny import DIT_SCHEDULER_CONFIG, T5_CONFIG
+from .video import COGVIDEOX_SCHEDULER_CONFIG
 
 __all__ = [
     "IMAGE_MODEL_CONFIG",
@@ -85,16 +86,7 @@ IMAGE_MODEL_CONFIG = dict(
 
 #: The released DiT schedule (facebook/DiT-XL-2-256: linear betas, epsilon); the pipeline
 #: samples with DPM-Solver++ built from it, as the DiT model card does.
-IMAGE_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.0001,
-    beta_end=0.02,
-    beta_schedule="linear",
-    clip_sample=False,
-    set_alpha_to_one=True,
-    steps_offset=0,
-    prediction_type="epsilon",
-)
+IMAGE_SCHEDULER_CONFIG = dict(DIT_SCHEDULER_CONFIG)
 
 #: Video CogVideoX (2b layout: 3D sin-cos positions, LayerNorm q/k, joint [text, video]
 #: self-attention): 16 frames of 64x64 RGB, patch 4 -> 16 x 16 x 16 = 4,096 video tokens + 16
@@ -131,21 +123,7 @@ VIDEO_MODEL_CONFIG = dict(
 VIDEO_TEXT_ENCODER_CONFIG = dict(T5_CONFIG, d_model=64, d_kv=16, d_ff=128, relative_attention_max_distance=16)
 
 #: THUDM/CogVideoX-2b's scheduler (v-prediction, zero terminal SNR, SNR shift 3).
-VIDEO_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    clip_sample_range=1.0,
-    set_alpha_to_one=True,
-    steps_offset=0,
-    prediction_type="v_prediction",
-    sample_max_value=1.0,
-    timestep_spacing="trailing",
-    rescale_betas_zero_snr=True,
-    snr_shift_scale=3.0,
-)
+VIDEO_SCHEDULER_CONFIG = dict(COGVIDEOX_SCHEDULER_CONFIG)
 
 
 def build_caption_tokenizer(model_max_length: int = 16) -> PreTrainedTokenizerFast:
