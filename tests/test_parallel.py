@@ -2,6 +2,9 @@
 
 Each rank first computes the 1-process outputs (no parallelism, ditaccel applied), then enables
 Ulysses over both ranks and checks that ditaccel's outputs are the same within fp32 rounding.
+Wan splits its video tokens contiguously; Flux splits text and image tokens separately, so its
+gathered sequence is [text_0, image_0, text_1, image_1] and AdaSpa's text sink checks that the
+core sees the true order.
 
 ``ModelMixin.enable_parallelism`` cannot run on a CPU-only machine (it picks the device as
 ``rank % torch.accelerator.device_count()``, which is 0 there), so ``_enable_ulysses`` does its
@@ -17,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from diffusers import ContextParallelConfig, WanTransformer3DModel
+from diffusers import ContextParallelConfig, FluxTransformer2DModel, WanTransformer3DModel
 from diffusers.models._modeling_parallel import ParallelConfig
 
 import ditaccel
@@ -40,22 +43,47 @@ def _wan_inputs():
     return torch.randn(1, 4, 4, 16, 16, generator=g), torch.randn(1, 7, 32, generator=g)
 
 
+def _wan_call(model, t):
+    x, ctx = _wan_inputs()
+    return model(x, timestep=torch.tensor([t]), encoder_hidden_states=ctx, return_dict=False)[0]
+
+
+def _flux():
+    torch.manual_seed(0)  # 4 heads of 16: 2 per rank
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=16,
+                                  pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def _flux_call(model, t):
+    """16 text + 240 image tokens (a 16 x 15 grid): 16 blocks of 16, the text in block 0; per rank
+    8 text and 120 image tokens."""
+    g = torch.Generator().manual_seed(0)
+    n, text = 240, 16
+    img_ids = torch.stack([torch.zeros(n), torch.arange(n) // 15, torch.arange(n) % 15], dim=1)
+    x, ctx = torch.randn(1, n, 4, generator=g), torch.randn(1, text, 16, generator=g)
+    return model(x, encoder_hidden_states=ctx, pooled_projections=torch.ones(1, 8), timestep=torch.tensor([t / 1000]),
+                 img_ids=img_ids, txt_ids=torch.zeros(text, 3), return_dict=False)[0]
+
+
+FAMILIES = {"wan": (_wan, _wan_call), "flux": (_flux, _flux_call)}  # (tiny transformer, one call at timestep t)
+
+
 def _methods(model):
     """(name, plan or config) of the cases compared: ditaccel applied with every layer full,
     a DiTFastAttn full/ast plan, AdaSpa with sparse steps and head tiers."""
-    return [("dense", Plan.from_methods(model, [["full"] * len(STEPS)] * 2, cfg=False)),
-            ("ditfastattn", Plan.from_methods(model, [["full", "ast", "full", "ast", "ast"]] * 2, cfg=False)),
+    full, ast = ["full"] * len(STEPS), ["full", "ast", "full", "ast", "ast"]
+    return [("dense", Plan.from_methods(model, [full] * 2, cfg=False)),
+            ("ditfastattn", Plan.from_methods(model, [ast] * 2, cfg=False)),
             ("adaspa", ADASPA)]
 
 
-def _generate(model, method):
+def _generate(model, method, call):
     """One bare-transformer generation; returns the outputs of every step and the stats."""
     ditaccel.apply(model, method, num_inference_steps=len(STEPS) if method is ADASPA else None)
     try:
-        x, ctx = _wan_inputs()
         with torch.no_grad():
-            outs = [model(x, timestep=torch.tensor([t]), encoder_hidden_states=ctx, return_dict=False)[0]
-                    for t in STEPS]
+            outs = [call(model, t) for t in STEPS]
         return outs, ditaccel.stats(model)
     finally:
         ditaccel.remove(model)
@@ -78,27 +106,29 @@ def _enable_ulysses(model, rank: int):
     apply_context_parallel(model, cp, model._cp_plan)
 
 
-def _worker(rank: int, port: int):
+def _worker(rank: int, port: int, family: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    build, call = FAMILIES[family]
     try:
-        model = _wan()
-        refs = {name: _generate(model, m) for name, m in _methods(model)}
-        # DiTFastAttn applied before parallelism is enabled: the processors must pass the config on
-        ditaccel.apply(model, _methods(model)[1][1])
+        model = build()
+        refs = {name: _generate(model, m, call) for name, m in _methods(model)}
+        # applied before parallelism is enabled: the processors must pass the config on (Wan:
+        # DiTFastAttn); ditaccel's hook sees this rank's shard of the text and image inputs (Flux
+        # splits them at the transformer's own forward: AdaSpa's text sink needs all the text)
+        name, m = _methods(model)[2 if family == "flux" else 1]
+        ditaccel.apply(model, m, num_inference_steps=len(STEPS) if m is ADASPA else None)
         _enable_ulysses(model, rank)
-        x, ctx = _wan_inputs()
         with torch.no_grad():
-            outs = [model(x, timestep=torch.tensor([t]), encoder_hidden_states=ctx, return_dict=False)[0]
-                    for t in STEPS]
+            outs = [call(model, t) for t in STEPS]
         ditaccel.remove(model)
-        _check("ditfastattn (applied first)", outs, refs["ditfastattn"][0])
+        _check(f"{name} (applied first)", outs, refs[name][0])
         for name, m in _methods(model):  # applied after parallelism is enabled
-            outs, st = _generate(model, m)
+            outs, st = _generate(model, m, call)
             _check(name, outs, refs[name][0])
             assert st.method_counts == refs[name][1].method_counts, name
-        st, ref = _generate(model, ADASPA)[1].details, refs["adaspa"][1].details
+        st, ref = _generate(model, ADASPA, call)[1].details, refs["adaspa"][1].details
         # global head indexing: the tiers, densities and recalls are those of one process
         assert torch.allclose(torch.tensor(st["density_per_head"]), torch.tensor(ref["density_per_head"])), st
         assert len({round(d, 4) for d in st["density_per_head"][0]}) > 1, "head tiers are not exercised"
@@ -124,7 +154,13 @@ def _free_port() -> int:
 def test_wan_ulysses_two_ranks_match_one_process():
     """dense (all-full plan), DiTFastAttn (full/ast) and AdaSpa (sparse, head tiers) on a tiny Wan
     transformer: 2 gloo ranks under Ulysses give the 1-process outputs within fp32 rounding."""
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD)
+    mp.spawn(_worker, args=(_free_port(), "wan"), nprocs=WORLD)
+
+
+def test_flux_ulysses_two_ranks_match_one_process():
+    """The same on a tiny Flux transformer (joint [text, image] attention, AdaSpa's text sink),
+    with DiTFastAttn and AdaSpa also applied before parallelism is enabled."""
+    mp.spawn(_worker, args=(_free_port(), "flux"), nprocs=WORLD)
 
 
 # ----------------------------------------------------------------------------------- refusals
@@ -166,3 +202,17 @@ def test_parallelism_enabled_after_apply_is_checked_at_the_call():
             model(x, timestep=torch.tensor([900]), encoder_hidden_states=ctx)
     finally:
         ditaccel.remove(model)
+
+
+@pytest.mark.parametrize("position", ["prefix", "suffix"])
+def test_true_order_undoes_the_per_rank_text_image_interleave(position):
+    from ditaccel.parallel import true_order
+
+    text, image = torch.arange(6), torch.arange(6, 18)  # 6 text and 12 image tokens in true order
+    true = torch.cat([text, image] if position == "prefix" else [image, text])
+    shards = [torch.cat([t, i] if position == "prefix" else [i, t]) for t, i in zip(text.chunk(3), image.chunk(3))]
+    gathered = torch.cat(shards)  # what the Ulysses all-to-all gives: the ranks' shards in rank order
+    assert torch.equal(gathered[true_order(18, 3, 6, position)], true)
+    assert true_order(18, 1, 6, position) is None and true_order(18, 3, 0, None) is None
+    with pytest.raises(ValueError, match="text_tokens"):
+        true_order(18, 3, 4, position)

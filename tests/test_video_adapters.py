@@ -204,3 +204,32 @@ def test_flux_adaspa_joint_text_image():
     # timesteps 1.0 .. 0.2 (the pipeline's t / 1000) map to five steps
     assert st.steps == 5 and st.method_counts == {"dense": 2, "search": 2, "sparse": 4, "research": 2}
     assert all(0 < d < 1 for d in st.details["density_per_layer"])
+
+
+def test_flux_ast_on_joint_layers_reuses_the_output_pair():
+    """Flux's double-stream attention returns (image, text): `ast` caches and returns the pair."""
+    from diffusers import FluxTransformer2DModel
+
+    from ditaccel.plan import Plan
+
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    n, t = 36, 4
+    g = torch.Generator().manual_seed(5)
+    img_ids = torch.stack([torch.zeros(n), torch.arange(n) // 6, torch.arange(n) % 6], dim=1)
+    x, ctx = torch.randn(1, n, 4, generator=g), torch.randn(1, t, 16, generator=g)
+
+    def run():
+        return [tr(x, encoder_hidden_states=ctx, pooled_projections=torch.ones(1, 8), timestep=torch.tensor([s]),
+                   img_ids=img_ids, txt_ids=torch.zeros(t, 3)).sample for s in (1.0, 0.5)]
+
+    ditaccel.apply(tr, Plan.from_methods(tr, [["full", "ast"]] * 2, cfg=False))
+    try:
+        outs = run()
+        st = ditaccel.stats(tr)
+    finally:
+        ditaccel.remove(tr)
+    assert st.method_counts == {"full": 2, "ast": 2} and st.cache_bytes_peak > 0
+    assert all(torch.isfinite(o).all() for o in outs)

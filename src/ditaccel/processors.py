@@ -86,6 +86,7 @@ class SdpaSelfAttentionCall:
 
 
 # ------------------------------------------------------------------ dispatch interception
+# (core fn, text layout of the attention sequence) of the ditaccel core running in this context
 _CORE: contextvars.ContextVar = contextvars.ContextVar("ditaccel_core", default=None)
 _PATCHED: dict[str, tuple[object, int]] = {}  # module name -> (original dispatch_attention_fn, users)
 
@@ -104,11 +105,13 @@ def _key_padding(attn_mask, batch: int, length: int):
 
 def _make_dispatch(original):
     def dispatch_attention_fn(query, key, value, attn_mask=None, *args, **kwargs):
-        fn = _CORE.get()
-        if fn is None or key.shape[1] != query.shape[1]:  # not ours, or a cross-attention call
+        core = _CORE.get()
+        if core is None or key.shape[1] != query.shape[1]:  # not ours, or a cross-attention call
             return original(query, key, value, attn_mask, *args, **kwargs)
+        fn, text = core
         if kwargs.get("parallel_config") is not None:  # diffusers context parallelism: query is this rank's shard
-            return context_parallel_core(fn, query, key, value, attn_mask, kwargs["parallel_config"], _key_padding)
+            return context_parallel_core(fn, query, key, value, attn_mask, kwargs["parallel_config"], _key_padding,
+                                         text)
         b, length = query.shape[:2]
         out = fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                  _key_padding(attn_mask, b, length))
@@ -130,11 +133,11 @@ class _FunctionalProxy:
 
     def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, **kwargs):
-        fn = _CORE.get()
-        if fn is None or key.shape[-2] != query.shape[-2] or dropout_p or is_causal or scale is not None or kwargs:
+        core = _CORE.get()
+        if core is None or key.shape[-2] != query.shape[-2] or dropout_p or is_causal or scale is not None or kwargs:
             return self._F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                                         is_causal=is_causal, scale=scale, **kwargs)
-        return fn(query, key, value, _key_padding(attn_mask, query.shape[0], query.shape[-2]))
+        return core[0](query, key, value, _key_padding(attn_mask, query.shape[0], query.shape[-2]))
 
 
 _WRAPPERS = {"dispatch_attention_fn": _make_dispatch, "F": _FunctionalProxy}
@@ -172,6 +175,10 @@ class DispatchAttentionCall:
 
     methods = frozenset({"full", "ast"})  # no q/k/v access for wars, no per-row call for asc (yet)
 
+    #: (text tokens, "prefix"/"suffix"/None) of the attention sequence, from the step context (set
+    #: by the processor): under context parallelism the core puts the gathered tokens in true order
+    text: tuple[int, str | None] = (0, None)
+
     @staticmethod
     def handles(encoder_hidden_states) -> bool:
         return True
@@ -196,7 +203,7 @@ class DispatchAttentionCall:
         """The module output with the attention core of its self-attention dispatch replaced by
         ``fn(q, k, v, key_padding_mask)``; under diffusers context parallelism by
         ``fn(q, k, v, key_padding_mask, heads=HeadShard)`` on all tokens of this rank's heads."""
-        token = _CORE.set(fn)
+        token = _CORE.set((fn, self.text))
         try:
             return self.full()
         finally:
@@ -252,6 +259,9 @@ class DiTAccelAttnProcessor:
         if not self.call_cls.handles(encoder_hidden_states):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         call = self.call_cls(self.original, attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs)
+        if hasattr(call, "text"):
+            ctx = self.runtime.state.ctx
+            call.text = (ctx.text_tokens, ctx.text_position)
         inner = attn.heads * (attn.to_q.out_features // attn.heads)
         return self.runtime.attention(self.layer, call, dense_flops(call.batch_size, hidden_states.shape[1], inner))
 

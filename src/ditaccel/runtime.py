@@ -21,7 +21,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .models import ModelAdapter, adapter_for
-from .parallel import check_model as check_parallelism
+from .parallel import check_model as check_parallelism, input_shards
 from .processors import CALL_KINDS, DiTAccelAttnProcessor, patch_core, unpatch_core
 
 HOOK_NAME = "ditaccel"
@@ -130,8 +130,11 @@ class Runtime:
             st.t_start = time.perf_counter()
             step = max(step, 0)
         st.step, st.last_t = step, tval
-        st.ctx = StepContext(step, tval, self._cond_index(hs, bound), self.adapter.token_grid(self.transformer, hs),
-                             hs.shape[0], *self.adapter.text_layout(bound))
+        grid, (text, position) = self.adapter.token_grid(self.transformer, hs), self.adapter.text_layout(bound)
+        shards = input_shards(self.transformer, HOOK_NAME)
+        if shards > 1:  # this hook sees this rank's shard of the (packed) text and image tokens: describe them all
+            grid, text = (grid[0], grid[1] * shards), text * shards
+        st.ctx = StepContext(step, tval, self._cond_index(hs, bound), grid, hs.shape[0], text, position)
         st.steps_seen.add(step)
         self.last_ctx = st.ctx
         self.method.begin_call(st.ctx)

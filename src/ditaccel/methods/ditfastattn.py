@@ -181,7 +181,8 @@ class LayerCache:
     res_rows: str | None = None  # "all" or "cond"
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.out, self.res) if t is not None)
+        outs = self.out if isinstance(self.out, tuple) else (self.out,)  # joint layers: (image, text)
+        return sum(t.numel() * t.element_size() for t in (*outs, self.res) if t is not None)
 
     def release(self) -> None:
         self.out = self.res = self.res_rows = None
@@ -209,7 +210,8 @@ def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window
     half = None if cond is None else slice(cond * (b // 2), (cond + 1) * (b // 2))
 
     if m == AST:
-        if cache.out is None or cache.out.shape[0] != b:
+        cached = cache.out[0] if isinstance(cache.out, tuple) else cache.out  # joint layers: (image, text)
+        if cached is None or cached.shape[0] != b:
             raise RuntimeError("ast: no cached output from an earlier step of this generation")
         out, cost = cache.out, CallCost(0.0)
     elif m == FULL and action.keep_res is not None and write:  # trial runs skip the residual

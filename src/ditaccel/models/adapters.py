@@ -36,8 +36,9 @@ class ModelAdapter:
         text_tokens: where text tokens sit in the self-attention sequence: ``None`` (image
             tokens only), ``"prefix"`` or ``"suffix"``.
         context_parallel: ditaccel runs this family under diffusers' Ulysses context parallelism
-            (``ditaccel.parallel``): its dispatch processor passes ``parallel_config`` to the core
-            and the attention sequence after the all-to-all is in true token order.
+            (``ditaccel.parallel``): its dispatch processor passes ``parallel_config`` to the core,
+            and after the all-to-all the attention sequence is in true token order, or each rank's
+            shard holds its share of the text at ``text_tokens`` (the core reorders it).
     """
 
     name: str
@@ -153,6 +154,7 @@ FLUX = ModelAdapter(
     timestep_scale=1e-3,  # the pipeline passes t / 1000
     cfg_batch_order=None,  # guidance-distilled; true CFG runs separate calls
     text_tokens="prefix",
+    context_parallel=True,  # _cp_plan splits text and image per rank: the core restores the true order
 )
 
 ADAPTERS: dict[str, ModelAdapter] = {
