@@ -13,8 +13,6 @@ the model and on every attention processor, and ``apply_context_parallel`` with 
 ``_cp_plan``.
 """
 
-import os
-import socket
 
 import pytest
 import torch
@@ -106,10 +104,10 @@ def _enable_ulysses(model, rank: int):
     apply_context_parallel(model, cp, model._cp_plan)
 
 
-def _worker(rank: int, port: int, family: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, store: str, family: str):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file rendezvous: no TCP port to pick (and lose to another process) before the ranks start
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     build, call = FAMILIES[family]
     try:
         model = build()
@@ -145,22 +143,16 @@ def _check(name, outs, refs):
         assert err <= 1e-5 * max(1.0, r.abs().max().item()), f"{name}, step {step}: max |2-rank - 1-process| = {err}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_wan_ulysses_two_ranks_match_one_process():
+def test_wan_ulysses_two_ranks_match_one_process(tmp_path):
     """dense (all-full plan), DiTFastAttn (full/ast) and AdaSpa (sparse, head tiers) on a tiny Wan
     transformer: 2 gloo ranks under Ulysses give the 1-process outputs within fp32 rounding."""
-    mp.spawn(_worker, args=(_free_port(), "wan"), nprocs=WORLD)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), "wan"), nprocs=WORLD)
 
 
-def test_flux_ulysses_two_ranks_match_one_process():
+def test_flux_ulysses_two_ranks_match_one_process(tmp_path):
     """The same on a tiny Flux transformer (joint [text, image] attention, AdaSpa's text sink),
     with DiTFastAttn and AdaSpa also applied before parallelism is enabled."""
-    mp.spawn(_worker, args=(_free_port(), "flux"), nprocs=WORLD)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), "flux"), nprocs=WORLD)
 
 
 # ----------------------------------------------------------------------------------- refusals
