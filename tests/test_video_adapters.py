@@ -173,21 +173,29 @@ def test_cogvideox_adaspa_with_batched_cfg(cogvideox):
     assert st.method_counts["sparse"] == 2 * 2
 
 
-def test_flux_adaspa_joint_text_image():
+def _tiny_flux(rows: int, cols: int, text: int, seed: int, times):
+    """A tiny Flux transformer on a rows x cols image + ``text`` text tokens, and a function running
+    one bare-transformer generation at ``times``."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
     tr = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
                                 num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
                                 guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
-    n, t = 96, 8
-    g = torch.Generator().manual_seed(3)
-    img_ids = torch.stack([torch.zeros(n), torch.arange(n) // 12, torch.arange(n) % 12], dim=1)
-    x, ctx = torch.randn(1, n, 4, generator=g), torch.randn(1, t, 16, generator=g)
+    n = rows * cols
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.stack([torch.zeros(n), torch.arange(n) // cols, torch.arange(n) % cols], dim=1)
+    x, ctx = torch.randn(1, n, 4, generator=g), torch.randn(1, text, 16, generator=g)
 
     def run():
         return [tr(x, encoder_hidden_states=ctx, pooled_projections=torch.ones(1, 8), timestep=torch.tensor([s]),
-                   img_ids=img_ids, txt_ids=torch.zeros(t, 3)).sample for s in (1.0, 0.8, 0.6, 0.4, 0.2)]
+                   img_ids=img_ids, txt_ids=torch.zeros(text, 3)).sample for s in times]
+
+    return tr, run
+
+
+def test_flux_adaspa_joint_text_image():
+    tr, run = _tiny_flux(rows=8, cols=12, text=8, seed=3, times=(1.0, 0.8, 0.6, 0.4, 0.2))
 
     dense = run()
     ditaccel.apply(tr, ditaccel.AdaSpaConfig(sparsity=0.0, block_size=16), num_inference_steps=5)
@@ -208,22 +216,9 @@ def test_flux_adaspa_joint_text_image():
 
 def test_flux_ast_on_joint_layers_reuses_the_output_pair():
     """Flux's double-stream attention returns (image, text): `ast` caches and returns the pair."""
-    from diffusers import FluxTransformer2DModel
-
     from ditaccel.plan import Plan
 
-    torch.manual_seed(0)
-    tr = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                                num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
-                                guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
-    n, t = 36, 4
-    g = torch.Generator().manual_seed(5)
-    img_ids = torch.stack([torch.zeros(n), torch.arange(n) // 6, torch.arange(n) % 6], dim=1)
-    x, ctx = torch.randn(1, n, 4, generator=g), torch.randn(1, t, 16, generator=g)
-
-    def run():
-        return [tr(x, encoder_hidden_states=ctx, pooled_projections=torch.ones(1, 8), timestep=torch.tensor([s]),
-                   img_ids=img_ids, txt_ids=torch.zeros(t, 3)).sample for s in (1.0, 0.5)]
+    tr, run = _tiny_flux(rows=6, cols=6, text=4, seed=5, times=(1.0, 0.5))
 
     ditaccel.apply(tr, Plan.from_methods(tr, [["full", "ast"]] * 2, cfg=False))
     try:
