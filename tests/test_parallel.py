@@ -4,13 +4,15 @@ Each rank first computes the 1-process outputs (no parallelism, ditaccel applied
 Ulysses over both ranks and checks that ditaccel's outputs are the same within fp32 rounding.
 Wan splits its video tokens contiguously; Flux splits text and image tokens separately, so its
 gathered sequence is [text_0, image_0, text_1, image_1] and AdaSpa's text sink checks that the
-core sees the true order.
+core sees the true order. HunyuanVideo runs under ``ditaccel.parallel.hunyuan_video_cp_plan``
+(diffusers has no plan for it): gathered [video_0, text_0, video_1, text_1] with a text padding
+mask that must be cut per rank; its plain diffusers outputs are checked too.
 
 ``ModelMixin.enable_parallelism`` cannot run on a CPU-only machine (it picks the device as
 ``rank % torch.accelerator.device_count()``, which is 0 there), so ``_enable_ulysses`` does its
 steps by hand: a ``("ring", "ulysses")`` CPU device mesh, ``ParallelConfig.setup``, the config on
 the model and on every attention processor, and ``apply_context_parallel`` with the model's
-``_cp_plan``.
+``_cp_plan`` (HunyuanVideo: ``hunyuan_video_cp_plan``).
 """
 
 
@@ -18,13 +20,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from diffusers import ContextParallelConfig, FluxTransformer2DModel, WanTransformer3DModel
+from diffusers import (ContextParallelConfig, FluxTransformer2DModel, HunyuanVideoTransformer3DModel,
+                       WanTransformer3DModel)
 from diffusers.models._modeling_parallel import ParallelConfig
 
 import ditaccel
+from ditaccel.parallel import hunyuan_video_cp_plan
 from ditaccel.plan import Plan
 from ditaccel.runtime import get_runtime
-from ditaccel.testbed.video import WAN_TRANSFORMER_CONFIG
+from ditaccel.testbed.video import HUNYUAN_TRANSFORMER_CONFIG, WAN_TRANSFORMER_CONFIG
 
 WORLD = 2
 STEPS = (900, 700, 500, 300, 100)
@@ -64,7 +68,24 @@ def _flux_call(model, t):
                  img_ids=img_ids, txt_ids=torch.zeros(text, 3), return_dict=False)[0]
 
 
-FAMILIES = {"wan": (_wan, _wan_call), "flux": (_flux, _flux_call)}  # (tiny transformer, one call at timestep t)
+def _hunyuan():
+    torch.manual_seed(0)  # 4 heads of 16: 2 per rank
+    return HunyuanVideoTransformer3DModel(**dict(HUNYUAN_TRANSFORMER_CONFIG, num_attention_heads=4)).eval()
+
+
+def _hunyuan_call(model, t):
+    """128 video tokens (2 x 8 x 8) + 16 text tokens, 3 of them valid: 9 blocks of 16, the text in
+    the last; per rank 64 video and 8 text tokens, so rank 1's text is all padding (a contiguous
+    cut of the forward's whole-sequence mask would be wrong)."""
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 2, 16, 16, generator=g), torch.randn(1, 16, 16, generator=g)
+    return model(x, timestep=torch.tensor([t]), encoder_hidden_states=ctx,
+                 encoder_attention_mask=(torch.arange(16) < 3).long()[None], pooled_projections=torch.ones(1, 8),
+                 guidance=torch.tensor([6000.0]), return_dict=False)[0]
+
+
+# (tiny transformer, one call at timestep t)
+FAMILIES = {"wan": (_wan, _wan_call), "flux": (_flux, _flux_call), "hunyuan": (_hunyuan, _hunyuan_call)}
 
 
 def _methods(model):
@@ -101,7 +122,7 @@ def _enable_ulysses(model, rank: int):
     for m in model.modules():
         if hasattr(getattr(m, "processor", None), "_parallel_config"):
             m.processor._parallel_config = config
-    apply_context_parallel(model, cp, model._cp_plan)
+    apply_context_parallel(model, cp, model._cp_plan if model._cp_plan is not None else hunyuan_video_cp_plan(model))
 
 
 def _worker(rank: int, store: str, family: str):
@@ -111,6 +132,8 @@ def _worker(rank: int, store: str, family: str):
     build, call = FAMILIES[family]
     try:
         model = build()
+        with torch.no_grad():
+            plain = [call(model, t) for t in STEPS]  # diffusers alone: checks the cp_plan itself
         refs = {name: _generate(model, m, call) for name, m in _methods(model)}
         # applied before parallelism is enabled: the processors must pass the config on (Wan:
         # DiTFastAttn); ditaccel's hook sees this rank's shard of the text and image inputs (Flux
@@ -122,6 +145,8 @@ def _worker(rank: int, store: str, family: str):
             outs = [call(model, t) for t in STEPS]
         ditaccel.remove(model)
         _check(f"{name} (applied first)", outs, refs[name][0])
+        with torch.no_grad():
+            _check("plain diffusers", [call(model, t) for t in STEPS], plain)
         for name, m in _methods(model):  # applied after parallelism is enabled
             outs, st = _generate(model, m, call)
             _check(name, outs, refs[name][0])
@@ -153,6 +178,13 @@ def test_flux_ulysses_two_ranks_match_one_process(tmp_path):
     """The same on a tiny Flux transformer (joint [text, image] attention, AdaSpa's text sink),
     with DiTFastAttn and AdaSpa also applied before parallelism is enabled."""
     mp.spawn(_worker, args=(str(tmp_path / "store"), "flux"), nprocs=WORLD)
+
+
+def test_hunyuan_video_ulysses_two_ranks_match_one_process(tmp_path):
+    """The same on a tiny HunyuanVideo transformer under ``hunyuan_video_cp_plan``: joint
+    [video, text] attention with the text a per-rank suffix, AdaSpa's text sink and the text
+    padding mask (cut per rank by the plan's mask hook); plain diffusers matches too."""
+    mp.spawn(_worker, args=(str(tmp_path / "store"), "hunyuan"), nprocs=WORLD)
 
 
 # ----------------------------------------------------------------------------------- refusals
@@ -208,3 +240,26 @@ def test_true_order_undoes_the_per_rank_text_image_interleave(position):
     assert true_order(18, 1, 6, position) is None and true_order(18, 3, 0, None) is None
     with pytest.raises(ValueError, match="text_tokens"):
         true_order(18, 3, 4, position)
+
+
+def test_hunyuan_video_cp_plan_refusals():
+    """Other classes and token_replace blocks are refused; the mask hooks are registered once, do
+    nothing without context parallelism and refuse ring attention."""
+    with pytest.raises(ValueError, match="transformer"):
+        hunyuan_video_cp_plan(_wan())
+    config = dict(HUNYUAN_TRANSFORMER_CONFIG, image_condition_type="token_replace")
+    token_replace = HunyuanVideoTransformer3DModel(**config)
+    with pytest.raises(ValueError, match="image_condition_type"):
+        hunyuan_video_cp_plan(token_replace)
+    model = _hunyuan()
+    plan = hunyuan_video_cp_plan(model)
+    assert hunyuan_video_cp_plan(model) == plan  # a second call does not register the mask hooks again
+    with torch.no_grad():
+        ref = _hunyuan_call(model, 900)  # no parallelism enabled: the mask hooks do nothing
+        assert torch.equal(ref, _hunyuan_call(_hunyuan(), 900))
+        ring = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2))
+        for m in model.modules():
+            if hasattr(getattr(m, "processor", None), "_parallel_config"):
+                m.processor._parallel_config = ring
+        with pytest.raises(ValueError, match="ring_degree"):
+            _hunyuan_call(model, 900)

@@ -25,6 +25,10 @@ The method core learns which heads it computes from a ``HeadShard``: per-head de
 depend on all heads (AdaSpa's head-adaptive sparsity tiers) are made on the gathered global
 view, and per-head caches stay with the rank that always holds those heads.
 
+diffusers' ``HunyuanVideoTransformer3DModel`` declares no ``_cp_plan``; ``hunyuan_video_cp_plan``
+supplies one (passed as ``enable_parallelism(config=..., cp_plan=...)``) together with the per-rank
+slicing of its joint attention mask, which no plan entry can express.
+
 Refused (``ValueError`` naming the setting): ring attention (``ring_degree > 1``; the templated
 ring merges partial outputs by their LSE, which ditaccel's core does not return),
 ``ulysses_anything`` (uneven head split), tensor parallelism, and families whose adapter does not
@@ -37,6 +41,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .models.adapters import HUNYUAN_VIDEO
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,67 @@ def true_order(length: int, ranks: int, text_tokens: int, text_position: str | N
     if text_position == "suffix":
         return torch.cat([idx[:, :local - text].flatten(), idx[:, local - text:].flatten()])
     raise ValueError(f"text_position must be 'prefix' or 'suffix', got {text_position!r}")
+
+
+_MASK_HOOK = "ditaccel:cp_joint_mask"
+
+
+def hunyuan_video_cp_plan(transformer: torch.nn.Module) -> dict:
+    """A ``cp_plan`` for diffusers' ``HunyuanVideoTransformer3DModel`` (which declares none)::
+
+        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=P),
+                                       cp_plan=ditaccel.parallel.hunyuan_video_cp_plan(transformer))
+
+    The plan splits the RoPE tables and the video and text tokens entering the first dual-stream
+    block into P contiguous shards (rank r holds [video_r, text_r]: its text stays a suffix, as
+    ``true_order`` expects) and gathers the video tokens at ``proj_out``; the text refiner runs on
+    all text tokens, on every rank. The forward builds one (B, 1, 1, V + T) key-padding mask for
+    the whole [video, text] sequence and hands it to every block unchanged; a plan can only cut it
+    into contiguous chunks, which are not the masks of the ranks' [video_r, text_r] shards once
+    more than T/P text tokens are padding. So this call also registers, once, on every joint
+    attention module a hook (``_JointMaskShard``) that cuts this rank's mask; it does nothing
+    while context parallelism is not enabled. Ulysses only; ``image_condition_type="token_replace"``
+    (its blocks treat the first frame's tokens by position) is refused.
+    """
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    if type(transformer).__name__ != HUNYUAN_VIDEO.transformer_class:
+        raise ValueError(f"transformer: expected a {HUNYUAN_VIDEO.transformer_class}, got {type(transformer).__name__}")
+    if getattr(transformer.config, "image_condition_type", None) == "token_replace":
+        raise ValueError("image_condition_type: token_replace blocks treat the first frame's tokens by position, "
+                         "which a split sequence does not keep; no cp_plan for them")
+    for attn in HUNYUAN_VIDEO.attention_modules(transformer):
+        registry = HookRegistry.check_if_exists_or_initialize(attn)
+        if registry.get_hook(_MASK_HOOK) is None:
+            registry.register_hook(_JointMaskShard(), _MASK_HOOK)
+    rope = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)  # (V, D) cos and sin
+    tokens = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+    return {"rope": {0: rope, 1: rope},
+            "transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
+
+class _JointMaskShard(ModelHook):
+    """Gives a HunyuanVideo joint attention module the key-padding mask of this rank's
+    [video_r, text_r] tokens, cut from the forward's (B, 1, 1, V + T) mask of the whole sequence.
+    diffusers' Ulysses all-gathers such per-rank masks in rank order, the order of the gathered
+    tokens (``hunyuan_video_cp_plan``)."""
+
+    def pre_forward(self, module, *args, **kwargs):
+        config = getattr(module.processor, "_parallel_config", None)
+        cp = None if config is None else config.context_parallel_config
+        mask, text = kwargs.get("attention_mask"), kwargs.get("encoder_hidden_states")
+        if cp is None or mask is None or text is None:
+            return args, kwargs
+        if cp.ring_degree > 1 or cp.ulysses_anything:
+            name = "ring_degree" if cp.ring_degree > 1 else "ulysses_anything"
+            raise ValueError(f"{name}: hunyuan_video_cp_plan shards the joint attention mask for Ulysses only "
+                             "(ring_degree=1, ulysses_anything=False)")
+        p, r = cp.ulysses_degree, cp._ulysses_local_rank
+        video = mask.shape[-1] - text.shape[1] * p  # video tokens of the whole sequence (text: this rank's share)
+        kwargs["attention_mask"] = torch.cat([mask[..., :video].chunk(p, dim=-1)[r],
+                                              mask[..., video:].chunk(p, dim=-1)[r]], dim=-1)
+        return args, kwargs
 
 
 def context_parallel_core(fn, query, key, value, attn_mask, parallel_config, key_padding, text=(0, None)):

@@ -133,6 +133,7 @@ HUNYUAN_VIDEO = ModelAdapter(
     attention_call="dispatch",
     cfg_batch_order=None,  # guidance-distilled
     text_tokens="suffix",
+    context_parallel=True,  # with ditaccel.parallel.hunyuan_video_cp_plan: each rank holds [video_r, text_r]
 )
 
 COGVIDEOX = ModelAdapter(
