@@ -336,6 +336,12 @@ def _tma_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+@functools.lru_cache(maxsize=1)
+def _install_tma_allocator() -> None:
+    """Give Triton the descriptor allocator once per process (not on every launch)."""
+    triton.set_allocator(_tma_scratch)
+
+
 def tma_available(*tensors) -> bool:
     """Whether the kernel would load these (CUDA) tensors through tensor descriptors: a device of
     compute capability >= 9 (Hopper) and TMA-compatible strides. That is the fast path (see the
@@ -410,7 +416,7 @@ def tile_attention(
     if tma is None:
         tma = tma_available(k, v)
     if tma and q.is_cuda:
-        triton.set_allocator(_tma_scratch)
+        _install_tma_allocator()
     # 72 = 64 + 16 only with tensor-descriptor loads: Triton 3.6 miscompiles the split with masked
     # pointer loads on an H100 (NaN or illegal address), so pointer loads pad to a power of two.
     d0, d1, split = split_head_dim(D) if tma else (pad_head_dim(D), 16, False)

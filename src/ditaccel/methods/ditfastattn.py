@@ -219,9 +219,11 @@ def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window
         rows = slice(None) if action.keep_res == "all" or cond is None else half
         share = 1.0 if rows == slice(None) else 0.5
         if tma_available(q, k, v):  # one kernel computes each tile once: the window, then the rest
-            o = torch.empty_like(q)
-            o[rows], w = full_and_window_attention(q[rows], k[rows], v[rows], window)
-            if share < 1.0:
+            if share == 1.0:
+                o, w = full_and_window_attention(q, k, v, window)
+            else:  # the residual of the conditional half only; the other half plain dense
+                o = torch.empty_like(q)
+                o[rows], w = full_and_window_attention(q[rows], k[rows], v[rows], window)
                 other = slice((1 - cond) * (b // 2), (2 - cond) * (b // 2))
                 o[other] = F.scaled_dot_product_attention(q[other], k[other], v[other])
             extra = _mixed_fraction(window) * share  # boundary tiles are visited by both passes
