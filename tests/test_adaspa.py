@@ -39,6 +39,8 @@ def test_schedule_50_and_20_steps():
     assert s20.index("search") == 4 and s20.index("research") == 12 and s20[:4] == ["dense"] * 4
     with pytest.raises(ValueError, match="search_at"):
         AdaSpaConfig(search_at=(0.2, 0.99)).schedule(20)  # floor(19.8 + .5) = 20: past the last step
+    fresh = AdaSpaConfig(lse_cache=False).schedule(50)  # the caching ablation: every search is a first one
+    assert [i for i, w in enumerate(fresh) if w == "search"] == [10, 30] and "research" not in fresh
 
 
 # ------------------------------------------------------------------ selection

@@ -229,6 +229,16 @@ def test_testbed_train_and_eval_at_toy_size(tmp_path, capsys):
                 "attention_flops_ratio", "time_dense_s"):
         assert key in r and key in printed
     assert r["n"] == 2 and r["steps"] == 3 and r["method"] == "AdaSpaConfig"
+    # the video testbed, dense, with a picture of the samples (one row per video, 4 frames)
+    assert cli.main(["testbed", "train", "video", "--out", str(root / "video"), "--toy", "--steps", "2",
+                     "--device", "cpu"]) == 0
+    png = tmp_path / "video.png"
+    assert cli.main(["eval", "--model", "video", "--method", "dense", "--weights", str(root), "--samples", "2",
+                     "--steps", "2", "--device", "cpu", "--samples-png", str(png)]) == 0
+    from PIL import Image
+
+    w, h = Image.open(png).size
+    assert h == 2 * (2 * 16 + 4) and w == 110 + 4 * (2 * 16 + 4)  # 2 rows x 4 frames of 16 px, scale 2
 
 
 def test_eval_and_testbed_errors(tmp_path, capsys):

@@ -6,13 +6,18 @@ Wan splits its video tokens contiguously; Flux splits text and image tokens sepa
 gathered sequence is [text_0, image_0, text_1, image_1] and AdaSpa's text sink checks that the
 core sees the true order. HunyuanVideo runs under ``ditaccel.parallel.hunyuan_video_cp_plan``
 (diffusers has no plan for it): gathered [video_0, text_0, video_1, text_1] with a text padding
-mask that must be cut per rank; its plain diffusers outputs are checked too.
+mask that must be cut per rank; its plain diffusers outputs are checked too. CogVideoX (2b layout:
+sin-cos positions; 1.5 layout: temporal patches and rotary embeddings on the video part) runs under
+``ditaccel.parallel.cogvideox_cp_plan``, whose hook makes its processor's own
+``F.scaled_dot_product_attention`` call Ulysses attention: gathered [text_0, video_0, text_1, video_1].
+Every case also checks that ``ditaccel.stats`` on a rank (FLOPs, ratio, method counts) equals the
+1-process stats.
 
 ``ModelMixin.enable_parallelism`` cannot run on a CPU-only machine (it picks the device as
 ``rank % torch.accelerator.device_count()``, which is 0 there), so ``_enable_ulysses`` does its
 steps by hand: a ``("ring", "ulysses")`` CPU device mesh, ``ParallelConfig.setup``, the config on
 the model and on every attention processor, and ``apply_context_parallel`` with the model's
-``_cp_plan`` (HunyuanVideo: ``hunyuan_video_cp_plan``).
+``_cp_plan`` or ditaccel's plan for it (``CP_PLANS``).
 """
 
 
@@ -20,15 +25,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from diffusers import (ContextParallelConfig, FluxTransformer2DModel, HunyuanVideoTransformer3DModel,
-                       WanTransformer3DModel)
+from diffusers import (CogVideoXTransformer3DModel, ContextParallelConfig, FluxTransformer2DModel,
+                       HunyuanVideoTransformer3DModel, WanTransformer3DModel)
 from diffusers.models._modeling_parallel import ParallelConfig
 
 import ditaccel
-from ditaccel.parallel import hunyuan_video_cp_plan
+from ditaccel.parallel import cogvideox_cp_plan, hunyuan_video_cp_plan
 from ditaccel.plan import Plan
 from ditaccel.runtime import get_runtime
-from ditaccel.testbed.video import HUNYUAN_TRANSFORMER_CONFIG, WAN_TRANSFORMER_CONFIG
+from ditaccel.testbed.video import COGVIDEOX_TRANSFORMER_CONFIG, HUNYUAN_TRANSFORMER_CONFIG, WAN_TRANSFORMER_CONFIG
 
 WORLD = 2
 STEPS = (900, 700, 500, 300, 100)
@@ -84,8 +89,48 @@ def _hunyuan_call(model, t):
                  guidance=torch.tensor([6000.0]), return_dict=False)[0]
 
 
+def _cogvideox():
+    torch.manual_seed(0)  # 2b layout (sin-cos positions), 4 heads of 16: 2 per rank
+    return CogVideoXTransformer3DModel(**dict(COGVIDEOX_TRANSFORMER_CONFIG, num_attention_heads=4, sample_width=16,
+                                              sample_height=16, sample_frames=9, max_text_seq_length=16)).eval()
+
+
+def _cogvideox_call(model, t):
+    """16 text + 192 video tokens (3 x 8 x 8): 13 blocks of 16, the text in block 0; per rank 8
+    text and 96 video tokens."""
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 3, 4, 16, 16, generator=g), torch.randn(1, 16, 16, generator=g)
+    return model(x, encoder_hidden_states=ctx, timestep=torch.tensor([t]), return_dict=False)[0]
+
+
+def _cogvideox15():
+    torch.manual_seed(0)  # 1.5 layout: temporal patches of 2, rotary embeddings, no positional table
+    return CogVideoXTransformer3DModel(**dict(COGVIDEOX_TRANSFORMER_CONFIG, num_attention_heads=4, sample_width=16,
+                                              sample_height=16, sample_frames=13, max_text_seq_length=16,
+                                              patch_size_t=2, patch_bias=False,
+                                              use_rotary_positional_embeddings=True)).eval()
+
+
+def _cogvideox15_call(model, t):
+    """16 text + 128 video tokens (4 latent frames in 2 temporal patches x 8 x 8), with the
+    pipeline's rotary tables for them: 9 blocks of 16; per rank 8 text and 64 video tokens."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 4, 16, 16, generator=g), torch.randn(1, 16, 16, generator=g)
+    rope = get_3d_rotary_pos_embed(embed_dim=16, crops_coords=None, grid_size=(8, 8), temporal_size=2,
+                                   grid_type="slice", max_size=(8, 8))
+    return model(x, encoder_hidden_states=ctx, timestep=torch.tensor([t]), image_rotary_emb=rope,
+                 return_dict=False)[0]
+
+
 # (tiny transformer, one call at timestep t)
-FAMILIES = {"wan": (_wan, _wan_call), "flux": (_flux, _flux_call), "hunyuan": (_hunyuan, _hunyuan_call)}
+FAMILIES = {"wan": (_wan, _wan_call), "flux": (_flux, _flux_call), "hunyuan": (_hunyuan, _hunyuan_call),
+            "cogvideox": (_cogvideox, _cogvideox_call), "cogvideox15": (_cogvideox15, _cogvideox15_call)}
+# families diffusers declares no _cp_plan for: ditaccel's
+CP_PLANS = {"HunyuanVideoTransformer3DModel": hunyuan_video_cp_plan, "CogVideoXTransformer3DModel": cogvideox_cp_plan}
+# families whose "applied first" case is AdaSpa (its text sink sees the true order), else DiTFastAttn
+ADASPA_FIRST = {"flux", "cogvideox"}
 
 
 def _methods(model):
@@ -122,7 +167,8 @@ def _enable_ulysses(model, rank: int):
     for m in model.modules():
         if hasattr(getattr(m, "processor", None), "_parallel_config"):
             m.processor._parallel_config = config
-    apply_context_parallel(model, cp, model._cp_plan if model._cp_plan is not None else hunyuan_video_cp_plan(model))
+    plan = model._cp_plan if model._cp_plan is not None else CP_PLANS[type(model).__name__](model)
+    apply_context_parallel(model, cp, plan)
 
 
 def _worker(rank: int, store: str, family: str):
@@ -138,19 +184,21 @@ def _worker(rank: int, store: str, family: str):
         # applied before parallelism is enabled: the processors must pass the config on (Wan:
         # DiTFastAttn); ditaccel's hook sees this rank's shard of the text and image inputs (Flux
         # splits them at the transformer's own forward: AdaSpa's text sink needs all the text)
-        name, m = _methods(model)[2 if family == "flux" else 1]
+        name, m = _methods(model)[2 if family in ADASPA_FIRST else 1]
         ditaccel.apply(model, m, num_inference_steps=len(STEPS) if m is ADASPA else None)
         _enable_ulysses(model, rank)
         with torch.no_grad():
             outs = [call(model, t) for t in STEPS]
+        st = ditaccel.stats(model)
         ditaccel.remove(model)
         _check(f"{name} (applied first)", outs, refs[name][0])
+        _check_stats(f"{name} (applied first)", st, refs[name][1])
         with torch.no_grad():
             _check("plain diffusers", [call(model, t) for t in STEPS], plain)
         for name, m in _methods(model):  # applied after parallelism is enabled
             outs, st = _generate(model, m, call)
             _check(name, outs, refs[name][0])
-            assert st.method_counts == refs[name][1].method_counts, name
+            _check_stats(name, st, refs[name][1])
         st, ref = _generate(model, ADASPA, call)[1].details, refs["adaspa"][1].details
         # global head indexing: the tiers, densities and recalls are those of one process
         assert torch.allclose(torch.tensor(st["density_per_head"]), torch.tensor(ref["density_per_head"])), st
@@ -160,6 +208,15 @@ def _worker(rank: int, store: str, family: str):
         assert len(st["rank_imbalance_per_layer"]) == 2 and all(r >= 1.0 for r in st["rank_imbalance_per_layer"])
     finally:
         dist.destroy_process_group()
+
+
+def _check_stats(name, st, ref):
+    """Stats on a rank describe the whole computation: the 1-process FLOPs, ratio and counts."""
+    assert st.method_counts == ref.method_counts, name
+    assert st.steps == ref.steps, name
+    for field in ("attention_tflops_dense", "attention_flops_ratio"):
+        a, b = getattr(st, field), getattr(ref, field)
+        assert abs(a - b) <= 1e-9 * abs(b), f"{name}: {field} {a} on a rank, {b} in 1 process"
 
 
 def _check(name, outs, refs):
@@ -185,6 +242,20 @@ def test_hunyuan_video_ulysses_two_ranks_match_one_process(tmp_path):
     [video, text] attention with the text a per-rank suffix, AdaSpa's text sink and the text
     padding mask (cut per rank by the plan's mask hook); plain diffusers matches too."""
     mp.spawn(_worker, args=(str(tmp_path / "store"), "hunyuan"), nprocs=WORLD)
+
+
+def test_cogvideox_ulysses_two_ranks_match_one_process(tmp_path):
+    """The same on a tiny CogVideoX transformer (2b layout) under ``cogvideox_cp_plan``: its
+    processor's own SDPA call runs as Ulysses attention (plain diffusers matches), joint
+    [text, video] with the text a per-rank prefix and AdaSpa's text sink, AdaSpa also applied before
+    parallelism is enabled."""
+    mp.spawn(_worker, args=(str(tmp_path / "store"), "cogvideox"), nprocs=WORLD)
+
+
+def test_cogvideox15_ulysses_two_ranks_match_one_process(tmp_path):
+    """The same on the CogVideoX 1.5 layout: temporal patches and rotary tables, which the plan
+    splits with the video tokens at every block."""
+    mp.spawn(_worker, args=(str(tmp_path / "store"), "cogvideox15"), nprocs=WORLD)
 
 
 # ----------------------------------------------------------------------------------- refusals
@@ -263,3 +334,32 @@ def test_hunyuan_video_cp_plan_refusals():
                 m.processor._parallel_config = ring
         with pytest.raises(ValueError, match="ring_degree"):
             _hunyuan_call(model, 900)
+
+
+def test_cogvideox_cp_plan_refusals():
+    """Other classes are refused; under context parallelism ditaccel refuses a CogVideoX whose
+    attention lacks the plan's hook (its SDPA call would attend over this rank's shard only); the
+    hooks are registered once, do nothing without context parallelism and refuse ring attention."""
+    import diffusers.models.attention_processor as ap
+
+    with pytest.raises(ValueError, match="transformer"):
+        cogvideox_cp_plan(_wan())
+    model = _cogvideox()
+    model._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    before = _processors(model)
+    with pytest.raises(ValueError, match="cogvideox_cp_plan"):
+        ditaccel.apply(model, ADASPA, num_inference_steps=5)
+    assert _processors(model) == before and get_runtime(model) is None
+    plan = cogvideox_cp_plan(model)
+    assert cogvideox_cp_plan(model) == plan  # a second call does not register the hooks again
+    ditaccel.apply(model, ADASPA, num_inference_steps=5)  # the hooks are there: accepted
+    ditaccel.remove(model)
+    model._parallel_config = None
+    functional = ap.F
+    with torch.no_grad():
+        ref = _cogvideox_call(model, 900)  # no parallelism enabled: the hooks do nothing
+        assert torch.equal(ref, _cogvideox_call(_cogvideox(), 900)) and ap.F is functional
+        model._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2))
+        with pytest.raises(ValueError, match="ring_degree"):
+            _cogvideox_call(model, 900)
+    assert ap.F is functional

@@ -146,6 +146,62 @@ def test_toy_image_training_saves_fp16_and_loads_with_from_pretrained(tmp_path):
     assert all(torch.equal(v, a[k]) for k, v in tr.state_dict().items())
 
 
+def test_step_plan_is_fitted_to_the_budget_only_when_no_step_count_is_given():
+    from ditaccel.testbed.train import _Budget, _Plan
+
+    budget = _Budget(1.0)
+    t = budget.t0
+    fixed = _Plan(1000, 50, start=0, first=10, every=100)
+    for done in range(1, 300):
+        fixed.update(done, budget, now=t + done * 0.1)
+    assert fixed.steps == 1000 and fixed.history == []
+    plan = _Plan(None, 50, start=5, first=10, every=100)
+    for done in range(1, 15):  # mark at step 5; fitted at 15: 10 steps/s with 58.5 s left
+        plan.update(done, budget, now=t + done * 0.1)
+    assert plan.steps == 50 and plan.history == []
+    plan.update(15, budget, now=t + 1.5)
+    assert plan.steps == 15 + int(10 * 58.5 * 0.97) and len(plan.history) == 1
+    for done in range(16, 115):  # next fit only 100 steps later
+        plan.update(done, budget, now=t + 1.5 + (done - 15) * 0.05)
+    assert len(plan.history) == 1
+    plan.update(115, budget, now=t + 6.5)  # the rate doubled (a job sharing the GPU ended): refit
+    assert plan.history[-1] == (115, 115 + int(20 * 53.5 * 0.97)) == (115, plan.steps)
+
+
+def test_training_continues_from_saved_weights(tmp_path):
+    from ditaccel.testbed.train import _init_from, build_image_transformer, build_video_components
+
+    train_image(tmp_path / "image", toy=True, device="cpu", seed=3, progress=False)
+    train_video(tmp_path / "video", toy=True, device="cpu", seed=3, progress=False)
+    fresh = build_image_transformer(toy=True, seed=5)
+    _init_from(tmp_path / "image", {"transformer": fresh})
+    saved = load_image_pipeline(tmp_path / "image").transformer.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+    _, text_encoder, transformer = build_video_components(toy=True, seed=5)
+    _init_from(tmp_path / "video", {"transformer": transformer, "text_encoder": text_encoder})
+    pipe = load_video_pipeline(tmp_path / "video")
+    for mine, theirs in ((transformer, pipe.transformer), (text_encoder, pipe.text_encoder)):
+        ref = theirs.state_dict()
+        assert all(torch.equal(v, ref[k]) for k, v in mine.state_dict().items())
+    with pytest.raises(ValueError, match="init_from.*does not match"):
+        train_image(tmp_path / "x", toy=True, device="cpu", progress=False, init_from=tmp_path / "video")
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train_image(tmp_path / "x", toy=True, device="cpu", progress=False, init_from=tmp_path / "nothing")
+    assert not (tmp_path / "x").exists()
+    info = train_image(tmp_path / "more", toy=True, device="cpu", progress=False, init_from=tmp_path / "image")
+    assert info["init_from"] == str(tmp_path / "image")
+
+
+def test_image_training_target_is_checked_and_recorded(tmp_path):
+    with pytest.raises(ValueError, match="prediction_type"):
+        train_image(tmp_path / "x", toy=True, device="cpu", progress=False, prediction_type="sample")
+    assert not (tmp_path / "x").exists()
+    train_image(tmp_path / "eps", toy=True, device="cpu", progress=False, prediction_type="epsilon")
+    sched = json.loads((tmp_path / "eps/scheduler/scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "epsilon"
+    assert json.loads((tmp_path / "eps/train_info.json").read_text())["recipe"]["prediction_type"] == "epsilon"
+
+
 def test_toy_video_training_saves_and_loads(tmp_path):
     info = train_video(tmp_path / "video", toy=True, device="cpu", progress=False)
     assert info["steps_done"] == 3

@@ -230,8 +230,19 @@ def cmd_eval(args) -> int:
         method = None
     device = _device(args.device)
     kw = {"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {}
+    if args.samples_png:
+        kw["return_samples"] = True
     r = evaluate_trained(args.model, method, weights_dir=root, device=device, n=args.samples, steps=args.steps,
                          **kw)
+    if args.samples_png:
+        from ditaccel.viz import grid_rows, side_by_side
+
+        show = 24 if args.model == "image" else 4
+        rows = grid_rows(r.pop("samples_dense")[:show], "dense")
+        if "samples_compressed" in r:
+            rows += grid_rows(r.pop("samples_compressed")[:show], args.method)
+        side_by_side(rows, args.samples_png, scale=2)
+        print(f"samples: {args.samples_png}")
     shown = {k: v for k, v in r.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     width = max(len(k) for k in shown)
     for k, v in shown.items():
@@ -292,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="speed of full-size architectures (random weights): `ditaccel bench -h`",
                    add_help=False)
     sub.add_parser("testbed", help="train the testbed models: `ditaccel testbed train -h`", add_help=False)
+    sub.add_parser("quality", help="the quality tables of QUALITY.md on the trained testbed: `ditaccel quality -h`",
+                   add_help=False)
 
     p = sub.add_parser("eval", help="quality and speed of a method against dense on a trained testbed model")
     p.add_argument("--model", default="image", choices=["image", "video"])
@@ -306,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="folder with image/, video/ and the classifiers (default: shipped)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the metrics here")
+    p.add_argument("--samples-png", help="also write a grid of the first samples (dense, then the method) here")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plan", help="inspect plan files")
@@ -325,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["quality"]:
+        from .quality import main as quality_main
+
+        return quality_main(argv[1:])
     if argv[:2] == ["testbed", "train"]:
         from .testbed.train import main as train_main
 

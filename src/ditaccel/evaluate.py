@@ -40,6 +40,7 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_stats",
     "gaussian_window",
+    "load_trained",
     "psnr",
     "ssim",
 ]
@@ -420,6 +421,7 @@ def evaluate(
     warmup: bool = False,
     call_kwargs: dict | None = None,
     return_samples: bool = False,
+    dense: dict | None = None,
 ) -> dict:
     """Generate ``n`` samples dense and with ``method`` (same seeds, same inputs) and compare.
 
@@ -452,7 +454,15 @@ def evaluate(
         warmup: run the first batch once, untimed, before timing dense and compressed (GPU
             autotuning, lazy initialisation).
         call_kwargs: extra pipeline arguments (``num_frames``, ``height``, ...).
-        return_samples: also return ``samples_dense`` / ``samples_compressed`` (CPU tensors in [0, 1]).
+        return_samples: also return ``samples_dense`` / ``samples_compressed`` (CPU tensors in [0, 1]);
+            with a classifier also ``features_dense`` / ``features_reference`` (its float64 features of
+            the dense and the procedural reference sets).
+        dense: the result of an earlier ``evaluate(..., return_samples=True)`` of this pipeline with the
+            same ``n``, ``seeds``, ``steps``, inputs and call settings: its dense samples, dense time
+            and (when it has them) classifier features are reused instead of generating and scoring
+            the dense set again (a table of methods against one dense set). ``n``, ``seeds``,
+            ``steps`` and the reference size are checked; the inputs, the call settings and the
+            classifier are the caller's to keep the same.
 
     Returns:
         A dict: ``kind``, ``method``, ``n``, ``steps``, ``seeds``; ``psnr``, ``psnr_min``,
@@ -489,9 +499,13 @@ def evaluate(
     key = "class_labels" if kind == "image" else "prompt"
 
     result: dict = {"kind": kind, "method": _method_name(method), "n": n, "steps": steps, "seeds": seeds}
-    if warmup:
-        _generate(pipe, kind, inputs[:batch_size], seeds[:batch_size], steps, batch_size, call_kwargs)
-    dense, t_dense = _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs)
+    reused = _check_reused_dense(dense, kind, n, seeds, steps, n_reference) if dense is not None else {}
+    if reused:
+        dense, t_dense = reused["samples_dense"], reused["time_dense_s"]
+    else:
+        if warmup:
+            _generate(pipe, kind, inputs[:batch_size], seeds[:batch_size], steps, batch_size, call_kwargs)
+        dense, t_dense = _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs)
     result["time_dense_s"] = t_dense
 
     compressed = None
@@ -543,10 +557,15 @@ def evaluate(
             labels = {k: torch.as_tensor([p[k] for p in parsed]) for k in VideoCaptions.FACTORS}
     if classifier is not None:
         classifier.eval()
-        f_ref = torch.cat([classifier_features(classifier, chunk, batch_size=batch_size)
-                           for chunk in _reference_batches(kind, dense, labels, n_reference, reference_seed,
-                                                           batch_size)])
-        f_dense = classifier_features(classifier, dense, batch_size=batch_size)
+        if "features_reference" in reused:
+            f_ref, f_dense = reused["features_reference"], reused["features_dense"]
+        else:
+            f_ref = torch.cat([classifier_features(classifier, chunk, batch_size=batch_size)
+                               for chunk in _reference_batches(kind, dense, labels, n_reference, reference_seed,
+                                                               batch_size)])
+            f_dense = classifier_features(classifier, dense, batch_size=batch_size)
+        if return_samples:
+            result.update(features_dense=f_dense, features_reference=f_ref)
         result["fd_dense"] = frechet_distance(f_dense, f_ref)
         sets = [("dense", dense)]
         if compressed is not None:
@@ -584,6 +603,19 @@ def evaluate(
     return result
 
 
+def _check_reused_dense(dense, kind: str, n: int, seeds: list[int], steps: int, n_reference: int) -> dict:
+    """``dense`` (an earlier result) if it can stand for this call's dense set, else a ``ValueError``."""
+    if not isinstance(dense, dict) or "samples_dense" not in dense:
+        raise ValueError("dense: expected the result of an earlier evaluate(..., return_samples=True)")
+    for key, value in (("kind", kind), ("n", n), ("seeds", seeds), ("steps", steps)):
+        if dense.get(key) != value:
+            raise ValueError(f"dense: made with {key}={dense.get(key)!r}, this call has {key}={value!r}")
+    if "features_reference" in dense and len(dense["features_reference"]) != n_reference:
+        raise ValueError(f"dense: its reference features hold {len(dense['features_reference'])} samples, this "
+                         f"call has n_reference={n_reference}")
+    return dense
+
+
 def _method_name(method) -> str | None:
     if method is None:
         return None
@@ -592,14 +624,11 @@ def _method_name(method) -> str | None:
     return type(method).__name__
 
 
-def evaluate_trained(which: str = "image", method=None, *, weights_dir=None, device: str = "cpu",
-                     dtype: torch.dtype = torch.float32, **kwargs) -> dict:
-    """``evaluate`` on a trained testbed model with its shipped classifier.
-
-    ``which``: ``"image"`` or ``"video"``; ``weights_dir``: the folder holding ``image/``,
-    ``video/``, ``image_classifier/``, ``video_classifier/`` (default: the shipped weights).
-    Other keyword arguments go to ``evaluate``.
-    """
+def load_trained(which: str = "image", *, weights_dir=None, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+    """The trained testbed pipeline ``which`` (``"image"`` or ``"video"``) and its classifier (float32,
+    eval mode), from ``weights_dir`` (the folder holding ``image/``, ``video/``,
+    ``image_classifier/``, ``video_classifier/``; default: the shipped weights)."""
     from pathlib import Path
 
     from .testbed.classifier import ImageClassifier, VideoClassifier
@@ -614,6 +643,17 @@ def evaluate_trained(which: str = "image", method=None, *, weights_dir=None, dev
         clf = VideoClassifier.from_pretrained(str(root / "video_classifier"))
     else:
         raise ValueError(f"which must be 'image' or 'video', got {which!r}")
-    clf = torch.nn.Module.to(clf, device=device, dtype=torch.float32).eval()
+    return pipe, torch.nn.Module.to(clf, device=device, dtype=torch.float32).eval()
+
+
+def evaluate_trained(which: str = "image", method=None, *, weights_dir=None, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32, **kwargs) -> dict:
+    """``evaluate`` on a trained testbed model with its shipped classifier (``load_trained``).
+
+    ``which``: ``"image"`` or ``"video"``; ``weights_dir``: the folder holding ``image/``,
+    ``video/``, ``image_classifier/``, ``video_classifier/`` (default: the shipped weights).
+    Other keyword arguments go to ``evaluate``.
+    """
+    pipe, clf = load_trained(which, weights_dir=weights_dir, device=device, dtype=dtype)
     return evaluate(pipe, method, classifier=clf, **kwargs)
 

@@ -27,7 +27,17 @@ view, and per-head caches stay with the rank that always holds those heads.
 
 diffusers' ``HunyuanVideoTransformer3DModel`` declares no ``_cp_plan``; ``hunyuan_video_cp_plan``
 supplies one (passed as ``enable_parallelism(config=..., cp_plan=...)``) together with the per-rank
-slicing of its joint attention mask, which no plan entry can express.
+slicing of its joint attention mask, which no plan entry can express. ``CogVideoXTransformer3DModel``
+declares none either, and its attention processor calls ``F.scaled_dot_product_attention`` itself,
+never the dispatcher, so a plan alone would leave each rank attending over its own shard only:
+``cogvideox_cp_plan`` supplies the plan together with a hook that runs that call as diffusers'
+Ulysses attention (``SDPA_PARALLEL``, read by ``ditaccel.processors``).
+
+Statistics under context parallelism (``ditaccel.stats``) describe the whole computation, as one
+process would: the dense attention FLOPs count the full sequence and every head (each rank's call
+sees 1/P of the tokens: ``sequence_shards``), method counts are per layer call (the same on every
+rank), AdaSpa's kept fraction sums the kept blocks of all ranks' heads (gathered at each search).
+Time and cache memory are this rank's.
 
 Refused (``ValueError`` naming the setting): ring attention (``ring_degree > 1``; the templated
 ring merges partial outputs by their LSE, which ditaccel's core does not return),
@@ -37,13 +47,21 @@ declare ``context_parallel``.
 
 from __future__ import annotations
 
+import contextvars
+import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
 
-from .models.adapters import HUNYUAN_VIDEO
+from .models.adapters import COGVIDEOX, HUNYUAN_VIDEO
+
+#: the ``ParallelConfig`` of the context-parallel attention module running now: set by
+#: ``cogvideox_cp_plan``'s hook around the module, read by ``ditaccel.processors``' stand-in for
+#: the processor module's ``F`` (which then runs ``scaled_dot_product_attention`` as Ulysses)
+SDPA_PARALLEL: contextvars.ContextVar = contextvars.ContextVar("ditaccel_sdpa_parallel", default=None)
 
 
 @dataclass(frozen=True)
@@ -97,8 +115,30 @@ def check_parallel_config(parallel_config, family: str, supported: bool) -> None
 
 
 def check_model(transformer: torch.nn.Module, adapter) -> None:
-    """``check_parallel_config`` for the parallelism enabled on ``transformer`` (if any)."""
-    check_parallel_config(getattr(transformer, "_parallel_config", None), adapter.name, adapter.context_parallel)
+    """``check_parallel_config`` for the parallelism enabled on ``transformer`` (if any); under
+    context parallelism also that a family whose attention needs ditaccel's hook to be context
+    parallel at all (CogVideoX: ``cogvideox_cp_plan``) has it on every attention module."""
+    config = getattr(transformer, "_parallel_config", None)
+    check_parallel_config(config, adapter.name, adapter.context_parallel)
+    if config is None or config.context_parallel_config is None:
+        return
+    need = _ATTENTION_HOOKS.get(adapter.transformer_class)
+    if need is not None:
+        hook, plan = need
+        if any(getattr(m, "_diffusers_hook", None) is None or m._diffusers_hook.get_hook(hook) is None
+               for m in adapter.attention_modules(transformer)):
+            raise ValueError(f"parallel_config: {adapter.transformer_class} attention is context parallel only "
+                             f"through ditaccel's cp_plan: enable_parallelism(config=..., "
+                             f"cp_plan=ditaccel.parallel.{plan}(transformer))")
+
+
+def sequence_shards(transformer: torch.nn.Module) -> int:
+    """Shards of every attention sequence of ``transformer``: the Ulysses degree under context
+    parallelism (the cp plans of all supported families split every token of their self- and joint
+    attention, text included, evenly across the ranks), else 1."""
+    config = getattr(transformer, "_parallel_config", None)
+    cp = None if config is None else config.context_parallel_config
+    return 1 if cp is None else cp.ulysses_degree
 
 
 def input_shards(transformer: torch.nn.Module, hook_name: str) -> int:
@@ -204,6 +244,87 @@ class _JointMaskShard(ModelHook):
         kwargs["attention_mask"] = torch.cat([mask[..., :video].chunk(p, dim=-1)[r],
                                               mask[..., video:].chunk(p, dim=-1)[r]], dim=-1)
         return args, kwargs
+
+
+_SDPA_HOOK = "ditaccel:cp_sdpa_ulysses"
+
+
+def cogvideox_cp_plan(transformer: torch.nn.Module) -> dict:
+    """A ``cp_plan`` for diffusers' ``CogVideoXTransformer3DModel`` (which declares none)::
+
+        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=P),
+                                       cp_plan=ditaccel.parallel.cogvideox_cp_plan(transformer))
+
+    The blocks keep the text and video tokens apart and each attention call joins them as
+    [text, video], with the rotary embeddings (CogVideoX 1.5 and 5b; 2b adds sin-cos positions in
+    the patch embedding, before the split) applied to the video part only. The plan splits the
+    video and the text tokens entering the first block into P contiguous shards (rank r attends
+    over [text_r, video_r]: its text stays a prefix, as ``true_order`` expects) and the rotary
+    tables entering every block the same way as the video, and gathers the video tokens at
+    ``proj_out``. The text and the video must each split evenly: ``max_text_seq_length`` (226 as
+    released: P = 2) and the video tokens divisible by P.
+
+    ``CogVideoXAttnProcessor2_0`` calls ``F.scaled_dot_product_attention`` itself, not diffusers'
+    dispatcher, so this call also registers, once, on every attention module a hook
+    (``_SdpaUlysses``) that runs that call as diffusers' Ulysses attention (native SDPA on all
+    tokens of this rank's heads, or ditaccel's core while ditaccel is applied); it does nothing
+    while context parallelism is not enabled. Ulysses only; no attention mask.
+    """
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    if type(transformer).__name__ != COGVIDEOX.transformer_class:
+        raise ValueError(f"transformer: expected a {COGVIDEOX.transformer_class}, got {type(transformer).__name__}")
+    for attn in COGVIDEOX.attention_modules(transformer):
+        registry = HookRegistry.check_if_exists_or_initialize(attn)
+        if registry.get_hook(_SDPA_HOOK) is None:
+            registry.register_hook(_SdpaUlysses(transformer), _SDPA_HOOK)
+    rope = ContextParallelInput(split_dim=0, expected_dims=2, split_output=False)  # (V, D) cos and sin
+    tokens = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+    return {"transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
+            # every block gets the forward's whole tables: split them at each (a "" entry would split
+            # the transformer's own inputs, which ditaccel's hook reads as the whole sequence)
+            "transformer_blocks.*": {"image_rotary_emb": [rope, rope]},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
+
+class _SdpaUlysses(ModelHook):
+    """Runs the ``F.scaled_dot_product_attention`` call of a CogVideoX attention module's processor
+    as diffusers' Ulysses attention while its transformer has context parallelism enabled: for the
+    duration of the module's forward, the processor module's ``F`` is ditaccel's stand-in
+    (``ditaccel.processors``, reference-counted) and ``SDPA_PARALLEL`` holds the parallel config."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self._transformer = weakref.ref(transformer)  # the config is set on the transformer, not the processor
+
+    def new_forward(self, module, *args, **kwargs):
+        from .processors import patch_core, processor_module, unpatch_core
+
+        transformer = self._transformer()
+        config = None if transformer is None else getattr(transformer, "_parallel_config", None)
+        if config is None or config.context_parallel_config is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        cp = config.context_parallel_config
+        if cp.ring_degree > 1 or cp.ulysses_anything:
+            name = "ring_degree" if cp.ring_degree > 1 else "ulysses_anything"
+            raise ValueError(f"{name}: cogvideox_cp_plan runs the attention as Ulysses only "
+                             "(ring_degree=1, ulysses_anything=False)")
+        name = processor_module(module.processor)
+        if not hasattr(sys.modules[name], "F"):
+            raise ValueError(f"processor: cogvideox_cp_plan needs a processor calling F.scaled_dot_product_attention "
+                             f"(CogVideoXAttnProcessor2_0), got {type(module.processor).__name__}")
+        patch_core(name, "F")
+        token = SDPA_PARALLEL.set(config)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            SDPA_PARALLEL.reset(token)
+            unpatch_core(name, "F")
+
+
+# families whose attention is context parallel only through a hook of ditaccel's cp_plan:
+# transformer class -> (hook name, cp_plan function)
+_ATTENTION_HOOKS = {COGVIDEOX.transformer_class: (_SDPA_HOOK, "cogvideox_cp_plan")}
 
 
 def context_parallel_core(fn, query, key, value, attn_mask, parallel_config, key_padding, text=(0, None)):

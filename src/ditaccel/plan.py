@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .methods.ditfastattn import ASC, FULL, METHODS, WARS, WARS_ASC, WINDOW_KINDS
+from .methods.ditfastattn import ALL_METHODS, ASC, FULL, METHODS, WA, WARS, WARS_ASC, WINDOW_KINDS
 
 FORMAT = "ditaccel.plan"
 VERSION = 1
@@ -54,7 +54,8 @@ def library_version() -> str:
 
 @dataclass
 class Plan:
-    """``methods[layer][step]`` in ``{"full", "wars", "ast", "asc", "wars+asc"}`` plus metadata.
+    """``methods[layer][step]`` in ``{"full", "wars", "ast", "asc", "wars+asc"}`` (or the ablation
+    method ``"wa"``: window attention without the residual) plus metadata.
 
     Metadata (all written by ``calibrate``): ``model_class``, ``config_fingerprint``,
     ``num_layers``, ``num_steps``, ``cfg``, ``window``, ``window_size`` (required) and
@@ -79,8 +80,9 @@ class Plan:
         return len(self.methods[0]) if self.methods else 0
 
     def counts(self) -> dict[str, int]:
+        """(layer, step) pairs per method: every paper method, and the ablation methods in use."""
         c = Counter(m for row in self.methods for m in row)
-        return {m: c.get(m, 0) for m in METHODS}
+        return {m: c.get(m, 0) for m in ALL_METHODS if m in METHODS or c.get(m)}
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -109,10 +111,10 @@ class Plan:
             seen_full = False
             for s, m in enumerate(row):
                 where = f"methods[{i}][{s}]"
-                if m not in METHODS:
-                    raise PlanError(f"{where}: unknown method {m!r}; known: {METHODS}")
-                if s == 0 and m != FULL and m != ASC:
-                    raise PlanError(f"{where}: step 0 must compute attention ('full' or 'asc'), got {m!r}")
+                if m not in ALL_METHODS:
+                    raise PlanError(f"{where}: unknown method {m!r}; known: {ALL_METHODS}")
+                if s == 0 and m not in (FULL, ASC, WA):
+                    raise PlanError(f"{where}: step 0 must compute attention ('full', 'asc' or 'wa'), got {m!r}")
                 if m in (WARS, WARS_ASC) and not seen_full:
                     raise PlanError(f"{where}: {m!r} needs an earlier 'full' step of the same layer (its residual)")
                 if m in (ASC, WARS_ASC) and not md["cfg"]:

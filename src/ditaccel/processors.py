@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .parallel import context_parallel_core
+from .parallel import SDPA_PARALLEL, context_parallel_core, sequence_shards
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -36,7 +36,7 @@ class SdpaSelfAttentionCall:
     """One self-attention call in the ``AttnProcessor2_0`` convention, (B, L, C) hidden states."""
 
     #: DiTFastAttn methods this convention can run
-    methods = frozenset({"full", "wars", "ast", "asc", "wars+asc"})
+    methods = frozenset({"full", "wars", "ast", "asc", "wars+asc", "wa"})
 
     @staticmethod
     def handles(encoder_hidden_states) -> bool:
@@ -134,10 +134,33 @@ class _FunctionalProxy:
     def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, **kwargs):
         core = _CORE.get()
-        if core is None or key.shape[-2] != query.shape[-2] or dropout_p or is_causal or scale is not None or kwargs:
+        if key.shape[-2] != query.shape[-2] or dropout_p or is_causal or scale is not None or kwargs:
+            core = None  # not a call a ditaccel core takes over
+        parallel_config = SDPA_PARALLEL.get()
+        if parallel_config is not None:  # context parallelism (cogvideox_cp_plan): query holds this rank's tokens
+            return _sdpa_ulysses(core, query, key, value, attn_mask, parallel_config, dropout_p=dropout_p,
+                                 is_causal=is_causal, scale=scale, **kwargs)
+        if core is None:
             return self._F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                                         is_causal=is_causal, scale=scale, **kwargs)
         return core[0](query, key, value, _key_padding(attn_mask, query.shape[0], query.shape[-2]))
+
+
+def _sdpa_ulysses(core, query, key, value, attn_mask, parallel_config, **sdpa_kwargs):
+    """``F.scaled_dot_product_attention`` on (B, H, L/P, D) shards as diffusers' Ulysses attention:
+    the ditaccel core (``_CORE``'s (fn, text)) when it takes the call, else diffusers' native SDPA."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    if attn_mask is not None:
+        raise ValueError("attention_mask: F.scaled_dot_product_attention under context parallelism "
+                         "(cogvideox_cp_plan) runs without an attention mask only")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # the dispatcher's (B, L, H, D)
+    if core is None:
+        out = dispatch_attention_fn(q, k, v, **sdpa_kwargs, backend=AttentionBackendName.NATIVE,
+                                    parallel_config=parallel_config)
+    else:
+        out = context_parallel_core(core[0], q, k, v, None, parallel_config, _key_padding, core[1])
+    return out.transpose(1, 2)
 
 
 _WRAPPERS = {"dispatch_attention_fn": _make_dispatch, "F": _FunctionalProxy}
@@ -155,6 +178,14 @@ def patch_core(module_name: str, attr: str) -> None:
     orig = getattr(mod, attr)
     _PATCHED[key] = (orig, 1)
     setattr(mod, attr, _WRAPPERS[attr](orig))
+
+
+def processor_module(processor) -> str:
+    """Name of the module whose ``dispatch_attention_fn``/``F`` a processor calls (under ditaccel's
+    processor: the original's)."""
+    if isinstance(processor, DiTAccelAttnProcessor):
+        processor = processor.original
+    return type(processor).__module__
 
 
 def unpatch_core(module_name: str, attr: str) -> None:
@@ -262,8 +293,12 @@ class DiTAccelAttnProcessor:
         if hasattr(call, "text"):
             ctx = self.runtime.state.ctx
             call.text = (ctx.text_tokens, ctx.text_position)
+        # the whole attention sequence: joint calls add the text tokens; under context parallelism
+        # this rank holds 1/P of them
+        tokens = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
+        tokens *= sequence_shards(self.runtime.transformer)
         inner = attn.heads * (attn.to_q.out_features // attn.heads)
-        return self.runtime.attention(self.layer, call, dense_flops(call.batch_size, hidden_states.shape[1], inner))
+        return self.runtime.attention(self.layer, call, dense_flops(call.batch_size, tokens, inner))
 
 
 def dense_flops(batch: int, tokens: int, inner_dim: int) -> float:

@@ -63,7 +63,13 @@ class GenerationState(BaseState):
 
 @dataclass
 class Stats:
-    """Accounting of the last generation (see ``ditaccel.stats``)."""
+    """Accounting of the last generation (see ``ditaccel.stats``).
+
+    Dense attention FLOPs count every token of each attention call's sequence (text included for
+    joint attention) and every head. Under diffusers' context parallelism the FLOPs, their ratio
+    and the method counts are those of the whole computation, the same on every rank and equal to
+    one process's; ``denoise_seconds`` and ``cache_bytes_peak`` are this rank's
+    (``ditaccel.parallel``)."""
 
     method: str
     steps: int
@@ -329,7 +335,8 @@ def remove(pipe_or_transformer) -> None:
 
 
 def stats(pipe_or_transformer) -> Stats:
-    """Attention FLOPs ratio, methods used and time of the last generation."""
+    """Attention FLOPs ratio, methods used and time of the last generation (under context
+    parallelism: FLOPs and counts of all ranks together, time and memory of this rank)."""
     runtime = get_runtime(pipe_or_transformer)
     if runtime is None:
         raise RuntimeError("ditaccel.stats: ditaccel is not applied to this pipeline/transformer")

@@ -6,10 +6,9 @@ import os
 
 import numpy as np
 
-from .methods.ditfastattn import METHODS
-
-#: one colour per method, light = more compute saved
-METHOD_COLORS = {"full": "#3b4cc0", "wars": "#7fb3d5", "asc": "#f4a582", "wars+asc": "#d6604d", "ast": "#fde0c5"}
+#: one colour per method, light = more compute saved (``wa``: the ablation without the residual)
+METHOD_COLORS = {"full": "#3b4cc0", "wars": "#7fb3d5", "asc": "#f4a582", "wars+asc": "#d6604d", "ast": "#fde0c5",
+                 "wa": "#9e9e9e"}
 
 
 def plot_plan(plan, path: str | os.PathLike, title: str | None = None) -> None:
@@ -21,20 +20,21 @@ def plot_plan(plan, path: str | os.PathLike, title: str | None = None) -> None:
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    index = {m: i for i, m in enumerate(METHODS)}
+    counts = plan.counts()  # the paper's methods and the ablation methods in use
+    shown = list(counts)
+    index = {m: i for i, m in enumerate(shown)}
     grid = np.array([[index[m] for m in row] for row in plan.methods])
-    cmap = ListedColormap([METHOD_COLORS[m] for m in METHODS])
+    cmap = ListedColormap([METHOD_COLORS[m] for m in shown])
     fig_w = min(14, max(7.0, 4.0 + 0.25 * plan.num_steps))
     fig_h = min(10, 1.8 + 0.22 * plan.num_layers)
     fig, ax = plt.subplots(figsize=(fig_w, fig_h))
-    ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(METHODS) - 0.5, aspect="auto", interpolation="nearest")
+    ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(shown) - 0.5, aspect="auto", interpolation="nearest")
     ax.set_xlabel("denoising step")
     ax.set_ylabel("layer")
     md = plan.metadata
     ax.set_title(title or f"{md['model_class']}  δ={md.get('threshold', '?')}  window={md['window']}", fontsize=10)
-    counts = plan.counts()
     total = max(1, plan.num_layers * plan.num_steps)
-    handles = [Patch(color=METHOD_COLORS[m], label=f"{m} ({100 * counts[m] / total:.0f}%)") for m in METHODS]
+    handles = [Patch(color=METHOD_COLORS[m], label=f"{m} ({100 * counts[m] / total:.0f}%)") for m in shown]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -78,6 +78,18 @@ def side_by_side(rows: list[tuple[str, np.ndarray]], path: str | os.PathLike, sc
             tile = Image.fromarray(img).resize((W, H), Image.NEAREST)
             canvas.paste(tile, (label_w + c * (W + 4), y))
     canvas.save(path)
+
+
+def grid_rows(samples, label: str, per_row: int = 12, frames: int = 4) -> list[tuple[str, np.ndarray]]:
+    """Rows for ``side_by_side`` from ``evaluate``'s samples in [0, 1]: images (N, C, H, W) give rows
+    of ``per_row`` samples; videos (N, C, F, H, W) give one row per sample showing ``frames``
+    frames spread over the clip."""
+    if samples.ndim == 5:
+        idx = np.linspace(0, samples.shape[2] - 1, frames).round().astype(int)
+        return [(f"{label} #{i}", to_uint8(v[:, idx].transpose(0, 1))) for i, v in enumerate(samples)]
+    if samples.ndim != 4:
+        raise ValueError(f"samples: expected (N, C, H, W) or (N, C, F, H, W), got shape {tuple(samples.shape)}")
+    return [(label, to_uint8(samples[i:i + per_row])) for i in range(0, len(samples), per_row)]
 
 
 def plot_density(details: dict, path: str | os.PathLike, title: str = "AdaSpa kept block fraction") -> None:

@@ -41,6 +41,9 @@ class AdaSpaConfig:
         recall_threshold: a head counts as "good" when the mass kept at base sparsity exceeds it.
         text_sink: always keep text query blocks and text key blocks. Text blocks are free: the
             top-k budget counts the other key blocks.
+        lse_cache: later searches reuse the LSE cached at the first one (the paper's cheaper
+            re-search: one QKᵀ pass, no full attention). ``False`` runs every search like the
+            first (full attention, fresh LSE): the ablation of the caching.
     """
 
     sparsity: float = 0.8
@@ -50,6 +53,7 @@ class AdaSpaConfig:
     head_adaptive: bool = True
     recall_threshold: float = 0.8
     text_sink: bool = True
+    lse_cache: bool = True
 
     def __post_init__(self):
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
@@ -88,7 +92,7 @@ class AdaSpaConfig:
             elif s == searches[0]:
                 out.append("search")
             elif s in searches:
-                out.append("research")
+                out.append("research" if self.lse_cache else "search")
             else:
                 out.append("sparse")
         return out
@@ -196,7 +200,8 @@ class AdaSpaCache:
     lse: torch.Tensor | None = None  # (B,H,L) fp32, from the first search
     kv_indices: torch.Tensor | None = None  # int32 (B,H,NQ,K)
     kv_counts: torch.Tensor | None = None  # int32 (B,H,NQ)
-    flops: float = 0.0  # attention FLOPs of one sparse call with these masks
+    flops: float = 0.0  # attention FLOPs of one sparse call with these masks (this rank's heads)
+    kept: float = 0.0  # FLOPs of one sparse call / its dense FLOPs, over all heads (of all ranks)
     density: torch.Tensor | None = None  # (H,) mean kept fraction per (global) head
     recalls: list[float] = field(default_factory=list)  # mean recall at each search
     search_seconds: float = 0.0
@@ -286,7 +291,7 @@ class AdaSpa:
         out = block_sparse_attention(q, k, v, cache.kv_indices.to(torch.int32), cache.kv_counts,
                                      block_size=cfg.block_size, key_padding_mask=kpm,
                                      validate=False)  # indices built by mask_to_indices
-        stats["fraction"] = fraction + cache.flops / (4.0 * B * H * L * L * D)
+        stats["fraction"] = fraction + cache.kept
         return out
 
     def _search(self, what, ctx, q, k, v, kpm, cache: AdaSpaCache, heads=None):
@@ -309,9 +314,14 @@ class AdaSpa:
         cache.flops = block_sparse_flops(cache.kv_counts, cfg.block_size, q.shape[2], q.shape[3], kv_indices=idx)
         cache.kv_indices = compact_indices(idx, cache.kv_counts)
         density = mask.float().mean(dim=(0, 2, 3))
+        B, H, L, D = q.shape
+        cache.kept = cache.flops / (4.0 * B * H * L * L * D)
         if heads is not None:
             density, rec = heads.gather(density[None])[0], heads.gather(rec)
             cache.rank_density = density.view(heads.ranks, heads.count).mean(dim=1).tolist()
+            # every rank's heads have the same dense cost: the kept fraction of all heads is the mean
+            kept = heads.gather(torch.tensor([[cache.kept]], dtype=torch.float64, device=q.device))
+            cache.kept = float(kept.mean())
         cache.density = density.cpu()
         cache.recalls.append(float(rec.mean()))
         if q.is_cuda:

@@ -1,6 +1,7 @@
 """DiTFastAttn (Yuan et al., 2024): per-(layer, step) choice between full attention, window
 attention with residual sharing (``wars``), sharing across timesteps (``ast``), sharing across
-the CFG halves (``asc``) and ``wars+asc``.
+the CFG halves (``asc``) and ``wars+asc``; plus ``wa`` (window attention alone, without the
+residual), an ablation only: the paper's evidence that the residual is what keeps quality.
 
 This module decides and caches; it never looks at a model. It sees one attention call through
 the small ``AttentionCall`` protocol (implemented by ``ditaccel.processors``) and computes with
@@ -22,8 +23,13 @@ from ..kernels.tiles import tma_available
 from ..kernels.window import WindowSpec, window_attention, window_tile_classes, window_tile_fraction
 from ..kernels.window_residual import full_and_window_attention
 
-FULL, WARS, AST, ASC, WARS_ASC = "full", "wars", "ast", "asc", "wars+asc"
+FULL, WARS, AST, ASC, WARS_ASC, WA = "full", "wars", "ast", "asc", "wars+asc", "wa"
+#: the paper's methods
 METHODS: tuple[str, ...] = (FULL, WARS, AST, ASC, WARS_ASC)
+#: methods for ablations only, never searched by default: ``wa`` is window attention without the
+#: residual of ``wars``
+ABLATION_METHODS: tuple[str, ...] = (WA,)
+ALL_METHODS: tuple[str, ...] = METHODS + ABLATION_METHODS
 #: the paper's candidate order, most compressing first
 CANDIDATES: tuple[str, ...] = (AST, WARS_ASC, WARS, ASC)
 #: the paper's thresholds D1..D6
@@ -47,7 +53,9 @@ class DiTFastAttnConfig:
             band of N/8 tokens on each side; for ``neighborhood2d`` each grid axis gets a
             radius of ``round(sqrt(window_size) * side / 2)``.
         candidates: methods tried for each (layer, step), in order; the first within budget
-            wins. The default is the paper's order (most compressing first).
+            wins. The default is the paper's order (most compressing first). ``"wa"`` (window
+            attention without the residual, costing the same as ``"wars"``) may be listed for
+            the ablation of residual sharing.
         search: ``"greedy"`` is the paper's search (for each layer and candidate, the whole
             transformer runs again: up to layers × candidates forward passes per step).
             ``"local"`` (ours, faster) scores every candidate on each layer's own output during
@@ -82,9 +90,10 @@ class DiTFastAttnConfig:
         if not (0.0 < self.window_size <= 1.0):
             raise ValueError(f"window_size must be in (0, 1], got {self.window_size!r}")
         self.candidates = tuple(self.candidates)
-        bad = [c for c in self.candidates if c not in CANDIDATES]
+        searchable = CANDIDATES + ABLATION_METHODS
+        bad = [c for c in self.candidates if c not in searchable]
         if bad or len(set(self.candidates)) != len(self.candidates):
-            raise ValueError(f"candidates must be distinct values among {CANDIDATES}, got {self.candidates!r}")
+            raise ValueError(f"candidates must be distinct values among {searchable}, got {self.candidates!r}")
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
         if self.cfg not in (None, True, False):
@@ -151,7 +160,7 @@ def layer_schedule(methods: list[str]) -> list[StepAction]:
     return actions
 
 
-CALIBRATION_ACTION = {m: StepAction(m, keep_out=True, keep_res="all" if m == FULL else None) for m in METHODS}
+CALIBRATION_ACTION = {m: StepAction(m, keep_out=True, keep_res="all" if m == FULL else None) for m in ALL_METHODS}
 """During calibration the future is unknown: keep every output and every residual."""
 
 
@@ -237,6 +246,9 @@ def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window
         out, cost = call.full(), CallCost(1.0)
     elif m == ASC:
         out, cost = _both_halves(call.full(half)), CallCost(0.5)
+    elif m == WA:  # the ablation: the window alone, no residual
+        q, k, v = call.qkv()
+        out, cost = call.project(window_attention(q, k, v, window)), CallCost(_tile_fraction(window))
     else:  # wars, wars+asc
         if cache.res is None:
             raise RuntimeError(f"{m}: no residual from an earlier full step of this generation")

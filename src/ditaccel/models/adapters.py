@@ -144,6 +144,7 @@ COGVIDEOX = ModelAdapter(
     attention_call="sdpa_module",
     cfg_batch_order=("uncond", "cond"),
     text_tokens="prefix",
+    context_parallel=True,  # with ditaccel.parallel.cogvideox_cp_plan: each rank holds [text_r, video_r]
 )
 
 FLUX = ModelAdapter(

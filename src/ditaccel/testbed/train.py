@@ -12,26 +12,33 @@ Three entry points, each with a wall-clock budget (stop at the budget, save what
   ``out_dir/video_classifier``.
 
 Recipe (both generators): AdamW (betas 0.9/0.99, no weight decay), linear warm-up then cosine
-decay to 10% of the peak learning rate over ``steps``, gradient clipping at 1, EMA of the
-weights (decay 0.999 with the usual ``(1 + n) / (10 + n)`` warm-up; the EMA weights are the ones
-saved), bf16 autocast on CUDA (fp32 master weights), adaLN-Zero initialisation (modulation and
-output projections zero, as in the DiT paper), uniform training timesteps, 10% condition dropout
-for classifier-free guidance (the null class / the empty caption, which is what the pipelines
-feed as the unconditional input). Image: epsilon prediction on the released DiT schedule with
-min-SNR-5 loss weighting. Video: v-prediction on the released CogVideoX-2b schedule (zero
-terminal SNR, SNR shift 3), plain MSE on v (= CogVideoX's x0 loss weighted by 1/(1-ᾱ)).
+decay to 10% of the peak learning rate over ``steps`` (given, or fitted to the time budget from
+the measured step rate: ``_Plan``), gradient clipping at 1, EMA of the weights (decay 0.999 with
+the usual ``(1 + n) / (10 + n)`` warm-up; the EMA weights are the ones saved), bf16 autocast on
+CUDA (fp32 master weights), adaLN-Zero initialisation (modulation and output projections zero,
+as in the DiT paper), uniform training timesteps, 10% condition dropout for classifier-free
+guidance (the null class / the empty caption, which is what the pipelines feed as the
+unconditional input).
+
+* Image: v-prediction (``prediction_type="epsilon"``, the DiT paper's target, is selectable) on
+  the released DiT schedule, plain MSE on v (``min_snr_gamma`` sets min-SNR-γ weighting). In
+  pixel space an epsilon prediction must be divided by sqrt(ᾱ) ≈ 0.006 at the noisiest step to
+  give the image, so its errors there set wrong global colours (seen in a 3-minute H100 trial of
+  epsilon + min-SNR-5); a v prediction is the image there.
+* Video: v-prediction on the released CogVideoX-2b schedule (zero terminal SNR, SNR shift 3),
+  plain MSE on v (= CogVideoX's x0 loss weighted by 1/(1-ᾱ)).
 
 Weights are saved in fp16 safetensors (``save_pretrained``) and read back with diffusers'
 ``from_pretrained`` (``ditaccel.testbed.pixel.load_image_pipeline`` etc.). Each folder also gets
 ``train_info.json`` (steps done, time, losses, config, seed).
 
 Determinism: the model initialisation, the data stream and the noise stream each come from their
-own seeded generator, so a run is a fixed function of ``seed`` and the step count (up to the
-non-determinism of GPU kernels); the budget only decides where it stops.
+own seeded generator, so a run with a given step count is a fixed function of ``seed`` (up to
+the non-determinism of GPU kernels); without one, the fitted schedule also depends on the speed.
 
 ``toy=True`` shrinks everything (16x16 px, a couple of tiny layers, batch 4) for CPU tests.
-Command line (the lead wires ``ditaccel testbed train``): ``python -m ditaccel.testbed.train
-image|video|classifiers --out DIR [--minutes M] [--seed S] [--device D] [--toy]``.
+Command line: ``ditaccel testbed train image|video|classifiers [--out DIR] [--minutes M] [--seed S]
+[--steps N] [--device D] [--toy]`` (``scripts/train_testbed.sh`` is how the shipped weights were made).
 """
 
 from __future__ import annotations
@@ -86,8 +93,8 @@ __all__ = [
 # a 2k-step image run (batch 256, 3 min) was far from the quality bar (blobs; classifier accuracy
 # on its samples 3%), so the image model needs most of its budget. The video step time was not
 # measured cleanly (peak memory 9.9 GiB at batch 32). ``info["steps_per_s"]`` reports the rate.
-IMAGE_RECIPE = dict(steps=16000, batch_size=128, lr=3e-4, warmup=500, label_dropout=0.1, min_snr_gamma=5.0,
-                    ema_decay=0.999)
+IMAGE_RECIPE = dict(steps=16000, batch_size=128, lr=3e-4, warmup=500, label_dropout=0.1, min_snr_gamma=None,
+                    ema_decay=0.999, prediction_type="v_prediction")
 VIDEO_RECIPE = dict(steps=8000, batch_size=32, lr=3e-4, warmup=500, caption_dropout=0.1, ema_decay=0.999)
 CLASSIFIER_RECIPE = dict(image_steps=1500, image_batch_size=256, video_steps=1500, video_batch_size=48, lr=2e-3,
                          eval_samples=1024)
@@ -192,27 +199,94 @@ def weights_bytes(root: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
 
 
-def _loop(name, steps, budget, progress, step_fn):
-    """Run ``step_fn(i) -> loss`` until ``steps`` or the budget.
+def _init_from(folder, modules: dict[str, torch.nn.Module]) -> str | None:
+    """Continue from a saved pipeline folder: load each ``modules[name]`` from ``folder/name``
+    (diffusers / transformers safetensors). Returns the folder as recorded in ``train_info``."""
+    if folder is None:
+        return None
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name, module in modules.items():
+        files = sorted((folder / name).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"init_from: no safetensors weights in {folder / name}")
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        missing, unexpected = module.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        unique = dict(module.named_parameters())  # tied weights (T5's embeddings) are saved once
+        missing = [k for k in missing if k in unique or k not in module.state_dict()]
+        if missing or unexpected:
+            raise ValueError(f"init_from: {folder / name} does not match this model "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return str(folder)
+
+
+class _Plan:
+    """The step count the learning-rate schedule decays over.
+
+    Given (``steps``), it is fixed and the run is a fixed function of the seed. Otherwise it is
+    fitted to the wall-clock budget: from step ``start`` on, every ``every`` steps (the first time
+    after ``first``), the rate over the last stretch sets ``steps = done + rate * remaining * 0.97``,
+    so the cosine decay ends inside the budget whatever the GPU, and follows the rate when a job
+    sharing the GPU starts or stops. ``history`` holds the ``(done, steps)`` fits (in
+    ``train_info.json``); passing the final count as ``steps`` gives the same recipe with a fixed
+    schedule.
+    """
+
+    def __init__(self, steps: int | None, default: int, *, start: int = 50, first: int = 200, every: int = 1000):
+        self.fixed = steps is not None
+        self.steps = steps if steps is not None else default
+        self.start, self.first, self.every = start, first, every
+        self.mark: tuple[int, float] | None = None
+        self.history: list[tuple[int, int]] = []
+
+    def update(self, done: int, budget: "_Budget", now: float | None = None):
+        """Call after each step with the steps done so far."""
+        if self.fixed or done < self.start:
+            return
+        now = time.perf_counter() if now is None else now
+        if self.mark is None:
+            self.mark = (done, now)
+            return
+        d0, t0 = self.mark
+        if done - d0 < (self.every if self.history else self.first):
+            return
+        rate = (done - d0) / max(1e-9, now - t0)
+        self.steps = max(done + 1, done + int(rate * (budget.deadline - now) * 0.97))
+        self.history.append((done, self.steps))
+        self.mark = (done, now)
+
+
+def _loop(name, plan: _Plan, budget, progress, step_fn):
+    """Run ``step_fn(i) -> loss`` until ``plan.steps`` or the budget.
 
     Returns (steps done, [(step, loss) every 50 steps], steady-state steps/s measured after step 50).
     """
     losses, smooth = [], None
-    bar = tqdm(total=steps, desc=f"train {name}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=plan.steps, desc=f"train {name}", disable=not progress, dynamic_ncols=True,
+               mininterval=10.0)
     done, t_mark, i_mark = 0, None, 0
-    for i in range(steps):
+    i = 0
+    while i < plan.steps:
         if budget.over():
             break
         loss = step_fn(i)
         done = i + 1
-        if i % 50 == 0 or i == steps - 1:
+        if i % 50 == 0 or i == plan.steps - 1:
             v = float(loss)  # synchronises
             if t_mark is None and i >= 50:
                 t_mark, i_mark = time.perf_counter(), done
             smooth = v if smooth is None else 0.9 * smooth + 0.1 * v
             losses.append((i, v))
             bar.set_postfix(loss=f"{smooth:.4f}")
+        before = plan.steps
+        plan.update(done, budget)
+        if plan.steps != before:
+            bar.total = plan.steps
         bar.update(1)
+        i += 1
     bar.close()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -256,6 +330,8 @@ def train_image(
     steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
+    prediction_type: str | None = None,
+    init_from: str | os.PathLike | None = None,
     compile: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -268,7 +344,13 @@ def train_image(
         seed: fixes the initialisation, the data stream and the noise stream.
         device: ``"auto"`` (CUDA if available), ``"cuda"``, ``"cpu"``, ...
         toy: tiny model and batch for CPU tests (``steps`` defaults to 3).
-        steps, batch_size, lr: override ``IMAGE_RECIPE``.
+        steps: the step count the learning rate decays over; default: fitted to ``minutes``
+            from the rate measured after 250 steps (the count is in the returned info; passing
+            it back reproduces the run).
+        batch_size, lr, prediction_type (``"v_prediction"`` or ``"epsilon"``): override
+            ``IMAGE_RECIPE``.
+        init_from: a folder this function wrote: continue from its (EMA) weights, with a fresh
+            optimiser, warm-up and schedule (recorded as ``init_from`` in the info).
         compile: ``torch.compile`` the transformer for training (faster on CUDA, first steps slow).
         progress: show a tqdm bar.
 
@@ -277,7 +359,9 @@ def train_image(
     """
     out_dir, dev = Path(out_dir), _device(device)
     recipe = dict(IMAGE_RECIPE, **(TOY_RECIPE if toy else {}))
-    steps = steps or recipe["steps"]
+    if prediction_type is not None:
+        recipe["prediction_type"] = prediction_type
+    plan = _Plan(steps or (recipe["steps"] if toy else None), recipe["steps"])
     bs = batch_size or recipe["batch_size"]
     peak = lr or recipe["lr"]
     budget = _Budget(minutes)
@@ -285,12 +369,17 @@ def train_image(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    model = build_image_transformer(toy=toy, seed=seed).to(dev).train()
+    model = build_image_transformer(toy=toy, seed=seed)
+    init = _init_from(init_from, {"transformer": model})
+    model.to(dev).train()
     for block in model.transformer_blocks:  # we drop labels ourselves, consistently across blocks
         block.norm1.emb.class_embedder.dropout_prob = 0.0
     null = model.config.num_embeds_ada_norm
     data = ImageClasses(size=model.config.sample_size)
-    sched = DDIMScheduler(**IMAGE_SCHEDULER_CONFIG)
+    if recipe["prediction_type"] not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {recipe['prediction_type']!r}")
+    v_pred, gamma = recipe["prediction_type"] == "v_prediction", recipe["min_snr_gamma"]
+    sched = DDIMScheduler(**dict(IMAGE_SCHEDULER_CONFIG, prediction_type=recipe["prediction_type"]))
     ac = sched.alphas_cumprod.to(dev, torch.float32)
     data_gen = make_generator(seed + 1)
     noise_gen = torch.Generator(device=dev).manual_seed(seed + 2)
@@ -301,7 +390,7 @@ def train_image(
 
     def step_fn(i):
         for group in opt.param_groups:
-            group["lr"] = _lr_at(i, steps, recipe["warmup"], peak)
+            group["lr"] = _lr_at(i, plan.steps, recipe["warmup"], peak)
         x0, y = data.sample(bs, data_gen, device=dev)
         y = y.to(dev)
         drop = torch.rand(bs, generator=noise_gen, device=dev) < recipe["label_dropout"]
@@ -313,8 +402,13 @@ def train_image(
         with _autocast(dev):
             pred = fwd(xt, timestep=t, class_labels=y).sample
         snr = a.flatten() / (1 - a.flatten())
-        w = torch.clamp(snr, max=recipe["min_snr_gamma"]) / snr
-        loss = (w * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        if v_pred:
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+            w = torch.ones_like(snr) if gamma is None else torch.clamp(snr, max=gamma) / (snr + 1)
+        else:
+            target = noise
+            w = torch.ones_like(snr) if gamma is None else torch.clamp(snr, max=gamma) / snr
+        loss = (w * ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -322,7 +416,7 @@ def train_image(
         ema.update()
         return loss.detach()
 
-    done, losses, rate = _loop("image", steps, budget, progress, step_fn)
+    done, losses, rate = _loop("image", plan, budget, progress, step_fn)
     _sync(dev)
     seconds = budget.elapsed()
     ema.copy_to()
@@ -333,7 +427,8 @@ def train_image(
     pipe = PixelDiTPipeline(model, DPMSolverMultistepScheduler.from_config(sched.config))
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out_dir)
-    info = dict(model="image", steps_done=done, steps_planned=steps, seconds=round(seconds, 1), steps_per_s=rate,
+    info = dict(model="image", init_from=init, steps_done=done, steps_planned=plan.steps, steps_fitted=plan.history,
+                seconds=round(seconds, 1), steps_per_s=rate,
                 seed=seed, device=str(dev), batch_size=bs, lr=peak, toy=toy, recipe=recipe,
                 params=sum(p.numel() for p in model.parameters()), losses=losses,
                 torch=torch.__version__)
@@ -378,6 +473,7 @@ def train_video(
     steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
+    init_from: str | os.PathLike | None = None,
     compile: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -391,7 +487,7 @@ def train_video(
     """
     out_dir, dev = Path(out_dir), _device(device)
     recipe = dict(VIDEO_RECIPE, **(TOY_RECIPE if toy else {}))
-    steps = steps or recipe["steps"]
+    plan = _Plan(steps or (recipe["steps"] if toy else None), recipe["steps"])
     bs = batch_size or recipe["batch_size"]
     peak = lr or recipe["lr"]
     budget = _Budget(minutes)
@@ -400,6 +496,7 @@ def train_video(
         torch.backends.cudnn.allow_tf32 = True
 
     tokenizer, text_encoder, model = build_video_components(toy=toy, seed=seed)
+    init = _init_from(init_from, {"transformer": model, "text_encoder": text_encoder})
     model.to(dev).train()
     text_encoder.to(dev).train()
     cfg = model.config
@@ -426,7 +523,7 @@ def train_video(
 
     def step_fn(i):
         for group in opt.param_groups:
-            group["lr"] = _lr_at(i, steps, recipe["warmup"], peak)
+            group["lr"] = _lr_at(i, plan.steps, recipe["warmup"], peak)
         video, captions, _ = data.sample(bs, data_gen, device=dev)
         x0 = video.permute(0, 2, 1, 3, 4)  # (B, F, C, H, W): CogVideoX's layout
         drop = (torch.rand(bs, generator=noise_gen, device=dev) < recipe["caption_dropout"]).tolist()
@@ -447,7 +544,7 @@ def train_video(
         ema.update()
         return loss.detach()
 
-    done, losses, rate = _loop("video", steps, budget, progress, step_fn)
+    done, losses, rate = _loop("video", plan, budget, progress, step_fn)
     _sync(dev)
     seconds = budget.elapsed()
     ema.copy_to()
@@ -458,7 +555,8 @@ def train_video(
     pipe = PixelCogVideoXPipeline(tokenizer, text_encoder, model, sched)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out_dir)
-    info = dict(model="video", steps_done=done, steps_planned=steps, seconds=round(seconds, 1), steps_per_s=rate,
+    info = dict(model="video", init_from=init, steps_done=done, steps_planned=plan.steps, steps_fitted=plan.history,
+                seconds=round(seconds, 1), steps_per_s=rate,
                 seed=seed, device=str(dev), batch_size=bs, lr=peak, toy=toy, recipe=recipe,
                 params=sum(p.numel() for p in model.parameters()),
                 text_encoder_params=sum(p.numel() for p in text_encoder.parameters()), losses=losses,
@@ -579,7 +677,7 @@ def train_classifiers(
             opt.step()
             return loss.detach()
 
-        done, losses, rate = _loop(f"{kind} classifier", n_steps, budget, progress, step_fn)
+        done, losses, rate = _loop(f"{kind} classifier", _Plan(n_steps, n_steps), budget, progress, step_fn)
         _sync(dev)
         seconds = budget.elapsed()
         clf.eval()
@@ -611,18 +709,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, help="time budget (default: 15 image, 18 video, 4 classifiers)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--steps", type=int)
+    ap.add_argument("--steps", type=int, help="image/video: the LR schedule's step count (default: fitted to "
+                                               "--minutes); classifiers: steps of each")
+    ap.add_argument("--init", help="image/video: continue from the weights of a folder this command wrote")
+    ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], help="image: the training target")
     ap.add_argument("--toy", action="store_true", help="tiny sizes for a CPU smoke test")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer (image/video)")
     a = ap.parse_args(argv)
     kw = dict(seed=a.seed, device=a.device, toy=a.toy, steps=a.steps)
+    if a.init and a.what == "classifiers":
+        raise SystemExit("--init: only for image and video")
+    gen = dict(compile=a.compile, init_from=a.init)
     from .pixel import WEIGHTS_DIR
 
     out = a.out or (WEIGHTS_DIR if a.what == "classifiers" else WEIGHTS_DIR / a.what)
     if a.what == "image":
-        info = train_image(out, minutes=a.minutes or 15.0, compile=a.compile, **kw)
+        info = train_image(out, minutes=a.minutes or 15.0, prediction_type=a.prediction_type, **gen, **kw)
     elif a.what == "video":
-        info = train_video(out, minutes=a.minutes or 18.0, compile=a.compile, **kw)
+        info = train_video(out, minutes=a.minutes or 18.0, **gen, **kw)
     else:
         info = train_classifiers(out, minutes=a.minutes or 4.0, **kw)
     print(json.dumps({k: v for k, v in info.items() if k != "losses"} if "losses" in info else
