@@ -183,6 +183,19 @@ def test_demo(tmp_path, capsys):
     assert plan.num_steps == 3 and plan.metadata["calibration_inputs"] == 2
 
 
+def test_demo_runs_on_the_shipped_testbed_by_default(tmp_path, capsys):
+    out_dir = tmp_path / "DIR"
+    assert cli.main(["demo", "--steps", "2", "--calibration-inputs", "1", "--samples", "1", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "model testbed" in out and "trained on procedural shapes" in out and "random weights" not in out
+    m = re.search(r"PSNR (\S+) dB", out)
+    assert m and float(m.group(1)) > 0
+    plan = Plan.load(out_dir / "plan.json")
+    assert plan.metadata["model_class"] == "DiTTransformer2DModel" and plan.num_layers == 6
+    w, h = assert_png(out_dir / "samples.png")
+    assert h >= 3 * 256  # 64 px samples scaled to 256
+
+
 # ------------------------------------------------------------------ bad --model
 def _model_error(argv, capsys):
     """(exit status, message) of a run expected to fail: a returned 2 with stderr, or a SystemExit."""

@@ -192,6 +192,24 @@ def test_training_continues_from_saved_weights(tmp_path):
     assert info["init_from"] == str(tmp_path / "image")
 
 
+def test_a_compiler_failure_falls_back_to_eager_training(monkeypatch):
+    from ditaccel.testbed import train as T
+
+    def broken_compile(model):
+        def run(*args, **kwargs):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(T.torch, "compile", broken_compile)
+    lin = torch.nn.Linear(3, 2)
+    fwd = T._maybe_compiled(lin, True)
+    x = torch.randn(4, 3)
+    with pytest.warns(UserWarning, match="torch.compile failed.*no compiler here"):
+        assert torch.equal(fwd(x), lin(x))
+    assert torch.equal(fwd(x), lin(x))  # eager from then on, no second warning needed
+    assert T._maybe_compiled(lin, False) is lin
+
+
 def test_image_training_target_is_checked_and_recorded(tmp_path):
     with pytest.raises(ValueError, match="prediction_type"):
         train_image(tmp_path / "x", toy=True, device="cpu", progress=False, prediction_type="sample")
@@ -235,3 +253,45 @@ def test_full_size_models_meet_token_counts_and_the_24mb_budget():
     _, te, vt = build_video_components()
     n = sum(p.numel() for m in (tr, te, vt, ImageClassifier(), VideoClassifier()) for p in m.parameters())
     assert 2 * n < 23_000_000  # fp16 weights, leaving room for configs and the tokenizer in 24 MB
+
+
+# ------------------------------------------------------------------------------ the shipped weights
+def test_shipped_weights_fit_the_budget_and_load_with_from_pretrained():
+    from ditaccel.testbed.pixel import WEIGHTS_DIR
+    from ditaccel.testbed.train import weights_bytes
+
+    assert weights_bytes(WEIGHTS_DIR) <= 24_000_000
+    for part in ("image", "video", "image_classifier", "video_classifier"):
+        info = json.loads((WEIGHTS_DIR / part / "train_info.json").read_text())
+        assert info["device"] == "cuda" and not info["toy"]
+    image = load_image_pipeline()  # the default: the shipped folder
+    assert image.transformer.config.sample_size == 64 and image.transformer.config.num_layers == 6
+    x = image([0, 3], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert x.shape == (2, 3, 64, 64) and torch.isfinite(x).all()
+    video = load_video_pipeline()
+    assert video.transformer.config.sample_frames == 16
+    frames = video(["a red square moving left over stripes"], num_inference_steps=1, num_frames=16, height=64,
+                   width=64, output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 16, 3, 64, 64) and torch.isfinite(frames).all()
+    clf = ImageClassifier.from_pretrained(str(WEIGHTS_DIR / "image_classifier")).float().eval()
+    data, labels = ImageClasses(64).sample(24, 5)
+    with torch.no_grad():
+        assert (clf(data).argmax(-1) == labels).float().mean() >= 0.9  # it knows the real data
+
+
+def test_the_training_script_runs_every_phase_at_toy_size(tmp_path):
+    """scripts/train_testbed.sh (how the shipped weights are made), end to end at toy size."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "train_testbed.sh"
+    env = dict(os.environ, EXTRA="--toy", SAMPLES="2", EXTRA_EVAL="--steps 2 --device cpu",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run(["bash", str(script), "all", str(tmp_path / "w"), str(tmp_path / "out")], env=env, check=True,
+                   capture_output=True, timeout=300)
+    made = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert made == ["classifiers.tgz", "eval_image.json", "eval_video.json", "image.tgz", "samples_image.png",
+                    "samples_video.png", "video.tgz"]
+    assert json.loads((tmp_path / "out" / "eval_video.json").read_text())["n"] == 2

@@ -11,7 +11,9 @@ import time
 
 import torch
 
-TINY_MODELS = ("tiny-dit", "tiny-pixart", "demo-dit", "demo-pixart")
+TINY_MODELS = ("testbed", "tiny-dit", "tiny-pixart", "demo-dit", "demo-pixart")
+#: the trained built-ins (real weights, shipped in the package); the others have random weights
+TRAINED_MODELS = ("testbed",)
 
 
 def _device(name: str) -> str:
@@ -37,6 +39,10 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
                 "demo-dit": testbed.demo_dit_pipeline, "demo-pixart": testbed.demo_pixart_sigma_pipeline}
     if model in builders:
         return builders[model](dtype=dtype, device=device)
+    if model == "testbed":
+        from .testbed.pixel import load_image_pipeline
+
+        return load_image_pipeline(dtype=dtype, device=device)
     from diffusers import DiffusionPipeline
 
     try:
@@ -60,7 +66,9 @@ def _inputs(pipe, prompts: list[str] | None, labels: list[int] | None, default_n
     if _is_dit(pipe):
         if labels is None and prompts:
             labels = pipe.get_label_ids(prompts)
-        return {"class_labels": labels or [i * 97 % 1000 for i in range(1, default_n + 1)]}
+        classes = pipe.transformer.config.num_embeds_ada_norm or 1000
+        spread = 97 if classes == 1000 else 5  # distinct classes, spread over the label space
+        return {"class_labels": labels or [i * spread % classes for i in range(1, default_n + 1)]}
     prompts = prompts or DEFAULT_CAPTIONS[:default_n]
     kw = {"prompt": prompts}
     params = _call_params(pipe)
@@ -144,7 +152,10 @@ def cmd_demo(args) -> int:
     print(f"  methods      {st.method_counts}")
     print(f"  difference   PSNR {psnr(a, b):.2f} dB, mean |diff| {np.abs(a.astype(int) - b).mean():.2f}/255")
     print(f"  wrote {grid_path}, {plan_path}, {os.path.join(args.out, 'plan.png')}")
-    if args.model.startswith(("tiny-", "demo-")):
+    if args.model in TRAINED_MODELS:
+        print("  note: the testbed is a small pixel-space DiT trained on procedural shapes (ditaccel.testbed); "
+              "its quality tables are in QUALITY.md")
+    elif args.model.startswith(("tiny-", "demo-")):
         print("  note: built-in models have random weights: images are noise, the numbers are what to read")
     return 0
 
@@ -255,7 +266,8 @@ def cmd_eval(args) -> int:
 
 def _model_args(p, default="demo-dit"):
     p.add_argument("--model", default=default,
-                   help=f"a diffusers pipeline id/path, or a built-in offline model: {', '.join(TINY_MODELS)}")
+                   help=f"a diffusers pipeline id/path, or a built-in offline model: {', '.join(TINY_MODELS)} "
+                        f"(testbed: trained, shipped; the others: random weights) (default: {default})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
 
@@ -265,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="calibrate, generate dense and compressed side by side, report")
-    _model_args(p)
+    _model_args(p, default="testbed")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--threshold", default="D4", help="δ (float) or a preset D1..D6")
+    p.add_argument("--threshold", default="D2", help="δ (float) or a preset D1..D6")
     p.add_argument("--window", default="band1d", choices=["band1d", "neighborhood2d"])
     p.add_argument("--calibration-inputs", type=int, default=4)
     p.add_argument("--samples", type=int, default=2)
