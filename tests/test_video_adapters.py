@@ -139,6 +139,22 @@ def cogvideox():
         max_text_seq_length=12, temporal_compression_ratio=4).eval()
 
 
+def test_video_token_grids_follow_each_family_layout(cogvideox, wan, hunyuan):
+    """The grid covers exactly the model's video tokens: CogVideoX latents are (B, F, C, H, W), Wan
+    and HunyuanVideo (B, C, F, H, W); CogVideoX 1.5 and HunyuanVideo can patch frames in time."""
+    from types import SimpleNamespace
+
+    from ditaccel.models.adapters import COGVIDEOX, HUNYUAN_VIDEO, WAN
+
+    assert COGVIDEOX.token_grid(cogvideox, torch.zeros(1, 3, 4, 16, 16)) == (3 * 8, 8)  # 192 tokens
+    assert WAN.token_grid(wan, torch.zeros(1, wan.config.in_channels, 3, 8, 12)) == (3 * 4, 6)
+    assert HUNYUAN_VIDEO.token_grid(hunyuan, torch.zeros(1, hunyuan.config.in_channels, 3, 8, 8)) == (3 * 4, 4)
+    v15 = SimpleNamespace(config=SimpleNamespace(patch_size=2, patch_size_t=2))  # CogVideoX 1.5's patching
+    assert COGVIDEOX.token_grid(v15, torch.zeros(1, 5, 16, 20, 30)) == (3 * 10, 15)  # 5 frames -> 3 (padded)
+    hy2 = SimpleNamespace(config=SimpleNamespace(patch_size=2, patch_size_t=2))
+    assert HUNYUAN_VIDEO.token_grid(hy2, torch.zeros(1, 16, 4, 8, 8)) == (2 * 4, 4)
+
+
 def test_cogvideox_adaspa_with_batched_cfg(cogvideox):
     import diffusers.models.attention_processor as ap
 

@@ -32,7 +32,12 @@ class ModelAdapter:
         cfg_batch_order: order of the two CFG halves when the pipeline batches them in one call
             (``("cond", "uncond")`` for DiT, ``("uncond", "cond")`` for PixArt); ``None`` when the
             family's pipelines never batch CFG.
-        patch_size_attr: config attribute giving the spatial patch size of the token grid.
+        patch_size_attr: config attribute giving the spatial patch size of the token grid (Wan:
+            a (t, h, w) tuple).
+        patch_size_t_attr: config attribute giving the temporal patch size, where separate
+            (``None`` or absent in the config: 1).
+        video_layout: dimension order of a 5-D latent input: ``"BCFHW"`` (Wan, HunyuanVideo) or
+            ``"BFCHW"`` (CogVideoX).
         text_tokens: where text tokens sit in the self-attention sequence: ``None`` (image
             tokens only), ``"prefix"`` or ``"suffix"``.
         context_parallel: ditaccel runs this family under diffusers' Ulysses context parallelism
@@ -50,6 +55,8 @@ class ModelAdapter:
     timestep_scale: float = 1.0
     cfg_batch_order: tuple[str, str] | None = ("cond", "uncond")
     patch_size_attr: str = "patch_size"
+    patch_size_t_attr: str | None = None
+    video_layout: str = "BCFHW"
     text_tokens: str | None = None
     context_parallel: bool = False
 
@@ -64,15 +71,20 @@ class ModelAdapter:
 
     def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the visual token grid for a latent input of shape (B, C, H, W); for
-        video (B, C, F, H, W) the frames stack their rows: (F/pt · H/ph, W/pw), which is the same
-        row-major order."""
+        video (``video_layout``) the frames stack their rows: (⌈F/pt⌉ · H/ph, W/pw), which is the
+        same row-major order (a last partial temporal patch is padded by the model)."""
         if hidden_states.ndim == 3:  # packed tokens (Flux): no spatial grid in the input
             return (1, hidden_states.shape[1])
         p = getattr(transformer.config, self.patch_size_attr)
         if hidden_states.ndim == 5:
-            pt, ph, pw = p if isinstance(p, (tuple, list)) else (1, p, p)
-            f, h, w = hidden_states.shape[-3:]
-            return ((f // pt) * (h // ph), w // pw)
+            if isinstance(p, (tuple, list)):
+                pt, ph, pw = p
+            else:
+                pt = getattr(transformer.config, self.patch_size_t_attr, None) if self.patch_size_t_attr else None
+                pt, ph, pw = pt or 1, p, p
+            f = hidden_states.shape[1 if self.video_layout == "BFCHW" else 2]
+            h, w = hidden_states.shape[-2:]
+            return (-(-f // pt) * (h // ph), w // pw)
         p = p[-1] if isinstance(p, (tuple, list)) else p
         h, w = hidden_states.shape[-2:]
         return (h // p, w // p)
@@ -132,6 +144,7 @@ HUNYUAN_VIDEO = ModelAdapter(
     attention="attn",  # joint [video, text] attention; the text key-padding mask reaches the core
     attention_call="dispatch",
     cfg_batch_order=None,  # guidance-distilled
+    patch_size_t_attr="patch_size_t",
     text_tokens="suffix",
     context_parallel=True,  # with ditaccel.parallel.hunyuan_video_cp_plan: each rank holds [video_r, text_r]
 )
@@ -143,6 +156,8 @@ COGVIDEOX = ModelAdapter(
     attention="attn1",  # joint [text, video] attention built inside the processor
     attention_call="sdpa_module",
     cfg_batch_order=("uncond", "cond"),
+    patch_size_t_attr="patch_size_t",  # None for 2b/5b, 2 for CogVideoX 1.5
+    video_layout="BFCHW",
     text_tokens="prefix",
     context_parallel=True,  # with ditaccel.parallel.cogvideox_cp_plan: each rank holds [text_r, video_r]
 )
