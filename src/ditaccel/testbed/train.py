@@ -89,12 +89,13 @@ __all__ = [
 ]
 
 # Measured on one H100 (torch 2.11, bf16; 2026-11-24/25), alone on the GPU: the image DiT at batch
-# 128 runs 15.5 steps/s eager and 24.7 steps/s under torch.compile (1.59x; hence compile on CUDA
-# by default), the video CogVideoX at batch 32 runs 7.7 steps/s eager; the classifiers train in
-# 30-40 s each and reach 100% on fresh procedural data. Epsilon prediction + min-SNR-5 gave wrong
-# global colours after 2k image steps (classifier accuracy 3%); v-prediction after ~6.9k steps
-# sharing the GPU with the video run (17.5 min) plus 3.6k alone (8 min) reached 43-50%: the bar
-# (90%) needs more steps than that. ``info["steps_per_s"]`` reports the rate of a run.
+# 128 runs 15.5 steps/s eager and 24.7 under torch.compile (1.59x; hence compile on CUDA by
+# default); the video CogVideoX at batch 32 runs 7.7 steps/s eager and 12.6 compiled (1.64x, after
+# about 75 s of compiling); the classifiers train in 30-40 s each and reach 100% on fresh
+# procedural data. Epsilon prediction + min-SNR-5 gave wrong global colours after 2k image steps
+# (classifier accuracy 3%); v-prediction after ~6.9k steps sharing the GPU with the video run
+# (17.5 min) plus 3.6k alone (8 min) reached 43-50%: the bar (90%) needs more steps than that.
+# ``info["steps_per_s"]`` reports the rate of a run.
 IMAGE_RECIPE = dict(steps=16000, batch_size=128, lr=3e-4, warmup=500, label_dropout=0.1, min_snr_gamma=None,
                     ema_decay=0.999, prediction_type="v_prediction")
 VIDEO_RECIPE = dict(steps=8000, batch_size=32, lr=3e-4, warmup=500, caption_dropout=0.1, ema_decay=0.999)
