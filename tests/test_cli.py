@@ -247,7 +247,10 @@ def test_testbed_train_and_eval_at_toy_size(tmp_path, capsys):
                      "--device", "cpu"]) == 0
     png = tmp_path / "video.png"
     assert cli.main(["eval", "--model", "video", "--method", "dense", "--weights", str(root), "--samples", "2",
-                     "--steps", "2", "--device", "cpu", "--samples-png", str(png)]) == 0
+                     "--steps", "2", "--device", "cpu", "--samples-png", str(png), "--json", str(out_json)]) == 0
+    r = json.loads(out_json.read_text())  # metrics only: no sample or feature tensors
+    assert r["kind"] == "video" and "accuracy_dense_motion" in r and not any(k.startswith(("samples", "features"))
+                                                                              for k in r)
     from PIL import Image
 
     w, h = Image.open(png).size

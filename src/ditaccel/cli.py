@@ -260,7 +260,7 @@ def cmd_eval(args) -> int:
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({k: v for k, v in r.items() if k != "samples"}, f, indent=1, default=str)
+            json.dump({k: v for k, v in r.items() if not torch.is_tensor(v)}, f, indent=1)  # no samples/features
     return 0
 
 
