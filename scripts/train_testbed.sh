@@ -11,6 +11,8 @@
 #   scripts/train_testbed.sh all           WORKDIR [OUTDIR]   # all of it in a row (own machine)
 #
 # finish writes OUTDIR/MODEL.tgz, eval_MODEL.json (dense accuracy etc.) and samples_MODEL.png.
+# With the classifiers trained first, each run also probes its learning curve every PROBE_EVERY
+# minutes (default 3; `curve` in train_info.json).
 # Or train each alone: `ditaccel testbed train image|video|classifiers` (default: into the package).
 set -euo pipefail
 phase=${1:?classifiers, launch, finish or all}
@@ -33,6 +35,9 @@ classifiers() {
 }
 train() {  # model, then "detached" or "here"
   local cmd=(python3 -m ditaccel testbed train "$1" --out "$W/$1" --minutes "$MINUTES" $EXTRA)
+  if [ -d "$W/$1_classifier" ]; then  # a learning curve in train_info.json, printed to the log
+    cmd+=(--probe-every "${PROBE_EVERY:-3}" --probe-classifier "$W/$1_classifier")
+  fi
   if [ "$2" = detached ]; then
     setsid nohup "${cmd[@]}" >"$W/$1.log" 2>&1 </dev/null &
   else

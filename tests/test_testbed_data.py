@@ -210,6 +210,32 @@ def test_a_compiler_failure_falls_back_to_eager_training(monkeypatch):
     assert T._maybe_compiled(lin, False) is lin
 
 
+def test_learning_curve_probes_the_ema_weights_without_changing_the_training(tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    train_classifiers(tmp_path, toy=True, device="cpu", progress=False, which=("image",))
+    with pytest.raises(ValueError, match="probe_classifier"):
+        train_image(tmp_path / "x", toy=True, device="cpu", progress=False, probe_every=1.0)
+    kw = dict(toy=True, device="cpu", seed=3, progress=False)
+    info = train_image(tmp_path / "probed", probe_every=0.0, probe_classifier=tmp_path / "image_classifier",
+                       probe_samples=2, **kw)
+    assert [p["step"] for p in info["curve"]] == [1, 2, 3, 3]  # every step (every=0), then the end
+    assert all(0.0 <= p["accuracy_dense"] <= 1.0 and p["fd_dense"] >= 0 for p in info["curve"])
+    assert json.loads((tmp_path / "probed/train_info.json").read_text())["curve"] == info["curve"]
+    train_image(tmp_path / "plain", **kw)
+    a = DiTTransformer2DModel.from_pretrained(str(tmp_path / "probed/transformer")).state_dict()
+    b = DiTTransformer2DModel.from_pretrained(str(tmp_path / "plain/transformer")).state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())  # probing swaps the EMA in and back out
+
+
+def test_learning_curve_of_the_video_model(tmp_path):
+    train_classifiers(tmp_path, toy=True, device="cpu", progress=False, which=("video",))
+    info = train_video(tmp_path / "video", toy=True, device="cpu", progress=False, probe_every=60.0,
+                       probe_classifier=tmp_path / "video_classifier", probe_samples=2)
+    (point,) = info["curve"]  # the budget's schedule never came: only the final probe
+    assert point["step"] == 3 and {"accuracy_dense_object", "accuracy_dense_motion"} <= set(point)
+
+
 def test_image_training_target_is_checked_and_recorded(tmp_path):
     with pytest.raises(ValueError, match="prediction_type"):
         train_image(tmp_path / "x", toy=True, device="cpu", progress=False, prediction_type="sample")
@@ -295,3 +321,8 @@ def test_the_training_script_runs_every_phase_at_toy_size(tmp_path):
     assert made == ["classifiers.tgz", "eval_image.json", "eval_video.json", "image.tgz", "samples_image.png",
                     "samples_video.png", "video.tgz"]
     assert json.loads((tmp_path / "out" / "eval_video.json").read_text())["n"] == 2
+    import tarfile
+
+    with tarfile.open(tmp_path / "out" / "image.tgz") as tar:  # classifiers first: a learning curve too
+        info = json.load(tar.extractfile("image/train_info.json"))
+    assert len(info["curve"]) == 1 and "accuracy_dense" in info["curve"][0]

@@ -44,6 +44,7 @@ Command line: ``ditaccel testbed train image|video|classifiers [--out DIR] [--mi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -157,6 +158,18 @@ class _EMA:
         for p, s in zip(self.params, self.shadow):
             p.copy_(s.to(p.dtype))
 
+    @contextlib.contextmanager
+    def applied(self):
+        """The EMA weights in the model for the duration (the training weights come back after)."""
+        saved = [p.detach().clone() for p in self.params]
+        self.copy_to()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+
 
 class _Budget:
     def __init__(self, minutes: float):
@@ -226,6 +239,54 @@ def _init_from(folder, modules: dict[str, torch.nn.Module]) -> str | None:
     return str(folder)
 
 
+class _Probe:
+    """A learning curve: every ``every`` minutes (and at the end), the EMA weights generate ``n``
+    samples through the pipeline (``make_pipe()``, 20 steps) and the classifier at
+    ``classifier_dir`` scores them with ``ditaccel.evaluate`` (dense accuracy, Fréchet distance
+    to the data). The points go to ``train_info.json`` as ``curve``; probing time counts against the
+    training budget."""
+
+    def __init__(self, every: float | None, classifier_dir, n: int, make_pipe, ema: "_EMA", modules, device):
+        self.enabled = every is not None
+        if self.enabled and classifier_dir is None:
+            raise ValueError("probe_classifier: the learning curve needs a trained classifier folder")
+        self.every, self.n, self.make_pipe, self.ema, self.modules = every, n, make_pipe, ema, modules
+        self.classifier_dir, self.device = classifier_dir, device
+        self.curve: list[dict] = []
+        self.next = None if every is None else time.perf_counter() + 60.0 * every
+        self._clf = None
+
+    def _classifier(self):
+        if self._clf is None:
+            from .classifier import ImageClassifier, VideoClassifier
+
+            folder = Path(self.classifier_dir)
+            kind = json.loads((folder / "config.json").read_text()).get("_class_name", "")
+            cls = VideoClassifier if kind == "VideoClassifier" else ImageClassifier
+            self._clf = torch.nn.Module.to(cls.from_pretrained(str(folder)), device=self.device,
+                                           dtype=torch.float32).eval()
+        return self._clf
+
+    def maybe(self, step: int, elapsed: float, final: bool = False):
+        if not self.enabled or (not final and time.perf_counter() < self.next):
+            return
+        from ..evaluate import evaluate
+
+        for m in self.modules:
+            m.eval()
+        with self.ema.applied():
+            r = evaluate(self.make_pipe(), None, n=self.n, steps=20, batch_size=min(self.n, 32),
+                         classifier=self._classifier(), n_reference=256)
+        for m in self.modules:
+            m.train()
+        point = {"step": step, "minutes": round(elapsed / 60, 2),
+                 **{k: v for k, v in r.items() if k.startswith(("accuracy_dense", "fd_dense"))}}
+        self.curve.append(point)
+        tqdm.write(f"probe at step {step}: " + ", ".join(f"{k} {v:.3g}" for k, v in point.items()
+                                                          if isinstance(v, float)))
+        self.next = time.perf_counter() + 60.0 * self.every
+
+
 def _maybe_compiled(model: torch.nn.Module, enabled: bool):
     """``torch.compile(model)`` when ``enabled``; if compiling fails at the first call, warn and
     train eagerly (the run's speed changes, not its result)."""
@@ -282,8 +343,9 @@ class _Plan:
         self.mark = (done, now)
 
 
-def _loop(name, plan: _Plan, budget, progress, step_fn):
-    """Run ``step_fn(i) -> loss`` until ``plan.steps`` or the budget.
+def _loop(name, plan: _Plan, budget, progress, step_fn, probe: _Probe | None = None):
+    """Run ``step_fn(i) -> loss`` until ``plan.steps`` or the budget (``probe``: the learning
+    curve, probed on its schedule and once at the end).
 
     Returns (steps done, [(step, loss) every 50 steps], steady-state steps/s measured after step 50).
     """
@@ -310,6 +372,10 @@ def _loop(name, plan: _Plan, budget, progress, step_fn):
             bar.total = plan.steps
         bar.update(1)
         i += 1
+        if probe is not None:
+            probe.maybe(done, budget.elapsed())
+    if probe is not None:
+        probe.maybe(done, budget.elapsed(), final=True)
     bar.close()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -355,6 +421,9 @@ def train_image(
     lr: float | None = None,
     prediction_type: str | None = None,
     init_from: str | os.PathLike | None = None,
+    probe_every: float | None = None,
+    probe_classifier: str | os.PathLike | None = None,
+    probe_samples: int = 48,
     compile: bool | None = None,
     progress: bool = True,
 ) -> dict:
@@ -374,6 +443,9 @@ def train_image(
             ``IMAGE_RECIPE``.
         init_from: a folder this function wrote: continue from its (EMA) weights, with a fresh
             optimiser, warm-up and schedule (recorded as ``init_from`` in the info).
+        probe_every, probe_classifier, probe_samples: a learning curve (``curve`` in the info):
+            every ``probe_every`` minutes and at the end, ``probe_samples`` samples of the EMA
+            weights (20 steps) scored by the classifier folder ``probe_classifier``.
         compile: ``torch.compile`` the transformer for training (``None``: on CUDA; measured 1.59x
             faster on an H100 after a first minute of compiling).
         progress: show a tqdm bar.
@@ -440,7 +512,13 @@ def train_image(
         ema.update()
         return loss.detach()
 
-    done, losses, rate = _loop("image", plan, budget, progress, step_fn)
+    def image_pipe():
+        pipe = PixelDiTPipeline(model, DPMSolverMultistepScheduler.from_config(sched.config))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    probe = _Probe(probe_every, probe_classifier, probe_samples, image_pipe, ema, [model], dev)
+    done, losses, rate = _loop("image", plan, budget, progress, step_fn, probe)
     _sync(dev)
     seconds = budget.elapsed()
     ema.copy_to()
@@ -451,7 +529,7 @@ def train_image(
     pipe = PixelDiTPipeline(model, DPMSolverMultistepScheduler.from_config(sched.config))
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out_dir)
-    info = dict(model="image", init_from=init, steps_done=done, steps_planned=plan.steps, steps_fitted=plan.history,
+    info = dict(model="image", init_from=init, curve=probe.curve, steps_done=done, steps_planned=plan.steps, steps_fitted=plan.history,
                 seconds=round(seconds, 1), steps_per_s=rate,
                 seed=seed, device=str(dev), batch_size=bs, lr=peak, toy=toy, recipe=recipe,
                 params=sum(p.numel() for p in model.parameters()), losses=losses,
@@ -498,6 +576,9 @@ def train_video(
     batch_size: int | None = None,
     lr: float | None = None,
     init_from: str | os.PathLike | None = None,
+    probe_every: float | None = None,
+    probe_classifier: str | os.PathLike | None = None,
+    probe_samples: int = 48,
     compile: bool | None = None,
     progress: bool = True,
 ) -> dict:
@@ -568,7 +649,13 @@ def train_video(
         ema.update()
         return loss.detach()
 
-    done, losses, rate = _loop("video", plan, budget, progress, step_fn)
+    def video_pipe():
+        pipe = PixelCogVideoXPipeline(tokenizer, text_encoder, model, sched)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    probe = _Probe(probe_every, probe_classifier, probe_samples, video_pipe, ema, [model, text_encoder], dev)
+    done, losses, rate = _loop("video", plan, budget, progress, step_fn, probe)
     _sync(dev)
     seconds = budget.elapsed()
     ema.copy_to()
@@ -579,7 +666,7 @@ def train_video(
     pipe = PixelCogVideoXPipeline(tokenizer, text_encoder, model, sched)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out_dir)
-    info = dict(model="video", init_from=init, steps_done=done, steps_planned=plan.steps, steps_fitted=plan.history,
+    info = dict(model="video", init_from=init, curve=probe.curve, steps_done=done, steps_planned=plan.steps, steps_fitted=plan.history,
                 seconds=round(seconds, 1), steps_per_s=rate,
                 seed=seed, device=str(dev), batch_size=bs, lr=peak, toy=toy, recipe=recipe,
                 params=sum(p.numel() for p in model.parameters()),
@@ -736,6 +823,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="image/video: the LR schedule's step count (default: fitted to "
                                                "--minutes); classifiers: steps of each")
     ap.add_argument("--init", help="image/video: continue from the weights of a folder this command wrote")
+    ap.add_argument("--probe-every", type=float, help="image/video: score the EMA weights' samples every M minutes "
+                                                       "and at the end (needs --probe-classifier)")
+    ap.add_argument("--probe-classifier", help="image/video: the classifier folder for --probe-every")
+    ap.add_argument("--probe-samples", type=int, default=48)
     ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], help="image: the training target")
     ap.add_argument("--toy", action="store_true", help="tiny sizes for a CPU smoke test")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -744,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(seed=a.seed, device=a.device, toy=a.toy, steps=a.steps)
     if a.init and a.what == "classifiers":
         raise SystemExit("--init: only for image and video")
-    gen = dict(compile={"auto": None, "on": True, "off": False}[a.compile], init_from=a.init)
+    gen = dict(compile={"auto": None, "on": True, "off": False}[a.compile], init_from=a.init,
+               probe_every=a.probe_every, probe_classifier=a.probe_classifier, probe_samples=a.probe_samples)
     from .pixel import WEIGHTS_DIR
 
     out = a.out or (WEIGHTS_DIR if a.what == "classifiers" else WEIGHTS_DIR / a.what)
