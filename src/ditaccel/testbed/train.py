@@ -231,8 +231,9 @@ def _init_from(folder, modules: dict[str, torch.nn.Module]) -> str | None:
         for f in files:
             state.update(load_file(str(f)))
         missing, unexpected = module.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-        unique = dict(module.named_parameters())  # tied weights (T5's embeddings) are saved once
-        missing = [k for k in missing if k in unique or k not in module.state_dict()]
+        # tied weights (T5's embeddings) are saved once: their other names may be missing
+        tied = set(module.state_dict()) - set(dict(module.named_parameters())) - set(dict(module.named_buffers()))
+        missing = [k for k in missing if k not in tied]
         if missing or unexpected:
             raise ValueError(f"init_from: {folder / name} does not match this model "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
