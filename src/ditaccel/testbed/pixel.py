@@ -34,12 +34,10 @@ from diffusers import CogVideoXPipeline, DiTPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from .data import ImageClasses, VideoCaptions
-from .tiny import DIT_SCHEDULER_CONFIG, T5_CONFIG
+from .tiny import DIT_SCHEDULER_CONFIG, T5_CONFIG, build_tokenizer
 from .video import COGVIDEOX_SCHEDULER_CONFIG
 
 __all__ = [
@@ -127,21 +125,9 @@ VIDEO_SCHEDULER_CONFIG = dict(COGVIDEOX_SCHEDULER_CONFIG)
 
 
 def build_caption_tokenizer(model_max_length: int = 16) -> PreTrainedTokenizerFast:
-    """Offline T5-like word-level tokenizer over ``VideoCaptions.vocabulary()``: lowercase,
-    whitespace/punctuation split, ``</s>`` appended, ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in VideoCaptions.vocabulary():
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=model_max_length, padding_side="right",
-    )
+    """The offline T5-like word-level tokenizer (``tiny.build_tokenizer``) over
+    ``VideoCaptions.vocabulary()``."""
+    return build_tokenizer(model_max_length, VideoCaptions.vocabulary())
 
 
 # --------------------------------------------------------------------------------------------

@@ -198,11 +198,11 @@ def _finish(pipe, dtype, device):
     return pipe
 
 
-def build_tokenizer(model_max_length: int = TOKENIZER_MAX_LENGTH) -> PreTrainedTokenizerFast:
-    """An offline T5-like tokenizer: lowercase, whitespace/punctuation split, word-level vocab,
-    ``</s>`` appended, ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2."""
+def build_tokenizer(model_max_length: int = TOKENIZER_MAX_LENGTH, words=TOKENIZER_WORDS) -> PreTrainedTokenizerFast:
+    """An offline T5-like tokenizer: lowercase, whitespace/punctuation split, word-level vocab
+    over ``words``, ``</s>`` appended, ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2."""
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in TOKENIZER_WORDS:
+    for w in words:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])

@@ -384,6 +384,33 @@ def _loop(name, plan: _Plan, budget, progress, step_fn, probe: _Probe | None = N
     return done, losses, rate
 
 
+def _setup(recipe: dict, dev: torch.device, *, toy: bool, steps, batch_size, lr, minutes: float):
+    """(step plan, batch size, peak learning rate, budget) of a generator run; TF32 on CUDA."""
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    plan = _Plan(steps or (recipe["steps"] if toy else None), recipe["steps"])
+    return plan, batch_size or recipe["batch_size"], lr or recipe["lr"], _Budget(minutes)
+
+
+def _save_run(out_dir: Path, ema: _EMA, modules, make_pipe, info: dict) -> dict:
+    """The EMA weights in fp16, saved as the pipeline ``make_pipe()`` builds, plus ``train_info.json``."""
+    ema.copy_to()
+    for m in modules:
+        m.eval().cpu()
+        _half_copy_state(m)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    make_pipe().save_pretrained(out_dir)
+    _write_info(out_dir, info)
+    return info
+
+
+def _run_info(name: str, *, plan: _Plan, probe: _Probe, init, done, losses, rate, seconds, **extra) -> dict:
+    return dict(model=name, init_from=init, curve=probe.curve, steps_done=done, steps_planned=plan.steps,
+                steps_fitted=plan.history, seconds=round(seconds, 1), steps_per_s=rate, **extra, losses=losses,
+                torch=torch.__version__)
+
+
 # --------------------------------------------------------------------------------------------
 # image DiT
 # --------------------------------------------------------------------------------------------
@@ -458,13 +485,9 @@ def train_image(
     recipe = dict(IMAGE_RECIPE, **(TOY_RECIPE if toy else {}))
     if prediction_type is not None:
         recipe["prediction_type"] = prediction_type
-    plan = _Plan(steps or (recipe["steps"] if toy else None), recipe["steps"])
-    bs = batch_size or recipe["batch_size"]
-    peak = lr or recipe["lr"]
-    budget = _Budget(minutes)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if recipe["prediction_type"] not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {recipe['prediction_type']!r}")
+    plan, bs, peak, budget = _setup(recipe, dev, toy=toy, steps=steps, batch_size=batch_size, lr=lr, minutes=minutes)
 
     model = build_image_transformer(toy=toy, seed=seed)
     init = _init_from(init_from, {"transformer": model})
@@ -473,8 +496,6 @@ def train_image(
         block.norm1.emb.class_embedder.dropout_prob = 0.0
     null = model.config.num_embeds_ada_norm
     data = ImageClasses(size=model.config.sample_size)
-    if recipe["prediction_type"] not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {recipe['prediction_type']!r}")
     v_pred, gamma = recipe["prediction_type"] == "v_prediction", recipe["min_snr_gamma"]
     sched = DDIMScheduler(**dict(IMAGE_SCHEDULER_CONFIG, prediction_type=recipe["prediction_type"]))
     ac = sched.alphas_cumprod.to(dev, torch.float32)
@@ -521,22 +542,12 @@ def train_image(
     probe = _Probe(probe_every, probe_classifier, probe_samples, image_pipe, ema, [model], dev)
     done, losses, rate = _loop("image", plan, budget, progress, step_fn, probe)
     _sync(dev)
-    seconds = budget.elapsed()
-    ema.copy_to()
-    model.eval().cpu()
+    info = _run_info("image", plan=plan, probe=probe, init=init, done=done, losses=losses, rate=rate,
+                     seconds=budget.elapsed(), seed=seed, device=str(dev), batch_size=bs, lr=peak, toy=toy,
+                     recipe=recipe, params=sum(p.numel() for p in model.parameters()))
     for block in model.transformer_blocks:
         block.norm1.emb.class_embedder.dropout_prob = 0.1  # the config's value, as constructed
-    _half_copy_state(model)
-    pipe = PixelDiTPipeline(model, DPMSolverMultistepScheduler.from_config(sched.config))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out_dir)
-    info = dict(model="image", init_from=init, curve=probe.curve, steps_done=done, steps_planned=plan.steps, steps_fitted=plan.history,
-                seconds=round(seconds, 1), steps_per_s=rate,
-                seed=seed, device=str(dev), batch_size=bs, lr=peak, toy=toy, recipe=recipe,
-                params=sum(p.numel() for p in model.parameters()), losses=losses,
-                torch=torch.__version__)
-    _write_info(out_dir, info)
-    return info
+    return _save_run(out_dir, ema, [model], image_pipe, info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,13 +604,7 @@ def train_video(
     """
     out_dir, dev = Path(out_dir), _device(device)
     recipe = dict(VIDEO_RECIPE, **(TOY_RECIPE if toy else {}))
-    plan = _Plan(steps or (recipe["steps"] if toy else None), recipe["steps"])
-    bs = batch_size or recipe["batch_size"]
-    peak = lr or recipe["lr"]
-    budget = _Budget(minutes)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    plan, bs, peak, budget = _setup(recipe, dev, toy=toy, steps=steps, batch_size=batch_size, lr=lr, minutes=minutes)
 
     tokenizer, text_encoder, model = build_video_components(toy=toy, seed=seed)
     init = _init_from(init_from, {"transformer": model, "text_encoder": text_encoder})
@@ -658,23 +663,11 @@ def train_video(
     probe = _Probe(probe_every, probe_classifier, probe_samples, video_pipe, ema, [model, text_encoder], dev)
     done, losses, rate = _loop("video", plan, budget, progress, step_fn, probe)
     _sync(dev)
-    seconds = budget.elapsed()
-    ema.copy_to()
-    model.eval().cpu()
-    text_encoder.eval().cpu()
-    _half_copy_state(model)
-    _half_copy_state(text_encoder)
-    pipe = PixelCogVideoXPipeline(tokenizer, text_encoder, model, sched)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out_dir)
-    info = dict(model="video", init_from=init, curve=probe.curve, steps_done=done, steps_planned=plan.steps, steps_fitted=plan.history,
-                seconds=round(seconds, 1), steps_per_s=rate,
-                seed=seed, device=str(dev), batch_size=bs, lr=peak, toy=toy, recipe=recipe,
-                params=sum(p.numel() for p in model.parameters()),
-                text_encoder_params=sum(p.numel() for p in text_encoder.parameters()), losses=losses,
-                torch=torch.__version__)
-    _write_info(out_dir, info)
-    return info
+    info = _run_info("video", plan=plan, probe=probe, init=init, done=done, losses=losses, rate=rate,
+                     seconds=budget.elapsed(), seed=seed, device=str(dev), batch_size=bs, lr=peak, toy=toy,
+                     recipe=recipe, params=sum(p.numel() for p in model.parameters()),
+                     text_encoder_params=sum(p.numel() for p in text_encoder.parameters()))
+    return _save_run(out_dir, ema, [model, text_encoder], video_pipe, info)
 
 
 # --------------------------------------------------------------------------------------------
