@@ -164,6 +164,9 @@ def test_evaluate_image_adaspa(toy_image_pipe, toy_image_classifier):
                  classifier=toy_image_classifier, n_reference=16, return_samples=True)
     assert EXPECTED <= set(r)
     assert 0 < r["attention_flops_ratio"] < 1 and r["method_counts"]["sparse"] > 0
+    layers = len(toy_image_pipe.transformer.transformer_blocks)
+    assert len(r["recall_per_layer"]) == layers and all(0 < x <= 1 for x in r["recall_per_layer"])
+    assert r["recall_min"] == min(r["recall_per_layer"]) <= r["recall_mean"] <= 1
     assert r["samples_dense"].shape == (4, 3, 16, 16) and r["psnr"] > 0 and -1 <= r["ssim"] <= 1
     assert r["fd_dense"] >= 0 and 0 <= r["accuracy_dense"] <= 1
     assert ditaccel.runtime.get_runtime(toy_image_pipe) is None  # removed again
@@ -177,6 +180,7 @@ def test_evaluate_image_ditfastattn_calibrates(toy_image_pipe, toy_image_classif
     r = evaluate(toy_image_pipe, ditaccel.DiTFastAttnConfig(threshold=0.2), n=2, steps=4, batch_size=2,
                  classifier=toy_image_classifier, n_reference=8)
     assert EXPECTED <= set(r) and r["calibration_s"] > 0 and r["method"] == "DiTFastAttnConfig"
+    assert "recall_mean" not in r  # AdaSpa's only
 
 
 def test_evaluate_video_adaspa():

@@ -222,17 +222,11 @@ def cmd_plan_show(args) -> int:
 
 # ------------------------------------------------------------------------------ parser
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
     import ditaccel
     from ditaccel.evaluate import evaluate_trained
-    from ditaccel.testbed.pixel import WEIGHTS_DIR
+    from ditaccel.quality import check_weights
 
-    root = Path(args.weights) if args.weights else WEIGHTS_DIR
-    for part in (args.model, f"{args.model}_classifier"):
-        if not (root / part).is_dir():
-            raise ValueError(f"--weights: no trained testbed folder {root / part}; train it with "
-                             f"`ditaccel testbed train {'classifiers' if 'classifier' in part else args.model}`")
+    root = check_weights(args.weights, (args.model,))
     if args.method == "adaspa":
         method = ditaccel.AdaSpaConfig(sparsity=args.sparsity, head_adaptive=not args.no_head_adaptive)
     elif args.method == "ditfastattn":

@@ -469,7 +469,9 @@ def evaluate(
         ``ssim``, ``ssim_min`` (compressed vs dense); with a classifier ``fd_dense``,
         ``fd_compressed``, ``fd_compressed_vs_dense``, ``accuracy_dense``, ``accuracy_compressed``
         (video: object and motion both right; ``accuracy_{dense,compressed}_{factor}`` per factor);
-        ``attention_flops_ratio``, ``method_counts``, ``time_dense_s``, ``time_compressed_s``,
+        ``attention_flops_ratio``, ``method_counts``, AdaSpa's ``recall_per_layer`` (attention mass kept
+        by its masks, mean over searches, heads and batches) with ``recall_min`` / ``recall_mean``,
+        ``time_dense_s``, ``time_compressed_s``,
         ``speedup``, ``calibration_s``; torchmetrics keys when requested (``fid_dense``,
         ``fid_compressed``, ``is_dense``, ``is_compressed``, ``clip_score_dense``,
         ``clip_score_compressed``, ``lpips``).
@@ -520,6 +522,7 @@ def evaluate(
         result["calibration_s"] = t_cal
         flops_done = flops_dense = 0.0
         counts: Counter = Counter()
+        recalls: dict[int, list[float]] = {}  # AdaSpa: per layer, the kept attention mass of each search
 
         def collect():
             nonlocal flops_done, flops_dense
@@ -527,6 +530,8 @@ def evaluate(
             flops_dense += st.attention_tflops_dense
             flops_done += st.attention_flops_ratio * st.attention_tflops_dense
             counts.update(st.method_counts)
+            for layer, values in enumerate(st.details.get("recall_per_search") or []):
+                recalls.setdefault(layer, []).extend(values)
 
         ditaccel.apply(pipe, plan)
         try:
@@ -541,6 +546,10 @@ def evaluate(
             attention_flops_ratio=flops_done / flops_dense if flops_dense > 0 else math.nan,
             method_counts=dict(counts),
         )
+        if recalls:
+            per_layer = [sum(v) / len(v) for _, v in sorted(recalls.items()) if v]
+            result.update(recall_per_layer=per_layer, recall_min=min(per_layer),
+                          recall_mean=sum(per_layer) / len(per_layer))
         per_psnr = psnr(compressed, dense, reduction="none")
         per_ssim = ssim(compressed, dense, reduction="none")
         result.update(psnr=float(per_psnr.mean()), psnr_min=float(per_psnr.min()),

@@ -330,18 +330,15 @@ def plot_table(result: dict, path: str | os.PathLike, min_psnr: float = MIN_PSNR
 def save_grid(result: dict, path: str | os.PathLike) -> None:
     """PNG of the kept samples: image, one row per setting (one column per sample); video, for
     each sample one row per setting (``GRID_FRAMES`` frames spread over the clip)."""
-    from .viz import side_by_side, to_uint8
+    from .viz import side_by_side, to_uint8, video_frames
 
     samples = result["samples"]
     first = next(iter(samples.values()))
     if result["table"] == "image":
         rows = [(label, to_uint8(x)) for label, x in samples.items()]
     else:
-        frames = first.shape[2]
-        idx = torch.linspace(0, frames - 1, min(GRID_FRAMES, frames)).round().long()
         n = min(len(x) for x in samples.values())
-        rows = [(f"#{i} {label}", to_uint8(x[i][:, idx].transpose(0, 1))) for i in range(n)
-                for label, x in samples.items()]
+        rows = [(f"#{i} {label}", video_frames(x[i], GRID_FRAMES)) for i in range(n) for label, x in samples.items()]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     side_by_side(rows, path, scale=max(1, round(GRID_TILE_PX[result["table"]] / first.shape[-1])))
 

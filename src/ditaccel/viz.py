@@ -80,13 +80,20 @@ def side_by_side(rows: list[tuple[str, np.ndarray]], path: str | os.PathLike, sc
     canvas.save(path)
 
 
+def video_frames(video, frames: int = 4) -> np.ndarray:
+    """``frames`` frames spread over one video (C, F, H, W) in [0, 1], as uint8 (frames, H, W, C)."""
+    import torch
+
+    idx = torch.linspace(0, video.shape[1] - 1, min(frames, video.shape[1])).round().long()
+    return to_uint8(video[:, idx].transpose(0, 1))
+
+
 def grid_rows(samples, label: str, per_row: int = 12, frames: int = 4) -> list[tuple[str, np.ndarray]]:
     """Rows for ``side_by_side`` from ``evaluate``'s samples in [0, 1]: images (N, C, H, W) give rows
     of ``per_row`` samples; videos (N, C, F, H, W) give one row per sample showing ``frames``
     frames spread over the clip."""
     if samples.ndim == 5:
-        idx = np.linspace(0, samples.shape[2] - 1, frames).round().astype(int)
-        return [(f"{label} #{i}", to_uint8(v[:, idx].transpose(0, 1))) for i, v in enumerate(samples)]
+        return [(f"{label} #{i}", video_frames(v, frames)) for i, v in enumerate(samples)]
     if samples.ndim != 4:
         raise ValueError(f"samples: expected (N, C, H, W) or (N, C, F, H, W), got shape {tuple(samples.shape)}")
     return [(label, to_uint8(samples[i:i + per_row])) for i in range(0, len(samples), per_row)]
