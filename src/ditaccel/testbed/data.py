@@ -169,11 +169,11 @@ class ImageClasses:
         rr, jit, ang = P(r), P(jitter), P(angle)
         ph, per = P(phase), P(period)
         alpha = torch.empty(n, S, S, device=dev)
-        lab = labels.to(dev)
         for c in range(C):
-            idx = (lab == c).nonzero().flatten()
+            idx = (labels == c).nonzero().flatten()  # on the CPU: no device sync per class
             if idx.numel() == 0:
                 continue
+            idx = idx.to(dev)
             xs, ys, r_, j_, a_ = x[idx], y[idx], rr[idx], jit[idx], ang[idx]
             name = self.CLASSES[c]
             if name == "disc":
@@ -266,7 +266,7 @@ class VideoCaptions:
     BACKGROUND_PHRASES = {"plain": "a plain background", "stripes": "stripes", "checker": "a checkerboard"}
     FACTORS = ("object", "colour", "motion", "background")
 
-    def __init__(self, frames: int = 16, size: int = 64):
+    def __init__(self, frames: int = 8, size: int = 48):
         if frames < 2 or size < 8:
             raise ValueError(f"need frames >= 2 and size >= 8, got frames={frames}, size={size}")
         self.frames, self.size = frames, size
@@ -373,11 +373,11 @@ class VideoCaptions:
         y = Y - cy.to(dev)[:, :, None, None]  # (n, F, S, S)
         rr, jit = P(r), P(jitter)
         sdf = torch.empty(n, F, S, S, device=dev)
-        o = obj.to(dev)
         for k, name in enumerate(self.OBJECTS):
-            idx = (o == k).nonzero().flatten()
+            idx = (obj == k).nonzero().flatten()  # on the CPU: no device sync per object
             if idx.numel() == 0:
                 continue
+            idx = idx.to(dev)
             u_, v_ = _rotate(x[idx], y[idx], jit[idx])
             r_ = rr[idx]
             if name == "circle":
