@@ -295,14 +295,60 @@ def test_shipped_weights_fit_the_budget_and_load_with_from_pretrained():
     x = image([0, 3], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert x.shape == (2, 3, 64, 64) and torch.isfinite(x).all()
     video = load_video_pipeline()
-    assert video.transformer.config.sample_frames == 16
-    frames = video(["a red square moving left over stripes"], num_inference_steps=1, num_frames=16, height=64,
-                   width=64, output_type="pt", generator=torch.Generator().manual_seed(0)).frames
-    assert frames.shape == (1, 16, 3, 64, 64) and torch.isfinite(frames).all()
+    assert video.transformer.config.sample_frames == 8
+    frames = video(["a red square moving left over stripes"], num_inference_steps=1,  # default size: the config's
+                   output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 8, 3, 48, 48) and torch.isfinite(frames).all()
     clf = ImageClassifier.from_pretrained(str(WEIGHTS_DIR / "image_classifier")).float().eval()
     data, labels = ImageClasses(64).sample(24, 5)
     with torch.no_grad():
         assert (clf(data).argmax(-1) == labels).float().mean() >= 0.9  # it knows the real data
+    vclf = VideoClassifier.from_pretrained(str(WEIGHTS_DIR / "video_classifier")).float().eval()
+    cfg = video.transformer.config
+    clips, _, lab = VideoCaptions(frames=cfg.sample_frames, size=cfg.sample_height).sample(16, 5)
+    with torch.no_grad():
+        out = vclf(clips)
+    for factor in ("object", "motion"):  # the factors of the video bar
+        assert (out[factor].argmax(-1) == lab[factor]).float().mean() >= 0.8, factor
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_counted():
+    from ditaccel.testbed.train import _adamw, _step
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    opt, skipped = _adamw(lin.parameters(), 0.1), torch.zeros(())
+    lin(torch.randn(2, 4)).sum().backward()
+    _step(opt, lin.parameters(), skipped)
+    before = [p.detach().clone() for p in lin.parameters()]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in lin.parameters()]
+    opt.zero_grad()
+    (lin(torch.randn(2, 4)).sum() * float("inf")).backward()  # inf/NaN gradients
+    _step(opt, lin.parameters(), skipped)
+    assert skipped.item() == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))
+    assert all(torch.equal(v, opt.state[p][k]) for s, p in zip(state, lin.parameters()) for k, v in s.items())
+    opt.zero_grad()
+    lin(torch.randn(2, 4)).sum().backward()
+    _step(opt, lin.parameters(), skipped)  # finite again: it steps
+    assert skipped.item() == 1 and not torch.equal(before[0], lin.weight)
+
+
+def test_chunked_batches_are_consecutive_slices_of_one_draw():
+    from ditaccel.testbed.train import _Chunks
+
+    draws = []
+
+    def draw(n):
+        x = torch.arange(len(draws) * 100, len(draws) * 100 + n)
+        draws.append(n)
+        return x, [f"c{int(v)}" for v in x]
+
+    chunks = _Chunks(draw, batch_size=3, chunk=2)
+    got = [chunks.next() for _ in range(3)]
+    assert draws == [6, 6]
+    assert got[0][0].tolist() == [0, 1, 2] and got[1][0].tolist() == [3, 4, 5] and got[2][0].tolist() == [100, 101, 102]
+    assert got[1][1] == ["c3", "c4", "c5"]
 
 
 def test_the_training_script_runs_every_phase_at_toy_size(tmp_path):

@@ -90,15 +90,21 @@ __all__ = [
     "train_video",
 ]
 
-# Measured on one H100 (torch 2.11, bf16; 2026-11-24/25), alone on the GPU: the image DiT at batch
-# 128 runs 15.5 steps/s eager and 24.7 under torch.compile (1.59x; hence compile on CUDA by
-# default); the video CogVideoX at batch 32 runs 7.7 steps/s eager and 12.6 compiled (1.64x, after
-# about 75 s of compiling); the classifiers train in 30-40 s each and reach 100% on fresh
-# procedural data. Epsilon prediction + min-SNR-5 gave wrong global colours after 2k image steps
-# (classifier accuracy 3%); v-prediction after ~6.9k steps sharing the GPU with the video run
-# (17.5 min) plus 3.6k alone (8 min) reached 43-50%: the bar (90%) needs more steps than that.
-# ``info["steps_per_s"]`` reports the rate of a run.
-# 2026-11-25 (second trained set): peak lr 3e-4 -> 5e-4 for the video model (a 4.6 M-parameter
+# Measured on one H100 (torch 2.11, bf16, 2026-11-24/25):
+# * speed, alone on the GPU: the image DiT at batch 128 ran 15.5 steps/s eager and 24.7 under
+#   torch.compile (hence compile on CUDA by default), and 32-33 once its batches were rendered in
+#   chunks without device syncs (``DATA_CHUNK``, CPU class indices) with a fused AdamW; sharing the
+#   GPU with the video run, 16.1 (image) and 5.3-5.9 (video at 8x48x48, batch 32) steps/s. The
+#   classifiers train in 30-40 s each and reach 100% on fresh procedural data.
+# * first trained set (16x64x64 video at patch 4, lr 3e-4, uniform t): epsilon + min-SNR-5 gave
+#   wrong global colours (classifier accuracy 3%); v-prediction after ~10.5k image steps scored
+#   43-50% and the video 3-6% (object and motion).
+# * shipped set (this recipe; dense samples, 96 seeds, float32): the image DiT scored 84.4% after
+#   15.8k steps in 17 min sharing the GPU and 92.7% after 4.7k more alone (2.5 min, ``--init``);
+#   the video 20.8% after 5.1k steps in 17 min sharing the GPU (below its 80% bar). An image run
+#   at lr 5e-4 alone reached 97.9% on its 48-sample probe after 14k steps (8 min), then went to NaN.
+# ``info["steps_per_s"]`` reports the rate of a run, ``info["curve"]`` its learning curve.
+# Recipe changes for the shipped set: peak lr 3e-4 -> 5e-4 for the video model (a 4.6 M-parameter
 # model, ~10-30k steps: the DiT paper's 1e-4 is for 100x the parameters and the steps) and 4e-4
 # for the image DiT (no q/k norm: at 5e-4 its loss went to NaN after 22k steps, having scored 98%
 # at 14k), and half the training timesteps
