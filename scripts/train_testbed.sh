@@ -14,6 +14,12 @@
 # With the classifiers trained first, each run also probes its learning curve every PROBE_EVERY
 # minutes (default 3; `curve` in train_info.json).
 # Or train each alone: `ditaccel testbed train image|video|classifiers` (default: into the package).
+#
+# The shipped set (2026-11-25, H100, seed 0) was made within one session's device time as:
+#   MINUTES=17 PROBE_EVERY=4: classifiers; launch image; launch video (both at once, sharing the
+#   GPU); finish image; finish video; then `ditaccel testbed train image --minutes 2.5
+#   --init W/image` alone (19.5 min of image training in all). Alone and for 19 min each, as
+#   this script runs by default, both would get more steps.
 set -euo pipefail
 phase=${1:?classifiers, launch, finish or all}
 shift
