@@ -181,6 +181,48 @@ def test_reference_backend_float32_lse():
     assert out64.dtype == torch.float64 and lse64.dtype == torch.float32
 
 
+# ----------------------------------------------------------------------------- gather (no kernel)
+
+GATHER_CASES = [
+    # L, block_size, D, dtype, key padding, B, H, kept, chunk_elems (small: several chunks)
+    (37, 16, 8, torch.float64, True, 2, 2, 0.5, 1 << 24),
+    (100, 16, 64, torch.float32, True, 1, 4, 0.3, 1 << 14),
+    (130, 32, 72, torch.float32, False, 2, 2, 0.6, 1 << 15),
+    (192, 64, 128, torch.bfloat16, True, 2, 1, 0.4, 1 << 24),
+    (150, 64, 72, torch.float16, False, 1, 2, 1.0, 1 << 16),
+]
+
+
+@pytest.mark.parametrize("L, bs, D, dtype, use_kpm, B, H, kept, chunk", GATHER_CASES)
+def test_gather_backend_matches_reference(L, bs, D, dtype, use_kpm, B, H, kept, chunk):
+    from ditaccel.kernels.block_sparse import _gather
+
+    q, k, v = qkv(B, H, L, D, dtype, seed=L + D)
+    nb = -(-L // bs)
+    g = torch.Generator().manual_seed(L)
+    mask = torch.rand(B, H, nb, nb, generator=g) < kept
+    mask[..., torch.arange(nb), torch.arange(nb)] = True  # every query block keeps one (ragged lists)
+    kpm = None
+    if use_kpm:
+        kpm = random_kpm(B, L, seed=L)
+        kpm[0, :bs] = False  # key block 0 padded out for batch 0 ...
+        mask[0, :, 0] = False
+        mask[0, :, 0, 0] = True  # ... and the only block of query block 0 there: rows with no key
+    idx, cnt = mask_to_indices(mask)
+    idx = torch.cat([idx, torch.full_like(idx[..., :2], 7)], -1)  # entries past the counts are ignored
+    ref_out, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm)
+    out, lse = _gather(q, k, v, idx, cnt, bs, D ** -0.5, kpm, chunk_elems=chunk)
+    lse = lse.float()
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 2e-2)
+    check_close(out, lse, ref_out, ref_lse, atol=tol)
+    if use_kpm:
+        assert bool((out[0, :, :bs] == 0).all()) and bool((lse[0, :, :bs] == float("-inf")).all())
+    via_api = block_sparse_attention(q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm, backend="gather",
+                                     return_lse=True)
+    check_close(*via_api, ref_out, ref_lse, atol=tol)
+
+
 # ----------------------------------------------------------------------------- triton (interpreted on CPU)
 
 TRITON_CASES = [
@@ -271,8 +313,8 @@ def test_auto_backend(monkeypatch):
     tri = block_sparse_attention(q, k, v, idx, cnt, block_size=bs, backend="triton")
     assert torch.equal(block_sparse_attention(q, k, v, idx, cnt, block_size=bs), tri)  # interpreting: triton
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    ref = block_sparse_attention(q, k, v, idx, cnt, block_size=bs, backend="reference")
-    assert torch.equal(block_sparse_attention(q, k, v, idx, cnt, block_size=bs), ref)  # CPU, no interpreter
+    gathered = block_sparse_attention(q, k, v, idx, cnt, block_size=bs, backend="gather")
+    assert torch.equal(block_sparse_attention(q, k, v, idx, cnt, block_size=bs), gathered)  # CPU, no interpreter
     with pytest.raises(ValueError, match="triton"):
         block_sparse_attention(q, k, v, idx, cnt, block_size=bs, backend="triton")
 

@@ -765,8 +765,8 @@ def bench_sparsity(tokens: int = 118_784, heads: int = 24, head_dim: int = 128, 
 
     One shape (default ≈ HunyuanVideo 720p: 1 × 24 heads × 118,784 tokens × 128, bf16, block 64),
     random q/k/v; per kept fraction a :func:`random_block_mask` (per head, diagonal kept), run by
-    ``block_sparse_attention`` with ``backend=ours_backend`` ("triton"; dry runs pass "auto": the
-    interpreted Triton kernel, or the reference where Triton cannot run) and with
+    ``block_sparse_attention`` with ``backend=ours_backend`` ("triton"; CPU runs and dry runs pass
+    "auto": the gather backend, or the interpreted Triton kernel under ``TRITON_INTERPRET=1``) and with
     ``backend="flex"`` (FlexAttention, compiled on CUDA, eager elsewhere; its time includes building
     the ``BlockMask`` from the indices, which that backend does on every call), both with
     ``validate=False`` as the AdaSpa method calls them; dense SDPA (cuDNN first) in the same run.
@@ -1132,7 +1132,8 @@ def _run_one(args) -> int:
             print(f"ditaccel bench: {no_plot}", file=sys.stderr)
         r = bench_sparsity(_or(args.tokens, 118_784), _or(args.heads, 24), _or(args.head_dim, 128),
                            _or(args.batch, 1), _or(args.block_size, 64), _or(args.kept, SPARSITY_KEPT), device,
-                           dtype, repeats=args.repeats)
+                           dtype, repeats=args.repeats,
+                           ours_backend="triton" if torch.device(device).type == "cuda" else "auto")  # CPU: gather
         print(f"{sparsity_shapes(r)}; {r['device']}, torch {r['torch']}, {r['date']}\n\n{markdown_sparsity(r)}")
         if not no_plot:
             plot_sparsity(r, _or(args.plot, "sparsity.png"))
