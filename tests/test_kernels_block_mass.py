@@ -138,12 +138,29 @@ def test_attention_reference_vs_brute(L, masked, chunk_size):
 def test_attention_reference_scale_bf16_and_dead_batch():
     q, k, v = qkv(B=2, L=70, D=128, dtype=torch.bfloat16)
     mask = key_mask(2, 70, dead_batch=1)
-    out, lse = bm.attention_with_lse(q, k, v, scale=0.05, key_padding_mask=mask)  # CPU auto -> reference
+    out, lse = bm.attention_with_lse(q, k, v, scale=0.05, key_padding_mask=mask)  # CPU auto -> CPU flash
     ref_out, ref_lse = brute_attention(q, k, v, scale=0.05, mask=mask)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref_out, rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(lse[0].double(), ref_lse[0], rtol=1e-5, atol=1e-5)
     assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("L, D, dtype, masked", [(100, 64, torch.float32, True), (77, 72, torch.float32, False),
+                                                 (130, 128, torch.bfloat16, True), (50, 64, torch.float64, True)])
+def test_attention_cpu_flash_matches_reference(L, D, dtype, masked):
+    q, k, v = qkv(B=2, L=L, D=D, dtype=dtype)
+    mask = key_mask(2, L, dead_batch=1) if masked else None
+    out, lse = bm.attention_with_lse(q, k, v, key_padding_mask=mask, backend="flash")
+    ref_out, ref_lse = bm.attention_with_lse_reference(q, k, v, key_padding_mask=mask)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), ref_out.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    if masked:
+        assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
+    auto = bm.attention_with_lse(q, k, v, key_padding_mask=mask)  # the CPU default
+    assert torch.equal(auto[0], out) and torch.equal(auto[1], lse)
 
 
 def test_attention_flex_cpu_matches_reference():

@@ -198,7 +198,14 @@ def _raw_lse(q, k, v, scale, mask, backend):
     if backend == "flex":
         return _flex_lse(q, k, v, scale, mask)
     if not q.is_cuda:
-        raise _Unsupported(f"backend {backend!r} needs CUDA tensors")
+        if backend != "flash":
+            raise _Unsupported(f"backend {backend!r} needs CUDA tensors")
+        # PyTorch's CPU flash kernel (the one SDPA runs on the CPU) also returns the LSE; it takes
+        # the key padding mask as an additive bias
+        bias = None if mask is None else _float_bias(mask, q)
+        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                          scale=scale)
+        return res[0], res[1]
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     bias = None if mask is None else _float_bias(mask, q)
     if backend == "cudnn":
@@ -290,9 +297,10 @@ def attention_with_lse(q, k, v, *, scale=None, key_padding_mask=None, backend="a
         key_padding_mask: optional bool ``(B, L)``, True = key kept.
         backend: ``"auto"`` (CUDA: ``"cudnn"``, then ``"flash"`` (no mask), then
             ``"efficient"``, then ``"reference"``, taking the first that accepts the
-            inputs; elsewhere ``"reference"``), ``"cudnn"``, ``"flash"``,
-            ``"efficient"`` (the fused SDPA kernels through ``torch.ops.aten``; a key
-            padding mask becomes an additive ``-inf`` bias), ``"flex"``
+            inputs; CPU: ``"flash"``, then ``"reference"``; elsewhere ``"reference"``),
+            ``"cudnn"``, ``"flash"`` (on the CPU: PyTorch's CPU flash kernel, which takes a
+            key padding mask), ``"efficient"`` (the fused SDPA kernels through
+            ``torch.ops.aten``; a key padding mask becomes an additive ``-inf`` bias), ``"flex"``
             (``flex_attention`` returning its LSE; compiled on CUDA, eager elsewhere)
             or ``"reference"`` (:func:`attention_with_lse_reference`).
 
@@ -311,9 +319,9 @@ def attention_with_lse(q, k, v, *, scale=None, key_padding_mask=None, backend="a
         return attention_with_lse_reference(q, k, v, scale=scale, key_padding_mask=mask)
     if backend != "auto":
         return _fused_attention_with_lse(q, k, v, scale, mask, backend)
-    if q.is_cuda:
-        for name in ("cudnn", "flash", "efficient"):
-            if name == "flash" and mask is not None:
+    if q.is_cuda or q.device.type == "cpu":
+        for name in ("cudnn", "flash", "efficient") if q.is_cuda else ("flash",):
+            if name == "flash" and mask is not None and q.is_cuda:
                 continue
             try:
                 return _fused_attention_with_lse(q, k, v, scale, mask, name)
@@ -351,7 +359,7 @@ def block_mass_reference(q, k, lse, *, block_size=64, scale=None, key_padding_ma
     for p0 in range(0, nb, blocks):
         p1 = min(nb, p0 + blocks)
         qs, qe = p0 * bs, min(L, p1 * bs)
-        p = torch.exp(torch.matmul(q[:, :, qs:qe].to(cdt), kt) * scale - lse_c[:, :, qs:qe, None])
+        p = torch.matmul(q[:, :, qs:qe].to(cdt), kt).mul_(scale).sub_(lse_c[:, :, qs:qe, None]).exp_()
         if drop is not None:
             p = p.masked_fill(drop, 0.0)
         p = F.pad(p, (0, nb * bs - L, 0, (p1 - p0) * bs - (qe - qs)))  # ragged blocks: zero rows/cols
