@@ -2,11 +2,12 @@
 with each of the five motions ("moving left/right/up/down", "standing still") from the same seed,
 track the object's centroid over the frames and let the shipped classifier name motion and object.
 
-    python scripts/probe_video_motion.py [--seeds 0 1] [--steps 20] [--caption "a red square {} over a plain background"]
+    python scripts/probe_video_motion.py [--seeds 0 1] [--steps 20] [--caption TEMPLATE]
 
-Prints, per seed and motion, the classifier's motion and object, and the centroid (x, y in pixels)
-at every other frame (CPU, fp32). If the four directions give the same path, the model has not yet
-tied the direction word to the motion.
+TEMPLATE defaults to "a red square {} over a plain background". Prints, per seed and motion,
+the classifier's motion and object, and the centroid (x, y in pixels) at every other frame (CPU,
+fp32). If the four directions give the same path, the model has not yet tied the direction word
+to the motion.
 """
 
 import argparse

@@ -27,9 +27,10 @@ while ``TRITON_INTERPRET=1`` is set: read at each launch, so it may be set after
 import), ``"gather"`` (no kernel: each query block's selected key/value blocks are gathered
 and attended with batched matmuls, a chunk of query blocks at a time; exact, its cost follows
 the kept blocks; the default off CUDA), ``"flex"`` (FlexAttention with
-``BlockMask.from_kv_blocks``; a comparison baseline), ``"reference"`` (dense masked softmax). Note: if ``TRITON_INTERPRET=1`` is
-already set when ``triton.language`` is first imported, Triton's own ``@jit`` helpers
-become interpreted and no kernel can be compiled for CUDA in that process.
+``BlockMask.from_kv_blocks``; a comparison baseline), ``"reference"`` (dense masked softmax).
+Note: if ``TRITON_INTERPRET=1`` is already set when ``triton.language`` is first imported,
+Triton's own ``@jit`` helpers become interpreted and no kernel can be compiled for CUDA in that
+process.
 """
 
 from __future__ import annotations

@@ -107,10 +107,9 @@ __all__ = [
 # Recipe changes for the shipped set: peak lr 3e-4 -> 5e-4 for the video model (a 4.6 M-parameter
 # model, ~10-30k steps: the DiT paper's 1e-4 is for 100x the parameters and the steps) and 4e-4
 # for the image DiT (no q/k norm: at 5e-4 its loss went to NaN after 22k steps, having scored 98%
-# at 14k), and half the training timesteps
-# drawn logit-normal around t = 0.38 T (``t_logit_frac``/``t_logit_mean``; the other half stay
-# uniform): uniform t spends 40% of the batch at SNR < 0.03 where the loss is nearly irreducible,
-# EDM and SD3 centre theirs at SNR ~1-10.
+# at 14k); half the training timesteps drawn logit-normal around t = 0.38 T (``t_logit_frac`` /
+# ``t_logit_mean``; the other half stay uniform): uniform t spends 40% of a batch at SNR < 0.03,
+# where the loss is nearly irreducible; EDM and SD3 centre theirs at SNR ~1-10.
 IMAGE_RECIPE = dict(steps=16000, batch_size=128, lr=4e-4, warmup=500, label_dropout=0.1, min_snr_gamma=None,
                     ema_decay=0.999, prediction_type="v_prediction", t_logit_frac=0.5, t_logit_mean=-0.5)
 VIDEO_RECIPE = dict(steps=8000, batch_size=32, lr=5e-4, warmup=500, caption_dropout=0.1, ema_decay=0.999,
@@ -733,7 +732,8 @@ def train_video(
     info = _run_info("video", plan=plan, probe=probe, init=init, done=done, losses=losses, rate=rate,
                      seconds=budget.elapsed(), seed=seed, device=str(dev), batch_size=bs, lr=peak, toy=toy,
                      recipe=recipe, params=sum(p.numel() for p in model.parameters()),
-                     skipped_steps=int(skipped.item()), text_encoder_params=sum(p.numel() for p in text_encoder.parameters()))
+                     skipped_steps=int(skipped.item()),
+                     text_encoder_params=sum(p.numel() for p in text_encoder.parameters()))
     return _save_run(out_dir, ema, [model, text_encoder], video_pipe, info)
 
 
