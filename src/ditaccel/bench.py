@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bench_models
-from .bench_report import (device_name, environment, missing_matplotlib, plot_sparsity, render_section,
+from .bench_report import (device_name, environment, jsonable, missing_matplotlib, plot_sparsity, render_section,
                            result_stem, update_markdown, write_json)
 
 #: PixArt-Sigma-XL-2-2K-MS transformer architecture (diffusers config), random weights
@@ -1194,16 +1194,6 @@ def _interpreter_problem() -> str | None:
     return None
 
 
-def _jsonable(value):
-    if isinstance(value, torch.dtype):
-        return _dtype_name(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _select(only: str | None) -> list[Case]:
     if only is None:
         return list(CASES)
@@ -1269,7 +1259,7 @@ def run_all(only: str | None = None, device: str | None = None, dry_run: bool = 
                 case.plot(result, stem + ".png")
                 files.append(stem + ".png")
             write_json(files[0], {"case": case.name, "command": command, "dry_run": dry_run, "environment": env,
-                                  "kwargs": _jsonable(kwargs), "seconds": seconds, "result": result})
+                                  "kwargs": jsonable(kwargs), "seconds": seconds, "result": result})
             links = [os.path.relpath(os.path.abspath(f), md_dir) for f in files]
             update_markdown(out_md, case.name, render_section(case.name, env, shapes, command, table, links, dry_run))
             print(f"{shapes}\n\n{table}\n\n({seconds:.1f} s) wrote {', '.join(files)}", flush=True)

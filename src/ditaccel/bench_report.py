@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 
@@ -106,6 +107,20 @@ def result_stem(results_dir: str | os.PathLike, env: dict, name: str) -> str:
     """``<results_dir>/<date>-<device slug>-<name>`` (add ``.json`` / ``.png``)."""
     _markers(name)
     return os.path.join(results_dir, f"{env['date']}-{env['device_slug']}-{name}")
+
+
+def jsonable(value):
+    """JSON-safe copy of nested dicts / lists: dtypes by name ("bfloat16"), non-finite floats as
+    the strings "inf" / "-inf" / "nan" (strict JSON has none)."""
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .bench import _DTYPES, _default_device, _positive_int
-from .bench_report import environment, missing_matplotlib, result_stem, update_markdown, write_json
+from .bench_report import environment, jsonable, missing_matplotlib, result_stem, update_markdown, write_json
 from .evaluate import evaluate, load_trained
 from .methods.adaspa import AdaSpaConfig
 from .methods.ditfastattn import FULL, PRESETS, DiTFastAttnConfig
@@ -343,17 +343,6 @@ def save_grid(result: dict, path: str | os.PathLike) -> None:
     side_by_side(rows, path, scale=max(1, round(GRID_TILE_PX[result["table"]] / first.shape[-1])))
 
 
-def _jsonable(value):
-    """JSON-safe copy: non-finite floats as the strings "inf" / "-inf" / "nan" (strict JSON has none)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 # ------------------------------------------------------------------------------ the command
 def check_weights(weights_dir, tables: tuple[str, ...]) -> Path:
     """The weights folder, or a ``ValueError`` naming ``--weights`` and the missing folder."""
@@ -441,7 +430,7 @@ def run_quality(only: str | None = None, *, weights_dir=None, device: str | None
                            batch_size=size["batch_size"], guidance_scale=guidance_scale, toy=toy)
         best = {g: None if r is None else r["label"] for g, r in most_compressing(result["rows"]).items()}
         payload = {k: v for k, v in result.items() if k != "samples"}
-        write_json(files["json"], _jsonable({"command": command, "toy": toy, "environment": env,
+        write_json(files["json"], jsonable({"command": command, "toy": toy, "environment": env,
                                              "weights": os.fspath(root), "min_psnr": MIN_PSNR,
                                              "most_compressing": best, **payload}))
         links = {k: os.path.relpath(os.path.abspath(f), md_dir) for k, f in files.items()}

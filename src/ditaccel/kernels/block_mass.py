@@ -319,14 +319,15 @@ def attention_with_lse(q, k, v, *, scale=None, key_padding_mask=None, backend="a
         return attention_with_lse_reference(q, k, v, scale=scale, key_padding_mask=mask)
     if backend != "auto":
         return _fused_attention_with_lse(q, k, v, scale, mask, backend)
-    if q.is_cuda or q.device.type == "cpu":
-        for name in ("cudnn", "flash", "efficient") if q.is_cuda else ("flash",):
-            if name == "flash" and mask is not None and q.is_cuda:
-                continue
-            try:
-                return _fused_attention_with_lse(q, k, v, scale, mask, name)
-            except Exception:  # not supported for these inputs: try the next kernel
-                continue
+    if q.is_cuda:  # CUDA's flash kernel takes no key padding mask
+        names = ("cudnn", "efficient") if mask is not None else ("cudnn", "flash", "efficient")
+    else:
+        names = ("flash",) if q.device.type == "cpu" else ()
+    for name in names:
+        try:
+            return _fused_attention_with_lse(q, k, v, scale, mask, name)
+        except Exception:  # not supported for these inputs: try the next kernel
+            continue
     return attention_with_lse_reference(q, k, v, scale=scale, key_padding_mask=mask)
 
 
