@@ -892,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        "and at the end (needs --probe-classifier)")
     ap.add_argument("--probe-classifier", help="image/video: the classifier folder for --probe-every")
     ap.add_argument("--probe-samples", type=int, default=48)
+    ap.add_argument("--only", choices=["image", "video"], help="classifiers: train only this one")
     ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], help="image: the training target")
     ap.add_argument("--toy", action="store_true", help="tiny sizes for a CPU smoke test")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -900,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(seed=a.seed, device=a.device, toy=a.toy, steps=a.steps)
     if a.init and a.what == "classifiers":
         raise SystemExit("--init: only for image and video")
+    if a.only and a.what != "classifiers":
+        raise SystemExit("--only: only for classifiers")
     gen = dict(compile={"auto": None, "on": True, "off": False}[a.compile], init_from=a.init,
                probe_every=a.probe_every, probe_classifier=a.probe_classifier, probe_samples=a.probe_samples)
     from .pixel import WEIGHTS_DIR
@@ -910,7 +913,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.what == "video":
         info = train_video(out, minutes=a.minutes or 18.0, **gen, **kw)
     else:
-        info = train_classifiers(out, minutes=a.minutes or 4.0, **kw)
+        which = (a.only,) if a.only else ("image", "video")
+        info = train_classifiers(out, minutes=a.minutes or 4.0, which=which, **kw)
     print(json.dumps({k: v for k, v in info.items() if k != "losses"} if "losses" in info else
                      {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in info.items()}, indent=2))
     return 0
