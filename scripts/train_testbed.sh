@@ -15,11 +15,13 @@
 # minutes (default 3; `curve` in train_info.json).
 # Or train each alone: `ditaccel testbed train image|video|classifiers` (default: into the package).
 #
-# The shipped set (2026-11-25, H100, seed 0) was made within one session's device time as:
-#   MINUTES=17 PROBE_EVERY=4: classifiers; launch image; launch video (both at once, sharing the
-#   GPU); finish image; finish video; then `ditaccel testbed train image --minutes 2.5
-#   --init W/image` alone (19.5 min of image training in all). Alone and for 19 min each, as
-#   this script runs by default, both would get more steps.
+# The shipped set (2026-11-25, H100, seed 0) was made within two sessions' device time as:
+#   image and image classifier: MINUTES=17 PROBE_EVERY=4: classifiers; launch image; launch video
+#   (both at once, sharing the GPU); finish image; then `ditaccel testbed train image --minutes
+#   2.5 --init W/image` alone (19.5 min of image training in all);
+#   video and video classifier (a later session, after the video data's objects grew):
+#   `ditaccel testbed train classifiers --only video --out W --minutes 1.5`; then
+#   MINUTES=19 PROBE_EVERY=5: launch video; finish video (alone on the GPU).
 set -euo pipefail
 phase=${1:?classifiers, launch, finish or all}
 shift
