@@ -372,3 +372,19 @@ def test_the_training_script_runs_every_phase_at_toy_size(tmp_path):
     with tarfile.open(tmp_path / "out" / "image.tgz") as tar:  # classifiers first: a learning curve too
         info = json.load(tar.extractfile("image/train_info.json"))
     assert len(info["curve"]) == 1 and "accuracy_dense" in info["curve"][0]
+
+
+def test_video_qk_norm_init_sets_every_q_k_layernorm_and_nothing_else():
+    from ditaccel.testbed.train import build_video_components
+
+    _, te1, base = build_video_components(toy=True, seed=2)
+    _, te2, sharp = build_video_components(toy=True, seed=2, qk_norm_init=1.5)
+    ref = base.state_dict()
+    changed = {k for k, v in sharp.state_dict().items() if not torch.equal(v, ref[k])}
+    norms = {k for k in ref if (".norm_q.weight" in k or ".norm_k.weight" in k)}
+    assert norms and changed == norms
+    assert all(torch.all(sharp.state_dict()[k] == 1.5) for k in norms)
+    assert all(torch.equal(a, b) for a, b in zip(te1.state_dict().values(), te2.state_dict().values()))
+    for bad in (0, -1.0, "2"):
+        with pytest.raises(ValueError, match="qk_norm_init"):
+            build_video_components(toy=True, qk_norm_init=bad)

@@ -121,7 +121,7 @@ __all__ = [
 IMAGE_RECIPE = dict(steps=16000, batch_size=128, lr=4e-4, warmup=500, label_dropout=0.1, min_snr_gamma=None,
                     ema_decay=0.999, prediction_type="v_prediction", t_logit_frac=0.5, t_logit_mean=-0.5)
 VIDEO_RECIPE = dict(steps=8000, batch_size=32, lr=5e-4, warmup=500, caption_dropout=0.1, ema_decay=0.999,
-                    t_logit_frac=0.5, t_logit_mean=0.0)
+                    t_logit_frac=0.5, t_logit_mean=0.0, qk_norm_init=1.0)
 # Procedural batches are rendered DATA_CHUNK training batches at a time (one vectorised render
 # instead of many small ones).
 DATA_CHUNK = 16
@@ -625,8 +625,15 @@ def train_image(
 # --------------------------------------------------------------------------------------------
 # video CogVideoX
 # --------------------------------------------------------------------------------------------
-def build_video_components(*, toy: bool = False, seed: int = 0):
-    """(tokenizer, text_encoder, transformer) of the video testbed, adaLN-Zero initialised."""
+def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: float = 1.0):
+    """(tokenizer, text_encoder, transformer) of the video testbed, adaLN-Zero initialised.
+
+    qk_norm_init: initial weight of the q/k LayerNorms (CogVideoX normalises q and k per head, so
+    an attention logit is at most sqrt(head_dim) * w_q * w_k: 5.7 at w = 1 and head dim 32, little
+    to concentrate attention among 4,624 keys).
+    """
+    if not isinstance(qk_norm_init, (int, float)) or not qk_norm_init > 0:
+        raise ValueError(f"qk_norm_init must be a positive number, got {qk_norm_init!r}")
     cfg = dict(VIDEO_MODEL_CONFIG, **(TOY_VIDEO_MODEL if toy else {}))
     tokenizer = build_caption_tokenizer(cfg["max_text_seq_length"])
     t5 = dict(VIDEO_TEXT_ENCODER_CONFIG, vocab_size=len(tokenizer), **(TOY_TEXT_ENCODER if toy else {}))
@@ -643,6 +650,9 @@ def build_video_components(*, toy: bool = False, seed: int = 0):
         for block in m.transformer_blocks:
             _zero(block.norm1.linear, block.norm2.linear)
         _zero(m.norm_out.linear, m.proj_out)
+        for block in m.transformer_blocks:
+            for norm in (block.attn1.norm_q, block.attn1.norm_k):
+                torch.nn.init.constant_(norm.weight, float(qk_norm_init))
         return text_encoder, m
 
     text_encoder, transformer = _seeded(seed, make)
@@ -665,10 +675,12 @@ def train_video(
     probe_samples: int = 48,
     compile: bool | None = None,
     progress: bool = True,
+    qk_norm_init: float | None = None,
 ) -> dict:
     """Train the pixel-space video CogVideoX (and its T5 text encoder) on ``VideoCaptions`` and
     save a ``PixelCogVideoXPipeline`` folder (``tokenizer/``, ``text_encoder/``, ``transformer/``,
-    ``scheduler/``, fp16 safetensors). Arguments as ``train_image`` (recipe: ``VIDEO_RECIPE``).
+    ``scheduler/``, fp16 safetensors). Arguments as ``train_image`` (recipe: ``VIDEO_RECIPE``);
+    ``qk_norm_init`` overrides the recipe's (see ``build_video_components``).
 
     The text path is the pipeline's: captions are tokenized to ``max_text_seq_length`` tokens,
     encoded by the T5 encoder without attention mask (as ``CogVideoXPipeline`` does), dropped to
@@ -676,9 +688,11 @@ def train_video(
     """
     out_dir, dev = Path(out_dir), _device(device)
     recipe = dict(VIDEO_RECIPE, **(TOY_RECIPE if toy else {}))
+    if qk_norm_init is not None:
+        recipe["qk_norm_init"] = qk_norm_init
     plan, bs, peak, budget = _setup(recipe, dev, toy=toy, steps=steps, batch_size=batch_size, lr=lr, minutes=minutes)
 
-    tokenizer, text_encoder, model = build_video_components(toy=toy, seed=seed)
+    tokenizer, text_encoder, model = build_video_components(toy=toy, seed=seed, qk_norm_init=recipe["qk_norm_init"])
     init = _init_from(init_from, {"transformer": model, "text_encoder": text_encoder})
     model.to(dev).train()
     text_encoder.to(dev).train()
@@ -897,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-classifier", help="image/video: the classifier folder for --probe-every")
     ap.add_argument("--probe-samples", type=int, default=48)
     ap.add_argument("--only", choices=["image", "video"], help="classifiers: train only this one")
+    ap.add_argument("--qk-norm-init", type=float, help="video: initial q/k LayerNorm weight (default: the recipe's)")
     ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], help="image: the training target")
     ap.add_argument("--toy", action="store_true", help="tiny sizes for a CPU smoke test")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -907,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--init: only for image and video")
     if a.only and a.what != "classifiers":
         raise SystemExit("--only: only for classifiers")
+    if a.qk_norm_init is not None and a.what != "video":
+        raise SystemExit("--qk-norm-init: only for video")
     gen = dict(compile={"auto": None, "on": True, "off": False}[a.compile], init_from=a.init,
                probe_every=a.probe_every, probe_classifier=a.probe_classifier, probe_samples=a.probe_samples)
     from .pixel import WEIGHTS_DIR
@@ -915,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "image":
         info = train_image(out, minutes=a.minutes or 15.0, prediction_type=a.prediction_type, **gen, **kw)
     elif a.what == "video":
-        info = train_video(out, minutes=a.minutes or 18.0, **gen, **kw)
+        info = train_video(out, minutes=a.minutes or 18.0, qk_norm_init=a.qk_norm_init, **gen, **kw)
     else:
         which = (a.only,) if a.only else ("image", "video")
         info = train_classifiers(out, minutes=a.minutes or 4.0, which=which, **kw)
