@@ -9,7 +9,9 @@ attention mass it drops? One seed of the shipped video model, dense, then:
 
     python scripts/probe_video_adaspa.py [--seed 2] [--steps 20] [--caption TEXT] [--json out.json]
 
-Prints the PSNR (dB, float pixels in [0, 1]) of each against the dense video (CPU, fp32).
+Prints the mean q/k LayerNorm weight of each layer (CogVideoX normalises q and k per head, so
+a logit is at most sqrt(head_dim) * w_q * w_k), then the PSNR (dB, float pixels in [0, 1]) of
+each run against the dense video (CPU, fp32).
 """
 
 import argparse
@@ -40,6 +42,9 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
     pipe = load_video_pipeline()
+    norms = [(float(b.attn1.norm_q.weight.abs().mean()), float(b.attn1.norm_k.weight.abs().mean()))
+             for b in pipe.transformer.transformer_blocks]
+    print("q/k LayerNorm weight per layer: " + ", ".join(f"{q:.2f}/{k:.2f}" for q, k in norms), flush=True)
 
     def generate():
         g = torch.Generator().manual_seed(a.seed)
@@ -84,7 +89,8 @@ def main() -> None:
         results.append(r)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"seed": a.seed, "steps": a.steps, "caption": a.caption, "results": results}, f, indent=1)
+            json.dump({"seed": a.seed, "steps": a.steps, "caption": a.caption, "qk_norm_weights": norms,
+                       "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
