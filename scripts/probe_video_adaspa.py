@@ -42,8 +42,9 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
     pipe = load_video_pipeline()
-    norms = [(float(b.attn1.norm_q.weight.abs().mean()), float(b.attn1.norm_k.weight.abs().mean()))
-             for b in pipe.transformer.transformer_blocks]
+    with torch.no_grad():
+        norms = [(float(b.attn1.norm_q.weight.abs().mean()), float(b.attn1.norm_k.weight.abs().mean()))
+                 for b in pipe.transformer.transformer_blocks]
     print("q/k LayerNorm weight per layer: " + ", ".join(f"{q:.2f}/{k:.2f}" for q, k in norms), flush=True)
 
     def generate():
