@@ -251,8 +251,9 @@ class VideoCaptions:
     independently), so every combination occurs.
 
     Per sample: size (radius 0.30-0.42 of the half-width), start position (the whole path stays
-    inside the frame), speed (a travel of 0.6-1.0 of the half-width over the clip), small rotation, colour jitter around the named hue,
-    background colour (dark, low saturation), stripe orientation and period, checker period.
+    inside the frame), speed (a travel of 0.6-1.0 of the half-width over the clip), small
+    rotation, colour jitter around the named hue, background colour (dark, low saturation), stripe
+    orientation and period, checker period.
     Captions: ``"a {colour} {object} moving {left|right|up|down} over {background}"`` or
     ``"a {colour} {object} standing still over {background}"``, background one of
     ``"a plain background"``, ``"stripes"``, ``"a checkerboard"``.
