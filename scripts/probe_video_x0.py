@@ -46,9 +46,10 @@ def main() -> None:
                 pred = (alpha.sqrt() * xt - (1 - alpha).sqrt() * v).clamp(-1, 1)
                 named.append(clf(pred.permute(0, 2, 1, 3, 4))["object"].argmax(-1))
             snr = float(alpha / (1 - alpha))
-            print(f"t={t} (SNR {snr:.3g}): true caption -> its object {float((named[0] == labels['object']).float().mean()):.0%}; "
-                  f"wrong object word -> the word's object {float((named[1] == wrong['object']).float().mean()):.0%}, "
-                  f"the true object {float((named[1] == labels['object']).float().mean()):.0%}", flush=True)
+            rate = lambda hit: f"{float(hit.float().mean()):.0%}"  # noqa: E731
+            print(f"t={t} (SNR {snr:.3g}): true caption -> its object {rate(named[0] == labels['object'])}; "
+                  f"wrong object word -> the word's object {rate(named[1] == wrong['object'])}, "
+                  f"the true object {rate(named[1] == labels['object'])}", flush=True)
 
 
 if __name__ == "__main__":
