@@ -53,7 +53,7 @@ def main() -> None:
         label = VideoCaptions.parse(template.format(next(iter(phrases.values()))))
     except ValueError as e:
         raise SystemExit(f"--caption: {e}") from None
-    names = getattr(VideoCaptions, {"motion": "MOTIONS", "object": "OBJECTS"}[a.factor])
+    names = list(phrases)  # the factor's values, in VideoCaptions' order
     pipe = load_video_pipeline()
     clf = VideoClassifier.from_pretrained(str(WEIGHTS_DIR / "video_classifier")).float().eval()
     rgb = hsv_to_rgb(torch.tensor(VideoCaptions.HUES[label["colour"]]), torch.tensor(1.0), torch.tensor(1.0))

@@ -385,6 +385,6 @@ def test_video_qk_norm_init_sets_every_q_k_layernorm_and_nothing_else():
     assert norms and changed == norms
     assert all(torch.all(sharp.state_dict()[k] == 1.5) for k in norms)
     assert all(torch.equal(a, b) for a, b in zip(te1.state_dict().values(), te2.state_dict().values()))
-    for bad in (0, -1.0, "2"):
+    for bad in (0, -1.0, "2", float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="qk_norm_init"):
             build_video_components(toy=True, qk_norm_init=bad)

@@ -634,8 +634,9 @@ def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: fl
     an attention logit is at most sqrt(head_dim) * w_q * w_k: 5.7 at w = 1 and head dim 32, little
     to concentrate attention among 4,624 keys).
     """
-    if not isinstance(qk_norm_init, (int, float)) or not qk_norm_init > 0:
-        raise ValueError(f"qk_norm_init must be a positive number, got {qk_norm_init!r}")
+    if isinstance(qk_norm_init, bool) or not isinstance(qk_norm_init, (int, float)) \
+            or not (math.isfinite(qk_norm_init) and qk_norm_init > 0):
+        raise ValueError(f"qk_norm_init must be a positive finite number, got {qk_norm_init!r}")
     cfg = dict(VIDEO_MODEL_CONFIG, **(TOY_VIDEO_MODEL if toy else {}))
     tokenizer = build_caption_tokenizer(cfg["max_text_seq_length"])
     t5 = dict(VIDEO_TEXT_ENCODER_CONFIG, vocab_size=len(tokenizer), **(TOY_TEXT_ENCODER if toy else {}))
@@ -651,10 +652,9 @@ def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: fl
         torch.nn.init.zeros_(m.patch_embed.proj.bias)
         for block in m.transformer_blocks:
             _zero(block.norm1.linear, block.norm2.linear)
-        _zero(m.norm_out.linear, m.proj_out)
-        for block in m.transformer_blocks:
             for norm in (block.attn1.norm_q, block.attn1.norm_k):
                 torch.nn.init.constant_(norm.weight, float(qk_norm_init))
+        _zero(m.norm_out.linear, m.proj_out)
         return text_encoder, m
 
     text_encoder, transformer = _seeded(seed, make)
