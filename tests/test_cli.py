@@ -242,6 +242,7 @@ def test_testbed_train_and_eval_at_toy_size(tmp_path, capsys):
                 "attention_flops_ratio", "time_dense_s"):
         assert key in r and key in printed
     assert r["n"] == 2 and r["steps"] == 3 and r["method"] == "AdaSpaConfig"
+    assert r["model"] == "image" and r["weights"] == str(root) and r["env"]["device"] == "cpu"  # where it ran
     # the video testbed, dense, with a picture of the samples (one row per video, 4 frames)
     assert cli.main(["testbed", "train", "video", "--out", str(root / "video"), "--toy", "--steps", "2",
                      "--device", "cpu"]) == 0

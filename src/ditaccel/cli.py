@@ -253,8 +253,12 @@ def cmd_eval(args) -> int:
     for k, v in shown.items():
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     if args.json:
+        from ditaccel.bench_report import environment
+
+        out = {k: v for k, v in r.items() if not torch.is_tensor(v)}  # no samples/features
+        out.update(model=args.model, dtype="float32", weights=str(root), env=environment(str(device)))
         with open(args.json, "w") as f:
-            json.dump({k: v for k, v in r.items() if not torch.is_tensor(v)}, f, indent=1)  # no samples/features
+            json.dump(out, f, indent=1)
     return 0
 
 

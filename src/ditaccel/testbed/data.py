@@ -250,8 +250,8 @@ class VideoCaptions:
     ``COLOURS``, ``MOTIONS``, ``BACKGROUNDS``). Each factor is balanced over the batch (shuffled
     independently), so every combination occurs.
 
-    Per sample: size (radius 0.30-0.42 of the half-width), start position (the whole path stays
-    inside the frame), speed (a travel of 0.6-1.0 of the half-width over the clip), small
+    Per sample: size (radius 0.36-0.46 of the half-width), start position (the whole path stays
+    inside the frame), speed (a travel of 0.5-0.9 of the half-width over the clip), small
     rotation, colour jitter around the named hue, background colour (dark, low saturation), stripe
     orientation and period, checker period.
     Captions: ``"a {colour} {object} moving {left|right|up|down} over {background}"`` or
@@ -340,10 +340,11 @@ class VideoCaptions:
                     raise ValueError(f"labels[{f!r}]: expected {n} values in [0, {k})")
         u = torch.rand(n, 16, generator=g)
         obj, col, mot, bgk = (labels[f] for f in self.FACTORS)
-        # object radius 0.30-0.42 of the half-width (7-10 px at 48 px): at 0.20-0.30 (5-7 px) the
-        # first trained video model drew every shape as the same blob (object accuracy 42-52%)
-        r = 0.3 + 0.12 * u[:, 0]
-        travel = 0.6 + 0.4 * u[:, 1]
+        # object radius 0.36-0.46 of the half-width (8.6-11 px at 48 px): at 0.20-0.30 (5-7 px) the
+        # first trained video model drew every shape as the same blob (object accuracy 42-52%), at
+        # 0.30-0.42 squares still came out as circles (56-71%). Travel 0.5-0.9 keeps the path inside.
+        r = 0.36 + 0.10 * u[:, 0]
+        travel = 0.5 + 0.4 * u[:, 1]
         jitter = (u[:, 2] - 0.5) * 0.4
         hue = (torch.tensor(self.HUES)[col] + (u[:, 3] - 0.5) * 0.05) % 1.0
         fg = hsv_to_rgb(hue, 0.75 + 0.25 * u[:, 4], 0.8 + 0.2 * u[:, 5])
