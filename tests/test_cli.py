@@ -243,13 +243,16 @@ def test_testbed_train_and_eval_at_toy_size(tmp_path, capsys):
         assert key in r and key in printed
     assert r["n"] == 2 and r["steps"] == 3 and r["method"] == "AdaSpaConfig"
     assert r["model"] == "image" and r["weights"] == str(root) and r["env"]["device"] == "cpu"  # where it ran
+    assert r["dtype"] == "float32"  # the default
     # the video testbed, dense, with a picture of the samples (one row per video, 4 frames)
     assert cli.main(["testbed", "train", "video", "--out", str(root / "video"), "--toy", "--steps", "2",
                      "--device", "cpu"]) == 0
     png = tmp_path / "video.png"
     assert cli.main(["eval", "--model", "video", "--method", "dense", "--weights", str(root), "--samples", "2",
-                     "--steps", "2", "--device", "cpu", "--samples-png", str(png), "--json", str(out_json)]) == 0
+                     "--steps", "2", "--device", "cpu", "--dtype", "bfloat16", "--samples-png", str(png),
+                     "--json", str(out_json)]) == 0
     r = json.loads(out_json.read_text())  # metrics only: no sample or feature tensors
+    assert r["dtype"] == "bfloat16" and 0 <= r["accuracy_dense"] <= 1
     assert r["kind"] == "video" and "accuracy_dense_motion" in r and not any(k.startswith(("samples", "features"))
                                                                               for k in r)
     from PIL import Image

@@ -238,7 +238,7 @@ def cmd_eval(args) -> int:
     if args.samples_png:
         kw["return_samples"] = True
     r = evaluate_trained(args.model, method, weights_dir=root, device=device, n=args.samples, steps=args.steps,
-                         **kw)
+                         dtype=_dtype(args.dtype, device), **kw)
     if args.samples_png:
         from ditaccel.viz import grid_rows, side_by_side
 
@@ -256,7 +256,7 @@ def cmd_eval(args) -> int:
         from ditaccel.bench_report import environment
 
         out = {k: v for k, v in r.items() if not torch.is_tensor(v)}  # no samples/features
-        out.update(model=args.model, dtype="float32", weights=str(root), env=environment(str(device)))
+        out.update(model=args.model, dtype=args.dtype, weights=str(root), env=environment(str(device)))
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
@@ -328,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--weights", help="folder with image/, video/ and the classifiers (default: shipped)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="generator dtype (the classifier always runs in float32)")
     p.add_argument("--json", help="also write the metrics here")
     p.add_argument("--samples-png", help="also write a grid of the first samples (dense, then the method) here")
     p.set_defaults(func=cmd_eval)
