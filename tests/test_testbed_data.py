@@ -290,6 +290,12 @@ def test_shipped_weights_fit_the_budget_and_load_with_from_pretrained():
     for part in ("image", "video", "image_classifier", "video_classifier"):
         info = json.loads((WEIGHTS_DIR / part / "train_info.json").read_text())
         assert info["device"] == "cuda" and not info["toy"]
+    # the shipped video model was trained with today's recipe (its step count fitted to the budget)
+    from ditaccel.testbed.train import VIDEO_RECIPE
+
+    video_info = json.loads((WEIGHTS_DIR / "video" / "train_info.json").read_text())
+    assert {k: v for k, v in video_info["recipe"].items() if k != "steps"} == \
+        {k: v for k, v in VIDEO_RECIPE.items() if k != "steps"}
     image = load_image_pipeline()  # the default: the shipped folder
     assert image.transformer.config.sample_size == 64 and image.transformer.config.num_layers == 6
     x = image([0, 3], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
