@@ -17,9 +17,8 @@ import argparse
 
 import torch
 
-from ditaccel.testbed.classifier import VideoClassifier
+from ditaccel.evaluate import load_trained
 from ditaccel.testbed.data import VideoCaptions, hsv_to_rgb
-from ditaccel.testbed.pixel import WEIGHTS_DIR, load_video_pipeline
 
 PHRASES = {
     "motion": {m: ("standing still" if m == "still" else f"moving {m}") for m in VideoCaptions.MOTIONS},
@@ -54,8 +53,7 @@ def main() -> None:
     except ValueError as e:
         raise SystemExit(f"--caption: {e}") from None
     names = list(phrases)  # the factor's values, in VideoCaptions' order
-    pipe = load_video_pipeline()
-    clf = VideoClassifier.from_pretrained(str(WEIGHTS_DIR / "video_classifier")).float().eval()
+    pipe, clf = load_trained("video")  # the shipped model and classifier, CPU, float32
     rgb = hsv_to_rgb(torch.tensor(VideoCaptions.HUES[label["colour"]]), torch.tensor(1.0), torch.tensor(1.0))
     captions = [template.format(p) for p in phrases.values()]
     grid = []
@@ -82,6 +80,7 @@ def main() -> None:
         img = rows.permute(0, 3, 1, 4, 2).reshape(rows.shape[0] * rows.shape[3], -1, 3)
         plt.imsave(a.png, img.clamp(0, 1).numpy())
         print(f"wrote {a.png}")
+
 
 if __name__ == "__main__":
     main()

@@ -14,9 +14,8 @@ import argparse
 
 import torch
 
-from ditaccel.testbed.classifier import VideoClassifier
+from ditaccel.evaluate import load_trained
 from ditaccel.testbed.data import VideoCaptions
-from ditaccel.testbed.pixel import WEIGHTS_DIR, load_video_pipeline
 
 
 def main() -> None:
@@ -25,9 +24,8 @@ def main() -> None:
     ap.add_argument("--t", type=int, nargs="+", default=[200, 400, 600, 800])
     ap.add_argument("--seed", type=int, default=7)
     a = ap.parse_args()
-    pipe = load_video_pipeline()
+    pipe, clf = load_trained("video")  # the shipped model and classifier, CPU, float32
     tr, scheduler = pipe.transformer, pipe.scheduler
-    clf = VideoClassifier.from_pretrained(str(WEIGHTS_DIR / "video_classifier")).float().eval()
     video, captions, labels = VideoCaptions(tr.config.sample_frames, tr.config.sample_height).sample(a.samples, a.seed)
     wrong = dict(labels, object=(labels["object"] + 2) % len(VideoCaptions.OBJECTS))
     x0 = video.permute(0, 2, 1, 3, 4)  # (B, F, C, H, W)

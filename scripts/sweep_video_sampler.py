@@ -48,7 +48,6 @@ def main() -> None:
     a = ap.parse_args()
     settings = [parse_setting(s) for s in a.settings]
     pipe, clf = load_trained("video", weights_dir=a.weights, device=a.device, dtype=getattr(torch, a.dtype))
-    clf = clf.to(a.device)
     base_config = dict(pipe.scheduler.config)
     names = VideoCaptions.OBJECTS
     # the captions evaluate() uses by default (balanced, seed 0), named here to know what was asked
