@@ -394,3 +394,20 @@ def test_video_qk_norm_init_sets_every_q_k_layernorm_and_nothing_else():
     for bad in (0, -1.0, "2", float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="qk_norm_init"):
             build_video_components(toy=True, qk_norm_init=bad)
+
+
+def test_video_heads_keep_the_width_and_are_saved_in_the_config(tmp_path):
+    from ditaccel.testbed.train import build_video_components
+
+    _, _, m = build_video_components(toy=True, heads=1)  # toy width 2 x 8
+    assert (m.config.num_attention_heads, m.config.attention_head_dim) == (1, 16)
+    for bad in (0, 3, -2, 1.0, True, "2"):
+        with pytest.raises(ValueError, match="heads"):
+            build_video_components(toy=True, heads=bad)
+    info = train_video(tmp_path / "v", toy=True, device="cpu", progress=False, heads=1, attention_backend="flash")
+    assert info["attention_backend"] == "flash"
+    cfg = json.loads((tmp_path / "v/transformer/config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["attention_head_dim"]) == (1, 16)
+    with pytest.raises(ValueError, match="attention_backend"):
+        train_video(tmp_path / "w", toy=True, device="cpu", progress=False, attention_backend="fa3")
+    assert not (tmp_path / "w").exists()

@@ -479,6 +479,24 @@ def _save_run(out_dir: Path, ema: _EMA, modules, make_pipe, info: dict) -> dict:
     return info
 
 
+_SDPA_BACKENDS = ("cudnn", "flash", "efficient")
+
+
+def _sdpa_first(name: str | None):
+    """A context in which SDPA tries backend ``name`` first, then PyTorch's others (``None``: a
+    no-op)."""
+    if name is None:
+        return contextlib.nullcontext()
+    if name not in _SDPA_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {_SDPA_BACKENDS} or None, got {name!r}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    every = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    order = [every[name]] + [b for k, b in every.items() if k != name] + [SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
 def _run_info(name: str, *, plan: _Plan, probe: _Probe, init, done, losses, rate, seconds, **extra) -> dict:
     return dict(model=name, init_from=init, curve=probe.curve, steps_done=done, steps_planned=plan.steps,
                 steps_fitted=plan.history, seconds=round(seconds, 1), steps_per_s=rate, **extra, losses=losses,
@@ -629,8 +647,12 @@ def train_image(
 # --------------------------------------------------------------------------------------------
 # video CogVideoX
 # --------------------------------------------------------------------------------------------
-def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: float = 1.0):
+def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: float = 1.0,
+                           heads: int | None = None):
     """(tokenizer, text_encoder, transformer) of the video testbed, adaLN-Zero initialised.
+
+    heads: number of attention heads at the same width (``num_attention_heads *
+    attention_head_dim`` of ``VIDEO_MODEL_CONFIG``; the head dim follows); ``None``: the config's.
 
     qk_norm_init: initial weight of the q/k LayerNorms (CogVideoX normalises q and k per head, so
     an attention logit is at most sqrt(head_dim) * w_q * w_k: 5.7 at w = 1 and head dim 32, little
@@ -642,6 +664,11 @@ def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: fl
             or not (math.isfinite(qk_norm_init) and qk_norm_init > 0):
         raise ValueError(f"qk_norm_init must be a positive finite number, got {qk_norm_init!r}")
     cfg = dict(VIDEO_MODEL_CONFIG, **(TOY_VIDEO_MODEL if toy else {}))
+    if heads is not None:
+        width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
+            raise ValueError(f"heads must be a positive integer dividing the width {width}, got {heads!r}")
+        cfg.update(num_attention_heads=heads, attention_head_dim=width // heads)
     tokenizer = build_caption_tokenizer(cfg["max_text_seq_length"])
     t5 = dict(VIDEO_TEXT_ENCODER_CONFIG, vocab_size=len(tokenizer), **(TOY_TEXT_ENCODER if toy else {}))
     if cfg["text_embed_dim"] != t5["d_model"]:
@@ -682,11 +709,15 @@ def train_video(
     compile: bool | None = None,
     progress: bool = True,
     qk_norm_init: float | None = None,
+    heads: int | None = None,
+    attention_backend: str | None = None,
 ) -> dict:
     """Train the pixel-space video CogVideoX (and its T5 text encoder) on ``VideoCaptions`` and
     save a ``PixelCogVideoXPipeline`` folder (``tokenizer/``, ``text_encoder/``, ``transformer/``,
     ``scheduler/``, fp16 safetensors). Arguments as ``train_image`` (recipe: ``VIDEO_RECIPE``);
-    ``qk_norm_init`` overrides the recipe's (see ``build_video_components``).
+    ``qk_norm_init`` overrides the recipe's, ``heads`` the config's head count at the same width
+    (see ``build_video_components``); ``attention_backend`` (``"cudnn"``, ``"flash"``,
+    ``"efficient"``) is tried first by SDPA during training (``None``: PyTorch's own order).
 
     The text path is the pipeline's: captions are tokenized to ``max_text_seq_length`` tokens,
     encoded by the T5 encoder without attention mask (as ``CogVideoXPipeline`` does), dropped to
@@ -696,9 +727,11 @@ def train_video(
     recipe = dict(VIDEO_RECIPE, **(TOY_RECIPE if toy else {}))
     if qk_norm_init is not None:
         recipe["qk_norm_init"] = qk_norm_init
+    backend_first = _sdpa_first(attention_backend)
     plan, bs, peak, budget = _setup(recipe, dev, toy=toy, steps=steps, batch_size=batch_size, lr=lr, minutes=minutes)
 
-    tokenizer, text_encoder, model = build_video_components(toy=toy, seed=seed, qk_norm_init=recipe["qk_norm_init"])
+    tokenizer, text_encoder, model = build_video_components(toy=toy, seed=seed, qk_norm_init=recipe["qk_norm_init"],
+                                                            heads=heads)
     init = _init_from(init_from, {"transformer": model, "text_encoder": text_encoder})
     model.to(dev).train()
     text_encoder.to(dev).train()
@@ -755,10 +788,12 @@ def train_video(
         return pipe
 
     probe = _Probe(probe_every, probe_classifier, probe_samples, video_pipe, ema, [model, text_encoder], dev)
-    done, losses, rate = _loop("video", plan, budget, progress, step_fn, probe)
+    with backend_first:
+        done, losses, rate = _loop("video", plan, budget, progress, step_fn, probe)
     _sync(dev)
     info = _run_info("video", plan=plan, probe=probe, init=init, done=done, losses=losses, rate=rate,
                      seconds=budget.elapsed(), seed=seed, device=str(dev), batch_size=bs, lr=peak, toy=toy,
+                     attention_backend=attention_backend,
                      recipe=recipe, params=sum(p.numel() for p in model.parameters()),
                      skipped_steps=int(skipped.item()),
                      text_encoder_params=sum(p.numel() for p in text_encoder.parameters()))
@@ -918,6 +953,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-samples", type=int, default=48)
     ap.add_argument("--only", choices=["image", "video"], help="classifiers: train only this one")
     ap.add_argument("--qk-norm-init", type=float, help="video: initial q/k LayerNorm weight (default: the recipe's)")
+    ap.add_argument("--heads", type=int, help="video: attention heads at the same width (default: the config's)")
+    ap.add_argument("--attention-backend", choices=list(_SDPA_BACKENDS),
+                    help="video: the SDPA backend tried first while training (default: PyTorch's order)")
     ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], help="image: the training target")
     ap.add_argument("--toy", action="store_true", help="tiny sizes for a CPU smoke test")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -928,8 +966,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--init: only for image and video")
     if a.only and a.what != "classifiers":
         raise SystemExit("--only: only for classifiers")
-    if a.qk_norm_init is not None and a.what != "video":
-        raise SystemExit("--qk-norm-init: only for video")
+    for flag, v in (("--qk-norm-init", a.qk_norm_init), ("--heads", a.heads),
+                    ("--attention-backend", a.attention_backend)):
+        if v is not None and a.what != "video":
+            raise SystemExit(f"{flag}: only for video")
     gen = dict(compile={"auto": None, "on": True, "off": False}[a.compile], init_from=a.init,
                probe_every=a.probe_every, probe_classifier=a.probe_classifier, probe_samples=a.probe_samples)
     from .pixel import WEIGHTS_DIR
@@ -938,7 +978,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "image":
         info = train_image(out, minutes=a.minutes or 15.0, prediction_type=a.prediction_type, **gen, **kw)
     elif a.what == "video":
-        info = train_video(out, minutes=a.minutes or 18.0, qk_norm_init=a.qk_norm_init, **gen, **kw)
+        info = train_video(out, minutes=a.minutes or 18.0, qk_norm_init=a.qk_norm_init, heads=a.heads,
+                           attention_backend=a.attention_backend, **gen, **kw)
     else:
         which = (a.only,) if a.only else ("image", "video")
         info = train_classifiers(out, minutes=a.minutes or 4.0, which=which, **kw)
