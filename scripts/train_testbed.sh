@@ -19,10 +19,11 @@
 #   image and image classifier: MINUTES=17 PROBE_EVERY=4: classifiers; launch image; launch video
 #   (both at once, sharing the GPU); finish image; then `ditaccel testbed train image --minutes
 #   2.5 --init W/image` alone (19.5 min of image training in all);
-#   video and video classifier (2026-11-25, a later session, for objects of radius 0.36-0.46):
+#   video and video classifier (2026-11-25, a later session, for squares of half-side 0.9 r):
 #   `ditaccel testbed train classifiers --only video --out W --minutes 1.5`; then
-#   MINUTES=19 PROBE_EVERY=5: launch video; finish video (alone on the GPU; the recipe's
-#   qk_norm_init 1.5 was then passed as EXTRA="--qk-norm-init 1.5", now the default).
+#   MINUTES=19 PROBE_EVERY=5 EXTRA="--heads 3 --attention-backend cudnn": launch video; finish
+#   video (alone on the GPU; 3 heads is now the config's default, and cuDNN first measured no
+#   faster than PyTorch's own order: scripts/bench_video_train.py).
 set -euo pipefail
 phase=${1:?classifiers, launch, finish or all}
 shift

@@ -232,9 +232,9 @@ def _gather(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, key_p
     Per chunk of query blocks, each row's selected key blocks (padded to the chunk's longest
     list; padding slots masked) are gathered, scored against the row's queries, softmaxed and
     applied to the gathered values. Float32 compute (float64 for float64). At the video testbed's
-    attention shape (2 x 6 heads x 4,624 tokens x 32, float32, 30% of 64-token blocks kept) on 2
-    CPU threads it runs at 1.08x the speed of dense SDPA (``ditaccel bench sparsity --device cpu
-    --threads 2 --tokens 4624 --heads 6 --head-dim 32 --batch 2 --kept 0.3 --dtype float32``,
+    attention shape (2 x 3 heads x 4,624 tokens x 64, float32, 30% of 64-token blocks kept) on 2
+    CPU threads it runs at 1.25x the speed of dense SDPA (``ditaccel bench sparsity --device cpu
+    --threads 2 --tokens 4624 --heads 3 --head-dim 64 --batch 2 --kept 0.3 --dtype float32``,
     2026-11-25); the dense-mask reference materialises (B, H, L, L) scores and masks instead.
     Returns ``(out in q.dtype, lse)`` like :func:`_reference`."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -108,9 +108,12 @@ __all__ = [
 #   next, with objects of radius 0.30-0.42, 56/100/100/80% (12.5k steps, 19 min alone): shapes
 #   came out soft. With ``qk_norm_init=1.5`` as well, 71/100/98/99% (12.4k steps; at 5 minutes
 #   motion was already 100%, against 23% without); with objects of radius 0.36-0.46 as well (the
-#   shipped one, 12.5k steps, 19 min alone), 79/100/100/94% on 96 samples and 76/100/100/94% on
-#   384 (FD 11.5; 20.5 for the 0.30-0.42 run). Squares are the shapes it misses (45% recognised,
-#   the rest read as circles; circles 100%, triangles 82%, crosses 77%).
+#   12.5k steps, 19 min alone), 79/100/100/94% on 96 samples and 76/100/100/94% on 384 (FD 11.5;
+#   20.5 for the 0.30-0.42 run). Squares were the shapes it missed (45% recognised, the rest read
+#   as circles over stripes and checkerboards; circles 100%, triangles 82%, crosses 77%). The
+#   shipped one: squares of half-side 0.9 r (was 0.82 r) and 3 heads x 64 (was 6 x 32, same
+#   width; 16.6 compiled steps/s against 11.3): 18.2k steps in 19 min alone, 98.2/100/99.5/99.7%
+#   on 384 samples (FD 2.2); its probes read object 65/83/94/98% at 5/10/15/19 min.
 # ``info["steps_per_s"]`` reports the rate of a run, ``info["curve"]`` its learning curve.
 # Recipe changes for the shipped set: peak lr 3e-4 -> 5e-4 for the video model (a 4.6 M-parameter
 # model, ~10-30k steps: the DiT paper's 1e-4 is for 100x the parameters and the steps) and 4e-4
@@ -655,8 +658,8 @@ def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: fl
     attention_head_dim`` of ``VIDEO_MODEL_CONFIG``; the head dim follows); ``None``: the config's.
 
     qk_norm_init: initial weight of the q/k LayerNorms (CogVideoX normalises q and k per head, so
-    an attention logit is at most sqrt(head_dim) * w_q * w_k: 5.7 at w = 1 and head dim 32, little
-    to concentrate attention among 4,624 keys). The default 1.0 is diffusers' own initialisation;
+    an attention logit is at most sqrt(head_dim) * w_q * w_k: 5.7 at w = 1 and head dim 32 (the
+    config's until 2026-11-25; 8 at head dim 64), little to concentrate attention among 4,624 keys). The default 1.0 is diffusers' own initialisation;
     ``VIDEO_RECIPE`` (what ``train_video`` uses) sets 1.5, with which the video model learned the
     caption's motion within 5 minutes instead of 10-15.
     """
