@@ -296,6 +296,8 @@ def test_shipped_weights_fit_the_budget_and_load_with_from_pretrained():
     video_info = json.loads((WEIGHTS_DIR / "video" / "train_info.json").read_text())
     assert {k: v for k, v in video_info["recipe"].items() if k != "steps"} == \
         {k: v for k, v in VIDEO_RECIPE.items() if k != "steps"}
+    shipped_cfg = json.loads((WEIGHTS_DIR / "video" / "transformer" / "config.json").read_text())
+    assert {k: shipped_cfg[k] for k in VIDEO_MODEL_CONFIG} == VIDEO_MODEL_CONFIG  # and its architecture
     image = load_image_pipeline()  # the default: the shipped folder
     assert image.transformer.config.sample_size == 64 and image.transformer.config.num_layers == 6
     x = image([0, 3], num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images

@@ -658,9 +658,10 @@ def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: fl
     attention_head_dim`` of ``VIDEO_MODEL_CONFIG``; the head dim follows); ``None``: the config's.
 
     qk_norm_init: initial weight of the q/k LayerNorms (CogVideoX normalises q and k per head, so
-    an attention logit is at most sqrt(head_dim) * w_q * w_k: 5.7 at w = 1 and head dim 32 (the
-    config's until 2026-11-25; 8 at head dim 64), little to concentrate attention among 4,624 keys). The default 1.0 is diffusers' own initialisation;
-    ``VIDEO_RECIPE`` (what ``train_video`` uses) sets 1.5, with which the video model learned the
+    an attention logit is at most sqrt(head_dim) * w_q * w_k: 5.7 at w = 1 and head dim 32, the
+    config's until 2026-11-25, 8 at head dim 64; little to concentrate attention among 4,624
+    keys). The default 1.0 is diffusers' own initialisation; ``VIDEO_RECIPE`` (what
+    ``train_video`` uses) sets 1.5, with which the video model (then 6 heads x 32) learned the
     caption's motion within 5 minutes instead of 10-15.
     """
     if isinstance(qk_norm_init, bool) or not isinstance(qk_norm_init, (int, float)) \
