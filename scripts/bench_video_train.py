@@ -16,23 +16,23 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ditaccel.testbed.train import _sdpa_first, build_video_components
+from ditaccel.testbed.train import _SDPA_BACKENDS, VIDEO_RECIPE, _adamw, _autocast, _sdpa_first, build_video_components
 
 
 def bench(heads: int, backend: str | None, batch: int, steps: int, warmup: int) -> dict:
-    _, text_encoder, model = build_video_components(heads=heads, qk_norm_init=1.5)
+    _, text_encoder, model = build_video_components(heads=heads, qk_norm_init=VIDEO_RECIPE["qk_norm_init"])
     dev = torch.device("cuda")
     model.to(dev).train()
     text_encoder.to(dev).train()
     cfg = model.config
     params = list(model.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    opt = _adamw(params, VIDEO_RECIPE["lr"])
     x = torch.randn(batch, cfg.sample_frames, cfg.in_channels, cfg.sample_height, cfg.sample_width, device=dev)
     ids = torch.randint(0, text_encoder.config.vocab_size, (batch, cfg.max_text_seq_length), device=dev)
     t = torch.randint(0, 1000, (batch,), device=dev)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with _autocast(dev):
             emb = text_encoder(ids)[0]
             pred = model(hidden_states=x, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), x)
@@ -56,7 +56,8 @@ def bench(heads: int, backend: str | None, batch: int, steps: int, warmup: int) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--heads", type=int, nargs="+", default=[6, 3])
-    ap.add_argument("--backends", nargs="+", default=["default", "flash", "cudnn"])
+    ap.add_argument("--backends", nargs="+", default=["default", "flash", "cudnn"],
+                    choices=["default", *_SDPA_BACKENDS])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10)
