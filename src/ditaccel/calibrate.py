@@ -3,8 +3,9 @@
 For each denoising step t in order, the transformer is run with every layer ``full`` (on the
 already-compressed history) to get O. Then for each layer i in order the candidates are tried,
 most compressing first, with layers < i at their chosen methods and layers > i ``full``; the
-first candidate with L(O, O') < (i + 1) / n_layers · δ is kept. The step then runs once more with
-the chosen column, which is what the pipeline sees and what the caches of later steps hold.
+first candidate with L(O, O') < (i + 1) / n_layers · δ is kept (L: ``config.loss``). The step then
+runs once more with the chosen column, which is what the pipeline sees and what the caches of
+later steps hold.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from tqdm.auto import tqdm
 
-from .methods.ditfastattn import ASC, FULL, WARS_ASC, DiTFastAttn, DiTFastAttnConfig, relative_l1
+from .methods.ditfastattn import ASC, FULL, WARS_ASC, DiTFastAttn, DiTFastAttnConfig, loss_function
 from .models import adapter_for
 from .plan import Plan, new_metadata
 from .runtime import get_runtime, install, remove, split_target
@@ -34,6 +35,7 @@ class _GreedySearchHook(ModelHook):
     def __init__(self, runtime, method: DiTFastAttn, config: DiTFastAttnConfig, bar):
         super().__init__()
         self.runtime, self.method, self.config, self.bar = runtime, method, config, bar
+        self.loss = loss_function(config.loss)
         self.columns: dict[int, list[str]] = {}
         self.losses: dict[int, float] = {}
         self.cfg_seen: bool | None = None
@@ -52,7 +54,7 @@ class _GreedySearchHook(ModelHook):
             budget = (i + 1) / n * self.config.threshold
             for cand in allowed:
                 trial = chosen[:i] + [cand] + full[i + 1:]
-                if relative_l1(reference, _sample(self._run(trial, False, args, kwargs))) < budget:
+                if self.loss(reference, _sample(self._run(trial, False, args, kwargs))) < budget:
                     chosen[i] = cand
                     break
             self.bar.update(1)
@@ -73,7 +75,7 @@ class _GreedySearchHook(ModelHook):
         while lo <= hi:
             mid = (lo + hi) // 2
             trial = column(levels[mid])
-            if relative_l1(reference, _sample(self._run(trial, False, args, kwargs))) < self.config.threshold:
+            if self.loss(reference, _sample(self._run(trial, False, args, kwargs))) < self.config.threshold:
                 best, lo = trial, mid + 1
             else:
                 hi = mid - 1
@@ -106,7 +108,7 @@ class _GreedySearchHook(ModelHook):
         out = self._run(chosen, True, args, kwargs)
         if ctx.step not in self.columns:
             self.columns[ctx.step] = chosen
-            self.losses[ctx.step] = relative_l1(reference, _sample(out))
+            self.losses[ctx.step] = self.loss(reference, _sample(out))
         return out
 
 
@@ -116,7 +118,7 @@ def calibrate(pipe, config: DiTFastAttnConfig | None = None, num_inference_steps
 
     Args:
         pipe: a diffusers pipeline (DiT, PixArt-Sigma, ...) without ditaccel applied.
-        config: the search settings (threshold δ, window); default ``DiTFastAttnConfig()``.
+        config: the search settings (threshold δ, window, search, loss); default ``DiTFastAttnConfig()``.
         num_inference_steps: the step count the plan is made for (plans are per step count).
         **pipe_call_kwargs: the calibration inputs and call settings, passed to ``pipe(...)``:
             e.g. ``class_labels=[...]`` (the paper: 8 labels) for DiT, ``prompt=[...]`` (6 captions)
@@ -140,6 +142,7 @@ def calibrate(pipe, config: DiTFastAttnConfig | None = None, num_inference_steps
 
     method = DiTFastAttn([[FULL] * num_inference_steps for _ in range(n_layers)], config.window, config.window_size)
     method.trial = [FULL] * n_layers
+    method.score_loss = loss_function(config.loss)
     runtime = install(pipe, method, cfg=config.cfg)
     bar = tqdm(total=num_inference_steps * n_layers, desc="ditaccel calibrate", unit="layer",
                disable=not config.show_progress)
@@ -170,6 +173,7 @@ def calibrate(pipe, config: DiTFastAttnConfig | None = None, num_inference_steps
         threshold=config.threshold,
         candidates=list(config.candidates),
         search=config.search,
+        loss=config.loss,
         calibration_inputs=len(batch) if isinstance(batch, (list, tuple)) else 1,
         calibration_seconds=round(time.perf_counter() - t0, 3),
         step_loss=[round(hook.losses[s], 6) for s in range(num_inference_steps)],

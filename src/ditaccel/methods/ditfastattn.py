@@ -36,6 +36,8 @@ CANDIDATES: tuple[str, ...] = (AST, WARS_ASC, WARS, ASC)
 PRESETS: dict[str, float] = {f"D{i}": round(0.025 * i, 3) for i in range(1, 7)}
 WINDOW_KINDS = ("band1d", "neighborhood2d")
 SEARCHES = ("greedy", "local")
+#: the search losses: ``"relative"`` (ours, symmetric) and ``"official"`` (thu-nics/DiTFastAttn's)
+LOSSES = ("relative", "official")
 
 
 @dataclass
@@ -63,6 +65,14 @@ class DiTFastAttnConfig:
             level τ, and a binary search finds the largest τ whose column keeps the transformer
             output within δ (the bound greedy's last layer has). About log2(4n) + 2 passes per
             step instead of up to 4n + 2; a different plan.
+        loss: the error L(O, O') both searches compare with the budget (and ``local`` scores
+            candidates with). ``"relative"`` (default) is mean(clip(|O−O'| / (max(|O|, |O'|) +
+            1e-6), 0, 10)): symmetric, never divides by a near-zero or negative number unless
+            both outputs are near zero. ``"official"`` reproduces thu-nics/DiTFastAttn's
+            ``compression_loss``: mean(clip(|(O−O') / (max(O, O') + 1e-6)|, 0, 10)) with a
+            *signed* max, which blows up (to the clip at 10) wherever the larger of the two
+            values is near zero, including wherever both are negative and one is near zero;
+            kept to reproduce the paper's plans. Recorded as ``metadata["loss"]``.
         cfg: whether calls batch classifier-free guidance. ``None`` detects it per call
             (the two halves of the latent input are identical); set it when that heuristic
             cannot hold (e.g. a batch of one prompt repeated twice without CFG).
@@ -74,6 +84,7 @@ class DiTFastAttnConfig:
     window_size: float = 0.25
     candidates: tuple[str, ...] = CANDIDATES
     search: str = "greedy"
+    loss: str = "relative"
     cfg: bool | None = None
     show_progress: bool = True
 
@@ -96,6 +107,8 @@ class DiTFastAttnConfig:
             raise ValueError(f"candidates must be distinct values among {searchable}, got {self.candidates!r}")
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.cfg not in (None, True, False):
             raise ValueError(f"cfg must be None, True or False, got {self.cfg!r}")
 
@@ -300,6 +313,29 @@ def relative_l1(o: torch.Tensor, o2: torch.Tensor) -> float:
     return rel.clamp(0, 10).mean().item()
 
 
+def official_relative_l1(o: torch.Tensor, o2: torch.Tensor) -> float:
+    """thu-nics/DiTFastAttn's ``compression_loss`` (``dit_fast_attention.py``, default metric):
+    mean over every element of clip(|(O−O') / (max(O, O') + 1e-6)|, 0, 10), max *signed* and
+    elementwise, over the whole transformer output (both CFG halves, every sample and channel).
+
+    Where O = O' = −1e-6 the quotient is 0/0 = NaN, as in the official code, and the NaN
+    propagates to the mean (a NaN loss is never under a budget). Computed in float32 (the
+    official code computes in the model's dtype)."""
+    o, o2 = o.float(), o2.float()
+    rel = ((o - o2) / (torch.maximum(o, o2) + 1e-6)).abs()
+    return rel.clamp(0, 10).mean().item()
+
+
+LOSS_FUNCTIONS = {"relative": relative_l1, "official": official_relative_l1}
+
+
+def loss_function(name: str):
+    """The search loss called ``name`` (one of ``LOSSES``): ``fn(O, O') -> float``."""
+    if name not in LOSS_FUNCTIONS:
+        raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+    return LOSS_FUNCTIONS[name]
+
+
 # ------------------------------------------------------------------------------ the method
 class DiTFastAttn:
     """Runs a plan (``methods[layer][step]``) inside the runtime.
@@ -308,7 +344,8 @@ class DiTFastAttn:
     transformer call and ``attention`` once per self-attention call. ``trial``/``write``/``scoring``
     are used by calibration: ``trial`` is the column of methods to use at the current step (with
     every cache kept), ``write=False`` leaves the caches untouched (trial runs), ``scoring``
-    lists candidates to score on each layer's own output (``scores[layer][candidate]``).
+    lists candidates to score on each layer's own output (``scores[layer][candidate]``) with
+    ``score_loss`` (the configured search loss).
     """
 
     name = "ditfastattn"
@@ -322,6 +359,7 @@ class DiTFastAttn:
         self.write = True
         self.scoring: tuple[str, ...] | None = None
         self.scores: dict[int, dict[str, float]] = {}
+        self.score_loss = relative_l1
         self.expected_grid: tuple[int, int] | None = None  # the plan's calibration grid, if known
         self._windows: dict[tuple, WindowSpec] = {}
 
@@ -369,6 +407,6 @@ class DiTFastAttn:
         out, cost = run_layer(action, call, cache, window, ctx.cond, write=self.write)
         if self.scoring and ctx.step > 0:
             self.scores[layer] = {
-                c: relative_l1(out, run_layer(CALIBRATION_ACTION[c], call, cache, window, ctx.cond, write=False)[0])
+                c: self.score_loss(out, run_layer(CALIBRATION_ACTION[c], call, cache, window, ctx.cond, write=False)[0])
                 for c in self.scoring if ctx.cond is not None or c not in (ASC, WARS_ASC)}
         return out, cost.fraction + cost.extra_window, action.method
