@@ -23,6 +23,13 @@ from ..kernels.block_mass import attention_with_lse, block_mass
 from ..kernels.block_sparse import block_sparse_attention, block_sparse_flops, mask_to_indices
 
 
+HEAD_RULES = ("tiers", "mass", "top_p")
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 @dataclass
 class AdaSpaConfig:
     """Settings of AdaSpa (paper defaults).
@@ -36,14 +43,36 @@ class AdaSpaConfig:
         search_at: fractions of the steps at which masks are searched (the paper's {10, 30} of 50).
             Step index = floor(fraction · num_steps + 0.5) (round half up): 20 steps → {4, 12}.
             The first search step must be ≥ the warm-up step count.
-        head_adaptive: hierarchical sparsity across heads (best heads sparser, worst denser,
-            mean unchanged where the tiers stay within [0, 1)).
-        recall_threshold: a head counts as "good" when the mass kept at base sparsity exceeds it.
+        head_adaptive: per-head budgets within a layer, by ``head_rule`` (default: the paper's
+            tiers, best heads sparser, worst denser, mean unchanged where the tiers stay within
+            [0, 1)). ``False``: every head keeps k(s) blocks per query block.
+        recall_threshold: a head counts as "good" when the mass kept at base sparsity exceeds it
+            (``head_rule="tiers"`` only).
         text_sink: always keep text query blocks and text key blocks. Text blocks are free: the
             top-k budget counts the other key blocks.
         lse_cache: later searches reuse the LSE cached at the first one (the paper's cheaper
             re-search: one QKᵀ pass, no full attention). ``False`` runs every search like the
-            first (full attention, fresh LSE): the ablation of the caching.
+            first (full attention, fresh LSE): the ablation of the caching. Note that a fresh
+            search also returns the exact dense output of its step, so ``False`` runs one more
+            dense step per extra search.
+        head_rule: how ``head_adaptive`` spreads the key-block budget over the heads of one layer
+            and batch item (every query block of a head keeps the same k_h blocks; text blocks are
+            free). ``"tiers"``: the paper's (above; a head's tier depends on a fixed recall
+            threshold, not on how much mass a change of budget moves). ``"mass"``: the same total
+            Σ_h k_h = H · k(s) as uniform sparsity s (same FLOPs), split to keep the most
+            attention mass: greedy by marginal gain, which is optimal because a head's kept mass
+            is concave in k_h; every head keeps ≥ 1 block. ``"top_p"``: each head keeps the fewest
+            blocks per query block whose recall (kept mass, text blocks included, over the head's
+            total mass) reaches ``target_recall``; ``sparsity`` is then not used and the density
+            (FLOPs) is an outcome, reported by ``ditaccel.stats``: diffuse heads may run nearly
+            dense.
+        target_recall: the recall each head reaches under ``head_rule="top_p"``, in (0, 1]. Higher
+            is closer to dense and slower.
+        dense_last: fraction of the steps run dense at the end: the last floor(f · n + 0.5) of n
+            steps (fine detail is decided there; costs their sparse savings). In [0, 1); a dense
+            tail that would cover a search step is refused when the step count is known.
+        dense_layers: the first N attention layers always run dense (never searched; their cache
+            stays empty). Costs their sparse savings; N may not exceed the model's layer count.
     """
 
     sparsity: float = 0.8
@@ -54,6 +83,10 @@ class AdaSpaConfig:
     recall_threshold: float = 0.8
     text_sink: bool = True
     lse_cache: bool = True
+    head_rule: str = "tiers"
+    target_recall: float = 0.9
+    dense_last: float = 0.0
+    dense_layers: int = 0
 
     def __post_init__(self):
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
@@ -71,6 +104,14 @@ class AdaSpaConfig:
                              f"warm-up ({self.warmup})")
         if not 0.0 < self.recall_threshold <= 1.0:
             raise ValueError(f"recall_threshold must be in (0, 1], got {self.recall_threshold!r}")
+        if self.head_rule not in HEAD_RULES:
+            raise ValueError(f"head_rule must be one of {HEAD_RULES}, got {self.head_rule!r}")
+        if not _real(self.target_recall) or not 0.0 < self.target_recall <= 1.0:
+            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall!r}")
+        if not _real(self.dense_last) or not 0.0 <= self.dense_last < 1.0:
+            raise ValueError(f"dense_last must be in [0, 1), got {self.dense_last!r}")
+        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise ValueError(f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
 
     def schedule(self, num_steps: int) -> list[str]:
         """``"dense"``, ``"search"`` (first: fresh LSE), ``"research"`` (cached LSE) or ``"sparse"``
@@ -85,9 +126,13 @@ class AdaSpaConfig:
                              f"the warm-up (steps < {warm})")
         if searches[-1] >= num_steps:
             raise ValueError(f"search_at: step {searches[-1]} is beyond num_inference_steps={num_steps}")
+        tail = num_steps - at(self.dense_last)  # first step of the dense tail
+        if searches[-1] >= tail:
+            raise ValueError(f"dense_last: with {num_steps} steps the dense tail (steps >= {tail}) covers the "
+                             f"search at step {searches[-1]}")
         out = []
         for s in range(num_steps):
-            if s < searches[0]:
+            if s < searches[0] or s >= tail:
                 out.append("dense")
             elif s == searches[0]:
                 out.append("search")
@@ -156,23 +201,65 @@ def text_blocks(seq_len: int, block_size: int, text_tokens: int, position: str |
     return is_text[:, None] | is_text[None, :]
 
 
+def row_mass(W: torch.Tensor, always: torch.Tensor | None, budget: int) -> torch.Tensor:
+    """(B, H, budget) float64: column j is the mass, summed over all query blocks, of each row's
+    (j+1)-th heaviest non-``always`` key block. Non-increasing in j, so Σ_{j<k} (the mass a head
+    keeps with k blocks per row) is concave in k."""
+    scores = W.double() if always is None else W.double().masked_fill(always, 0.0)
+    return scores.sort(dim=-1, descending=True).values[..., :budget].sum(dim=2)
+
+
+def mass_counts(gains: torch.Tensor, k: int) -> torch.Tensor:
+    """``head_rule="mass"``: blocks per row for each (b, h), ≥ 1 each and H · k in all per b, with
+    the most kept mass. gains (B, H, budget) from ``row_mass``. The best allocation takes the
+    H · (k − 1) largest marginal gains beyond each head's first block: by concavity they form a
+    prefix per head (ties: equal mass)."""
+    B, H, budget = gains.shape
+    extra = H * (min(k, budget) - 1)
+    keep = torch.ones(B, H, dtype=torch.long, device=gains.device)
+    if extra:
+        top = gains[..., 1:].flatten(1).topk(extra, dim=1).indices // (budget - 1)
+        keep.scatter_add_(1, top, torch.ones_like(top))
+    return keep
+
+
+def top_p_counts(gains: torch.Tensor, kept_always: torch.Tensor, total: torch.Tensor, target: float) -> torch.Tensor:
+    """``head_rule="top_p"``: for each (b, h) the fewest blocks per row whose recall (mass of the
+    ``always`` blocks + of the top-k others, over the total) reaches ``target``."""
+    rec = (kept_always[..., None] + gains.cumsum(dim=-1)) / total.clamp_min(1e-30)[..., None]
+    return ((rec < target).sum(dim=-1) + 1).clamp(max=gains.shape[-1])
+
+
 def select_mask(W: torch.Tensor, config: AdaSpaConfig, always: torch.Tensor | None, heads=None):
     """The searched mask and its diagnostics: (mask, per-head sparsity, recall of the mask).
 
     heads: the ``HeadShard`` W belongs to when the heads are split across ranks (context
-    parallelism): the sparsity tiers rank the heads of all ranks, as on one device."""
+    parallelism): the head rules see the heads of all ranks, as on one device."""
     B, H, NQ, NK = W.shape
     # the budget counts the key blocks a video query block chooses from: all but the text columns
     text_cols = int(always.all(dim=0).sum()) if always is not None else 0
     budget = max(NK - text_cols, 1)
     s = torch.full((B, H), float(config.sparsity), dtype=torch.float64, device=W.device)
-    if config.head_adaptive and config.sparsity > 0:
+    rule = config.head_rule if config.head_adaptive else None
+    if rule == "tiers" and config.sparsity > 0:
         base = topk_blocks(W, keep_counts(s, budget), always)
         base_recall = recall(W, base) if heads is None else heads.gather(recall(W, base))
         s = head_sparsity(base_recall, config.sparsity, config.recall_threshold)
         if heads is not None:
             s = s[:, heads.start:heads.start + heads.count]
-    mask = topk_blocks(W, keep_counts(s, budget), always)
+    keep = keep_counts(s, budget)
+    if rule in ("mass", "top_p"):
+        gains = row_mass(W, always, budget)
+        if rule == "mass":
+            gains = gains if heads is None else heads.gather(gains)
+            keep = mass_counts(gains, int(keep.max()))
+            keep = keep if heads is None else keep[:, heads.start:heads.start + heads.count]
+        else:
+            Wd = W.double()
+            kept_always = (Wd * always).sum(dim=(-1, -2)) if always is not None else torch.zeros_like(s)
+            keep = top_p_counts(gains, kept_always, Wd.sum(dim=(-1, -2)), config.target_recall)
+        s = 1.0 - keep.double() / budget
+    mask = topk_blocks(W, keep, always)
     return mask, s, recall(W, mask)
 
 
@@ -187,7 +274,8 @@ def compact_indices(kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> torch.
 def cache_bytes_per_layer(heads: int, tokens: int, block_size: int = 64, sparsity: float = 0.8,
                           head_adaptive: bool = True, batch: int = 1) -> int:
     """Upper bound of AdaSpa's per-layer cache: LSE (fp32) + int16 index lists (longest row: the
-    densest tier) + int32 counts."""
+    densest tier) + int32 counts. For ``head_rule="tiers"``; under ``"mass"`` or ``"top_p"`` one
+    head may keep every block (bound: ``sparsity=0``)."""
     nb = -(-tokens // block_size)
     densest = max(0.0, (3 * sparsity - 1) / 2) if head_adaptive else sparsity
     kmax = math.ceil((1 - densest) * nb)
@@ -223,12 +311,16 @@ class AdaSpa:
     def __init__(self, config: AdaSpaConfig):
         self.config = config
         self.plan: list[str] | None = None
+        self.last_use = -1  # the last step that reads the cache: free it after that
 
     def check_num_layers(self, n: int):
-        pass
+        if self.config.dense_layers > n:
+            raise ValueError(f"dense_layers: {self.config.dense_layers} dense layers asked, the transformer has {n} "
+                             "attention layers")
 
     def check_num_steps(self, n: int):
         self.plan = self.config.schedule(n)
+        self.last_use = max(i for i, w in enumerate(self.plan) if w != "dense")
 
     def begin_call(self, ctx):
         if self.plan is None:
@@ -242,7 +334,7 @@ class AdaSpa:
 
     def attention(self, ctx, layer: int, call, cache: AdaSpaCache):
         what = self.plan[ctx.step]
-        if what == "dense":
+        if what == "dense" or layer < self.config.dense_layers:
             return call.full(), 1.0, "dense"
         stats = {}
 
@@ -250,7 +342,7 @@ class AdaSpa:
             return self._core(what, ctx, q, k, v, key_padding_mask, cache, stats, heads)
 
         out = call.core(core)
-        if ctx.step == len(self.plan) - 1:  # the generation's last step: free LSE and masks
+        if ctx.step == self.last_use:  # the generation's last sparse step: free LSE and masks
             cache.release()
         return out, stats["fraction"], what
 
