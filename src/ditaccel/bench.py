@@ -1001,6 +1001,12 @@ CASES: list[Case] = [
          bench_models.hunyuan_shapes, "ditaccel bench all --only hunyuan-video-720p-adaspa",
          dry_kwargs=dict(frames=2, height=8, width=8, text_tokens=8, block_size=16, dtype=torch.float32,
                          overrides=bench_models.TOY_HUNYUAN)),
+    *[Case(f"attention-share-{m}", bench_models.bench_attention_share, bench_models.markdown_attention_share,
+           bench_models.attention_share_shapes, f"ditaccel bench all --only attention-share-{m}",
+           kwargs=dict(model=m), dry_kwargs=dict(dtype=torch.float32, repeats=1, video_latent=(2, 8, 8), text_tokens=8,
+                                                 overrides=TOY_PIXART if m.startswith("pixart") else
+                                                 bench_models.TOY_HUNYUAN))
+      for m in ("pixart-sigma-2k", "hunyuan-video-720p")],
     Case("pixart-sigma-2k-plan-50", bench_models.bench_pixart_plan, bench_models.markdown_pixart_plan,
          bench_models.pixart_plan_shapes, "ditaccel bench all --only pixart-sigma-2k-plan-50",
          dry_kwargs=dict(steps=12, dtype=torch.float32, overrides=TOY_PIXART)),

@@ -241,3 +241,95 @@ def markdown_hunyuan(r: dict) -> str:
         f"{r['total_50_ms'] / 1e3:.1f} s vs {r['dense_50_ms'] / 1e3:.1f} s dense | speed-up **{r['speedup_50']:.2f}×** |",
         f"| peak GPU memory | {r['adaspa_peak_bytes'] / gib:.1f} GiB vs {r['dense_peak_bytes'] / gib:.1f} GiB dense | |",
     ])
+
+
+# ------------------------------------------------------------------------------ attention share
+class _NoCore:
+    """A runtime method whose self-attention core returns ``v`` unchanged: the step without the
+    attention core's work (projections, norms, MLPs and cross-attention still run)."""
+
+    name = "no-core"
+
+    def check_num_layers(self, n):
+        pass
+
+    def check_num_steps(self, n):
+        pass
+
+    def begin_call(self, ctx):
+        pass
+
+    def new_cache(self):
+        return _NoCache()
+
+    def attention(self, ctx, layer, call, cache):
+        return call.core(lambda q, k, v, key_padding_mask=None, heads=None: v), 0.0, self.name
+
+
+class _NoCache:
+    def nbytes(self) -> int:
+        return 0
+
+    def release(self) -> None:
+        pass
+
+
+def bench_attention_share(model: str = "pixart-sigma-2k", device: str = "cuda", dtype=torch.bfloat16,
+                          repeats: int = 5, overrides: dict | None = None, video_latent=(33, 90, 160),
+                          text_tokens: int = 256) -> dict:
+    """The self-attention cores' share of a dense transformer step at full size: the median step
+    time dense (cuDNN SDPA first) and with every self-attention core replaced by a no-op (``v``
+    returned), share = 1 − no-core / dense. ``model``: ``"pixart-sigma-2k"`` (CFG batch 2, 16,384
+    tokens) or ``"hunyuan-video-720p"`` (``video_latent`` frames × height × width, ``text_tokens``).
+    This is the ``a`` of ``ditaccel worth``'s full-size time model."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from .bench import _cuda_time, build_transformer, dense_sdpa_context, model_inputs
+    from .runtime import install, remove
+
+    if model == "hunyuan-video-720p":
+        torch.manual_seed(0)
+        with torch.device(device):
+            tr = HunyuanVideoTransformer3DModel(**{**HUNYUAN_VIDEO, **(overrides or {})})
+        tr = tr.to(dtype).eval().requires_grad_(False)
+        inputs = hunyuan_inputs(*video_latent, text_tokens, device, dtype)
+        batch, shape = 1, {"latent": list(video_latent), "text_tokens": text_tokens}
+    elif model == "pixart-sigma-2k":
+        tr = build_transformer(model, device, dtype, overrides=overrides)
+        batch = 2
+        inputs = model_inputs(model, tr, batch, device, dtype)
+        shape = {"tokens": (tr.config.sample_size // tr.config.patch_size) ** 2}
+    else:
+        raise ValueError(f"model must be 'pixart-sigma-2k' or 'hunyuan-video-720p', got {model!r}")
+    t = torch.full((batch,), 500.0, device=device)
+
+    def step():
+        return _cuda_time(lambda: tr(timestep=t, **inputs), device)
+
+    with torch.no_grad(), dense_sdpa_context():
+        step()  # warm-up
+        dense = [step() for _ in range(repeats)]
+        install(tr, _NoCore())
+        try:
+            step()
+            no_core = [step() for _ in range(repeats)]
+        finally:
+            remove(tr)
+    d, o = statistics.median(dense), statistics.median(no_core)
+    return {"model": model, "batch": batch, **shape, "repeats": repeats, **_meta(device, dtype),
+            "dense_ms": d, "no_core_ms": o, "share": 1.0 - o / d}
+
+
+def attention_share_shapes(r: dict) -> str:
+    what = (f"latent {'×'.join(map(str, r['latent']))} + {r['text_tokens']} text tokens" if "latent" in r
+            else f"{r['tokens']:,} tokens, batch {r['batch']} (the CFG pair)")
+    return (f"{r['model']} transformer, random weights, {what}, {r['dtype']}; median of {r['repeats']} steps "
+            "dense and with every self-attention core replaced by a no-op")
+
+
+def markdown_attention_share(r: dict) -> str:
+    return "\n".join([
+        "| dense step | step without the self-attention cores | attention share |",
+        "|---|---|---|",
+        f"| {r['dense_ms']:.1f} ms | {r['no_core_ms']:.1f} ms | **{100 * r['share']:.1f}%** |",
+    ])

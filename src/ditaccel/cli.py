@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("testbed", help="train the testbed models: `ditaccel testbed train -h`", add_help=False)
     sub.add_parser("quality", help="the quality tables of QUALITY.md on the trained testbed: `ditaccel quality -h`",
                    add_help=False)
+    sub.add_parser("worth", help="each method against fewer steps and diffusers' caches at equal cost: "
+                   "`ditaccel worth -h`", add_help=False)
 
     p = sub.add_parser("eval", help="quality and speed of a method against dense on a trained testbed model")
     p.add_argument("--model", default="image", choices=["image", "video"])
@@ -355,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         from .quality import main as quality_main
 
         return quality_main(argv[1:])
+    if argv[:1] == ["worth"]:
+        from .worth import main as worth_main
+
+        return worth_main(argv[1:])
     if argv[:2] == ["testbed", "train"]:
         from .testbed.train import main as train_main
 

@@ -55,6 +55,7 @@ class GenerationState(BaseState):
         self.counts: Counter = Counter()
         self.flops_dense = 0.0
         self.flops_done = 0.0
+        self.flops_by_method: Counter = Counter()
         self.steps_seen: set[int] = set()
         self.t_start: float | None = None
         self.t_end: float | None = None
@@ -78,6 +79,8 @@ class Stats:
     denoise_seconds: float  # first transformer call start → last call end
     cache_bytes_peak: int
     attention_tflops_dense: float = field(default=0.0)
+    #: attention FLOPs done per method name, as fractions of the dense FLOPs (they sum to the ratio)
+    attention_flops_by_method: dict[str, float] = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # method-specific (AdaSpa: density, recall, search time)
 
     def __str__(self) -> str:
@@ -191,6 +194,7 @@ class Runtime:
         st.counts[name] += 1
         st.flops_dense += dense_flops
         st.flops_done += fraction * dense_flops
+        st.flops_by_method[name] += fraction * dense_flops
         nbytes = sum(c.nbytes() for c in st.caches.values())
         st.cache_bytes_peak = max(st.cache_bytes_peak, nbytes)
         return out
@@ -200,9 +204,10 @@ class Runtime:
         if not states or not any(s.flops_dense for s in states):
             raise RuntimeError("ditaccel.stats: no generation has run since ditaccel.apply (or since the last reset)")
         dense = sum(s.flops_dense for s in states)
-        counts = Counter()
+        counts, by_method = Counter(), Counter()
         for s in states:
             counts.update(s.counts)
+            by_method.update(s.flops_by_method)
         return Stats(
             method=self.method.name,
             steps=max(len(s.steps_seen) for s in states),
@@ -211,6 +216,7 @@ class Runtime:
             denoise_seconds=max(s.t_end - s.t_start for s in states if s.t_end is not None),
             cache_bytes_peak=max(s.cache_bytes_peak for s in states),
             attention_tflops_dense=dense / 1e12,
+            attention_flops_by_method={k: v / dense for k, v in sorted(by_method.items())},
             details=self.method.details(states[0].caches) if hasattr(self.method, "details") else {},
         )
 
