@@ -211,7 +211,7 @@ def row_mass(W: torch.Tensor, always: torch.Tensor | None, budget: int) -> torch
 
 def mass_counts(gains: torch.Tensor, k: int) -> torch.Tensor:
     """``head_rule="mass"``: blocks per row for each (b, h), ≥ 1 each and H · k in all per b, with
-    the most kept mass. gains (B, H, budget) from ``row_mass``. The best allocation takes the
+    the most kept mass. gains (B, H, budget) as from ``row_mass``. The best allocation takes the
     H · (k − 1) largest marginal gains beyond each head's first block: by concavity they form a
     prefix per head (ties: equal mass)."""
     B, H, budget = gains.shape
@@ -223,18 +223,30 @@ def mass_counts(gains: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-def top_p_counts(gains: torch.Tensor, kept_always: torch.Tensor, total: torch.Tensor, target: float) -> torch.Tensor:
-    """``head_rule="top_p"``: for each (b, h) the fewest blocks per row whose recall (mass of the
-    ``always`` blocks + of the top-k others, over the total) reaches ``target``."""
-    rec = (kept_always[..., None] + gains.cumsum(dim=-1)) / total.clamp_min(1e-30)[..., None]
-    return ((rec < target).sum(dim=-1) + 1).clamp(max=gains.shape[-1])
+def top_p_counts(recall_at: torch.Tensor, target: float) -> torch.Tensor:
+    """``head_rule="top_p"``: the fewest blocks per row k for each (b, h) with recall_at[b, h, k−1]
+    (non-decreasing in k) ≥ ``target``; all blocks if none reaches it."""
+    return ((recall_at < target).sum(dim=-1) + 1).clamp(max=recall_at.shape[-1])
 
 
-def select_mask(W: torch.Tensor, config: AdaSpaConfig, always: torch.Tensor | None, heads=None):
+def pair_mean(x: torch.Tensor, cfg_pairs: bool) -> torch.Tensor:
+    """With ``cfg_pairs`` (the batch is [one CFG half; the other]): the mean of the two halves,
+    repeated for both, so that both halves of a pair get the same per-head budgets."""
+    if not cfg_pairs:
+        return x
+    half = x.view(2, x.shape[0] // 2, *x.shape[1:]).mean(dim=0)
+    return torch.cat([half, half])
+
+
+def select_mask(W: torch.Tensor, config: AdaSpaConfig, always: torch.Tensor | None, heads=None,
+                cfg_pairs: bool = False):
     """The searched mask and its diagnostics: (mask, per-head sparsity, recall of the mask).
 
     heads: the ``HeadShard`` W belongs to when the heads are split across ranks (context
-    parallelism): the head rules see the heads of all ranks, as on one device."""
+    parallelism): the head rules see the heads of all ranks, as on one device.
+    cfg_pairs: the batch holds the two CFG halves of each sample ([one half; the other]): the
+    head rules decide on both halves together (tiers: ranked on the pair's mean recall), so the
+    two halves never get different budgets from a near-tie (guidance amplifies their difference)."""
     B, H, NQ, NK = W.shape
     # the budget counts the key blocks a video query block chooses from: all but the text columns
     text_cols = int(always.all(dim=0).sum()) if always is not None else 0
@@ -244,20 +256,23 @@ def select_mask(W: torch.Tensor, config: AdaSpaConfig, always: torch.Tensor | No
     if rule == "tiers" and config.sparsity > 0:
         base = topk_blocks(W, keep_counts(s, budget), always)
         base_recall = recall(W, base) if heads is None else heads.gather(recall(W, base))
-        s = head_sparsity(base_recall, config.sparsity, config.recall_threshold)
+        s = head_sparsity(pair_mean(base_recall, cfg_pairs), config.sparsity, config.recall_threshold)
         if heads is not None:
             s = s[:, heads.start:heads.start + heads.count]
     keep = keep_counts(s, budget)
     if rule in ("mass", "top_p"):
-        gains = row_mass(W, always, budget)
+        # in recall units (per-head mass / head total): exact block masses give every head the same
+        # total (one per query row), a W from a stale cached LSE does not
+        total = W.double().sum(dim=(-1, -2)).clamp_min(1e-30)[..., None]
+        gains = row_mass(W, always, budget) / total
         if rule == "mass":
-            gains = gains if heads is None else heads.gather(gains)
+            gains = pair_mean(gains if heads is None else heads.gather(gains), cfg_pairs)
             keep = mass_counts(gains, int(keep.max()))
             keep = keep if heads is None else keep[:, heads.start:heads.start + heads.count]
         else:
-            Wd = W.double()
-            kept_always = (Wd * always).sum(dim=(-1, -2)) if always is not None else torch.zeros_like(s)
-            keep = top_p_counts(gains, kept_always, Wd.sum(dim=(-1, -2)), config.target_recall)
+            kept_always = (W.double() * always).sum(dim=(-1, -2))[..., None] if always is not None else 0.0
+            keep = top_p_counts(pair_mean(kept_always / total + gains.cumsum(dim=-1), cfg_pairs),
+                                config.target_recall)
         s = 1.0 - keep.double() / budget
     mask = topk_blocks(W, keep, always)
     return mask, s, recall(W, mask)
@@ -401,7 +416,8 @@ class AdaSpa:
         always = None
         if cfg.text_sink and ctx.text_tokens:
             always = text_blocks(q.shape[2], cfg.block_size, ctx.text_tokens, ctx.text_position, q.device)
-        mask, _, rec = select_mask(W, cfg, always, heads)
+        cfg_pairs = ctx.cond is not None and q.shape[0] % 2 == 0  # [uncond; cond] halves of a CFG batch
+        mask, _, rec = select_mask(W, cfg, always, heads, cfg_pairs)
         idx, cache.kv_counts = mask_to_indices(mask)
         cache.flops = block_sparse_flops(cache.kv_counts, cfg.block_size, q.shape[2], q.shape[3], kv_indices=idx)
         cache.kv_indices = compact_indices(idx, cache.kv_counts)

@@ -1,0 +1,237 @@
+"""AdaSpa's options on the video testbed: why the paper's head tiers and the LSE cache cost PSNR
+there, and what head_rule / dense_last / dense_layers / more searches buy.
+
+One seed of the shipped video model (CogVideoX, 6 layers, 3 heads x 64, CFG batch of 2), dense,
+then AdaSpa runs; for each the PSNR of the video against the dense one (float pixels in [0, 1])
+and the attention-FLOPs ratio (``ditaccel.stats``). Two runs (s = 0.5 and s = 0.8, paper
+defaults) also record every searched block-mass matrix W and analyse it offline:
+
+* tiers: per search step, layer, CFG half (0 = uncond, 1 = cond) and head, the recall (kept
+  attention mass / total, text blocks included) of the uniform mask at s, the head's tier
+  sparsity, the recall under the tiers and under ``head_rule="mass"``; whether the two CFG halves
+  got the same tiers; the kept mass with tiers ranked on the mean recall of the two halves;
+* LSE cache: at the re-search, recall (measured on W from a fresh LSE, i.e. the step's true block
+  mass) of the mask chosen from the cached-LSE W, of the one chosen from the fresh W, and of the
+  first search's mask (no re-search at all).
+
+    python scripts/probe_adaspa_options.py [--seed 2] [--steps 20] [--only NAME,...] [--json out.json]
+
+CPU, float32. ``--list`` prints the run names.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import ditaccel
+from ditaccel.evaluate import psnr
+from ditaccel.kernels.block_mass import attention_with_lse, block_mass
+from ditaccel.methods import adaspa
+from ditaccel.methods.adaspa import AdaSpaConfig, select_mask, text_blocks
+from ditaccel.runtime import get_runtime
+from ditaccel.testbed.pixel import load_video_pipeline
+
+# name: (AdaSpaConfig kwargs, special) with special in {None, "capture", "dense_research", "per_half"}
+RUNS = {
+    "s=0.5 tiers": (dict(sparsity=0.5), "capture"),
+    "s=0.5 tiers per-half ranking (before the fix)": (dict(sparsity=0.5), "per_half"),
+    "s=0.5 no tiers": (dict(sparsity=0.5, head_adaptive=False), None),
+    "s=0.5 mass": (dict(sparsity=0.5, head_rule="mass"), None),
+    "s=0.8 tiers": (dict(sparsity=0.8), "capture"),
+    "s=0.8 no tiers": (dict(sparsity=0.8, head_adaptive=False), None),
+    "s=0.8 mass": (dict(sparsity=0.8, head_rule="mass"), None),
+    "top_p 0.9": (dict(head_rule="top_p", target_recall=0.9), None),
+    "top_p 0.95": (dict(head_rule="top_p", target_recall=0.95), None),
+    "s=0.8 tiers dense_last 0.1": (dict(sparsity=0.8, dense_last=0.1), None),
+    "s=0.8 tiers dense_last 0.2": (dict(sparsity=0.8, dense_last=0.2), None),
+    "s=0.8 tiers dense_layers 1": (dict(sparsity=0.8, dense_layers=1), None),
+    "s=0.8 tiers dense_layers 2": (dict(sparsity=0.8, dense_layers=2), None),
+    "s=0.8 tiers 4 searches": (dict(sparsity=0.8, search_at=(0.2, 0.4, 0.6, 0.8)), None),
+    "s=0.8 tiers lse_cache=False": (dict(sparsity=0.8, lse_cache=False), None),
+    "s=0.8 tiers re-search output exact": (dict(sparsity=0.8), "dense_research"),
+}
+
+
+def instrument(pipe, special, records):
+    """Spy on the installed AdaSpa: record W at each search ("capture"), replace the research
+    step's sparse output by exact attention ("dense_research": what lse_cache=False adds), or
+    rank the head rules per batch item, splitting the CFG halves ("per_half": as before the fix).
+    Returns a function that undoes the module-level patch."""
+    method = get_runtime(pipe).method
+    layer_now = [None]
+    attention, search, core = method.attention, method._search, method._core
+
+    def spy_attention(ctx, layer, call, cache):
+        layer_now[0] = layer
+        return attention(ctx, layer, call, cache)
+
+    def spy_search(what, ctx, q, k, v, kpm, cache, heads=None):
+        first_mask = None if cache.kv_indices is None else (cache.kv_indices.clone(), cache.kv_counts.clone())
+        out = search(what, ctx, q, k, v, kpm, cache, heads)
+        bs = method.config.block_size
+        rec = {"step": ctx.step, "layer": layer_now[0], "what": what, "cond": ctx.cond,
+               "W": block_mass(q, k, cache.lse, block_size=bs).float(),
+               "always": text_blocks(q.shape[2], bs, ctx.text_tokens, ctx.text_position) if ctx.text_tokens else None}
+        if what == "research":
+            _, lse = attention_with_lse(q, k, v)
+            rec["W_fresh"] = block_mass(q, k, lse.float(), block_size=bs).float()
+            rec["first_mask"] = first_mask
+        records.append(rec)
+        return out
+
+    def dense_core(what, ctx, q, k, v, kpm, cache, stats, heads=None):
+        out = core(what, ctx, q, k, v, kpm, cache, stats, heads)
+        return F.scaled_dot_product_attention(q, k, v) if what == "research" else out
+
+    method.attention = spy_attention
+    if special == "capture":
+        method._search = spy_search
+    elif special == "dense_research":
+        method._core = dense_core
+    elif special == "per_half":
+        adaspa.select_mask = lambda W, config, always, heads=None, cfg_pairs=False: select_mask(W, config, always, heads)
+    return lambda: setattr(adaspa, "select_mask", select_mask)
+
+
+def indices_to_mask(idx, counts, nk):
+    B, H, NQ, _ = idx.shape
+    mask = torch.zeros(B, H, NQ, nk + 1, dtype=torch.bool)
+    ar = torch.arange(idx.shape[-1])
+    valid = ar < counts[..., None]
+    mask.scatter_(-1, torch.where(valid, idx.long(), nk), True)
+    return mask[..., :nk]
+
+
+def analyse(records, s):
+    """Per (search step, layer): the tier analysis (see the module docstring)."""
+    out = []
+    for r in records:
+        W, always = r["W"], r["always"]
+        pairs = r["cond"] is not None and W.shape[0] % 2 == 0
+        uni_m, _, uni_r = select_mask(W, AdaSpaConfig(sparsity=s, head_adaptive=False), always)
+        tie_m, tie_s, tie_r = select_mask(W, AdaSpaConfig(sparsity=s), always, cfg_pairs=pairs)
+        half_m, half_s, half_r = select_mask(W, AdaSpaConfig(sparsity=s), always)  # as before the fix
+        mas_m, mas_s, mas_r = select_mask(W, AdaSpaConfig(sparsity=s, head_rule="mass"), always, cfg_pairs=pairs)
+
+        def agree(m):  # fraction of (head, query block, key block) entries equal in the two CFG halves
+            return float((m[0] == m[1]).float().mean()) if m.shape[0] == 2 else None
+
+        e = {"step": r["step"], "layer": r["layer"], "what": r["what"],
+             "recall_uniform": uni_r.tolist(), "tier_sparsity": tie_s.tolist(), "recall_tiers": tie_r.tolist(),
+             "tier_sparsity_per_half": half_s.tolist(), "recall_tiers_per_half": half_r.tolist(),
+             "mass_sparsity": mas_s.tolist(), "recall_mass": mas_r.tolist(),
+             "n_good_heads_per_half": (uni_r > 0.8).sum(1).tolist(),
+             "cfg_halves_same_tiers_per_half": bool((half_s[0] == half_s[-1]).all()),
+             "mask_agreement_cfg_halves": {"uniform": agree(uni_m), "tiers": agree(tie_m),
+                                           "tiers_per_half": agree(half_m), "mass": agree(mas_m)},
+             "text_mass_fraction": (((W * always).sum((-1, -2)) / W.sum((-1, -2))).tolist()
+                                    if always is not None else None)}
+        if r["what"] == "research":
+            Wf = r["W_fresh"]
+            cfg = AdaSpaConfig(sparsity=s)
+            m_cached, _, _ = select_mask(W, cfg, always, cfg_pairs=pairs)
+            m_fresh, _, _ = select_mask(Wf, cfg, always, cfg_pairs=pairs)
+            m_first = indices_to_mask(*r["first_mask"], W.shape[-1])
+            if always is not None:
+                m_first |= always
+            e["lse"] = {"recall_cached_lse_mask": adaspa.recall(Wf, m_cached).tolist(),
+                        "recall_fresh_lse_mask": adaspa.recall(Wf, m_fresh).tolist(),
+                        "recall_first_search_mask": adaspa.recall(Wf, m_first).tolist(),
+                        "mask_agreement_cached_vs_fresh": float((m_cached == m_fresh).float().mean()),
+                        "W_rel_diff": float((W - Wf).abs().sum() / Wf.abs().sum())}
+        out.append(e)
+    return out
+
+
+def mean(x):
+    x = torch.as_tensor(x, dtype=torch.float64)
+    return float(x.mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--caption", default="a blue circle moving up over stripes")
+    ap.add_argument("--only", help="comma-separated run names (dense always runs)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args()
+    if a.list:
+        print("\n".join(RUNS))
+        return
+    names = list(RUNS) if not a.only else [n.strip() for n in a.only.split(",")]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"--only: unknown runs {unknown}; --list shows them")
+    pipe = load_video_pipeline()
+
+    def generate():
+        g = torch.Generator().manual_seed(a.seed)
+        return pipe([a.caption], num_inference_steps=a.steps, generator=g, output_type="pt").frames.float()
+
+    t0 = time.perf_counter()
+    dense = generate()
+    dense_seconds = time.perf_counter() - t0
+    print(f"dense: {dense_seconds:.0f} s", flush=True)
+    results = []
+    for name in names:
+        kw, special = RUNS[name]
+        records = []
+        ditaccel.apply(pipe, AdaSpaConfig(**kw))
+        undo = instrument(pipe, special, records)
+        try:
+            t = time.perf_counter()
+            video = generate()
+            seconds = time.perf_counter() - t
+            st = ditaccel.stats(pipe)
+        finally:
+            undo()
+            ditaccel.remove(pipe)
+        r = {"run": name, "config": kw, "special": special, "psnr": psnr(dense, video),
+             "attention_flops_ratio": st.attention_flops_ratio, "seconds": seconds,
+             "method_counts": st.method_counts, "density_per_layer": st.details["density_per_layer"],
+             "recall_per_layer_per_search": st.details["recall_per_search"]}
+        print(f"{name}: {r['psnr']:.2f} dB, attention FLOPs {100 * r['attention_flops_ratio']:.1f}%, "
+              f"density per layer {[round(d, 3) for d in r['density_per_layer']]}, {seconds:.0f} s", flush=True)
+        if records:
+            r["analysis"] = analyse(records, kw["sparsity"])
+            for e in r["analysis"]:
+                def rnd(x, n=3):
+                    return [[round(v, n) for v in b] for b in x]
+                line = (f"  step {e['step']:2d} layer {e['layer']} n_good {e['n_good_heads_per_half']} "
+                        f"recall uniform {rnd(e['recall_uniform'])} tiers s {rnd(e['tier_sparsity'], 2)} "
+                        f"-> {rnd(e['recall_tiers'])} (per half: s {rnd(e['tier_sparsity_per_half'], 2)} "
+                        f"-> {rnd(e['recall_tiers_per_half'])}); mean recall uniform {mean(e['recall_uniform']):.3f} "
+                        f"tiers {mean(e['recall_tiers']):.3f} per-half tiers {mean(e['recall_tiers_per_half']):.3f} "
+                        f"mass {mean(e['recall_mass']):.3f}; mask agreement of the CFG halves "
+                        f"{ {k: round(v, 3) for k, v in e['mask_agreement_cfg_halves'].items()} }")
+                print(line)
+                if "lse" in e:
+                    x = e["lse"]
+                    print(f"    re-search: recall on fresh W of mask from cached LSE "
+                          f"{mean(x['recall_cached_lse_mask']):.4f}, from fresh LSE {mean(x['recall_fresh_lse_mask']):.4f}, "
+                          f"first search's mask {mean(x['recall_first_search_mask']):.4f}; masks agree "
+                          f"{x['mask_agreement_cached_vs_fresh']:.4f}; |W_cached - W_fresh| / |W| {x['W_rel_diff']:.4f}")
+            sys.stdout.flush()
+        results.append(r)
+        if a.json:  # after every run: a partial file survives an interrupted probe
+            write(a, results, dense_seconds)
+
+
+def write(a, results, dense_seconds) -> None:
+    with open(a.json, "w") as f:
+        json.dump({"date": datetime.date.today().isoformat(),
+                   "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} torch threads, shared), float32",
+                   "command": "python " + " ".join(sys.argv), "seed": a.seed, "steps": a.steps, "caption": a.caption,
+                   "torch": torch.__version__, "dense_seconds": dense_seconds, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
