@@ -33,7 +33,8 @@ LSE and block mass), the previous output per layer, and the last 5 residuals per
         [--seeds 0 1] [--steps 20 50] [--video-steps 20] [--stat-steps 2 4 8 12 16 19]
         [--only image|video] [--json out.json]
 
-CPU defaults (1 seed, image 20 + 50 steps, video 20 steps) take about 5 minutes on 2 cores.
+CPU defaults (1 seed, image 20 + 50 steps, video 20 steps) take about 5 minutes on 2 busy cores
+with ``--threads 1`` (2026-12-03: image 102 s, video 202 s); each seed adds about as much.
 """
 
 from __future__ import annotations
@@ -248,7 +249,15 @@ def summarize(records: dict[str, list[dict]], num_layers: int) -> dict:
             per_layer = [_agg([r["recall"][str(s)] for r in rec if r["layer"] == i]) for i in range(num_layers)]
             cond = [_agg([[row for row, b in zip(r["recall"][str(s)], r["rows"]) if b != "uncond"]
                           for r in rec if r["layer"] == i]) for i in range(num_layers)]
-            entry = {"per_layer": per_layer, "per_layer_cond_rows": cond}
+            heads = len(rec[0]["recall"][str(s)][0])
+            per_head = [[_agg([[row[h] for row in r["recall"][str(s)]] for r in rec if r["layer"] == i])["mean"]
+                         for h in range(heads)] for i in range(num_layers)]
+            steps = sorted({(r["steps"], r["step"]) for r in rec})
+            per_step = {f"{t}/{n}": [_agg([r["recall"][str(s)] for r in rec if r["layer"] == i
+                                           and (r["steps"], r["step"]) == (n, t)])["mean"] for i in range(num_layers)]
+                        for n, t in steps}
+            entry = {"per_layer": per_layer, "per_layer_cond_rows": cond, "per_layer_head_mean": per_head,
+                     "per_step_layer_mean": per_step}
             if "recall_video" in rec[0]:
                 entry["per_layer_video_blocks"] = [
                     _agg([r["recall_video"][str(s)] for r in rec if r["layer"] == i]) for i in range(num_layers)]
@@ -346,6 +355,9 @@ def print_summary(name: str, r: dict) -> None:
             print(f"    conditional rows only: {' '.join(_fmt(a) for a in e['per_layer_cond_rows'])}")
             if "per_layer_video_blocks" in e:
                 print(f"    non-text blocks only: {' '.join(_fmt(a) for a in e['per_layer_video_blocks'])}")
+            if sp == "0.8":
+                heads = " | ".join(",".join(f"{100 * x:.0f}" for x in layer) for layer in e["per_layer_head_mean"])
+                print(f"    mean per head (layer | layer ...): {heads}")
         if "text_block_mass" in s:
             print(f"  mass in text blocks (always kept): {' '.join(_fmt(a) for a in s['text_block_mass'])}")
     if "window_mass" in s:
