@@ -382,6 +382,17 @@ def print_summary(name: str, r: dict) -> None:
                       f"ast {means['ast_error']}, wa {means['wa_error']}")
 
 
+def _rounded(x, digits: int = 4):
+    """Floats rounded to ``digits`` decimals (the raw records stay readable and small)."""
+    if isinstance(x, float):
+        return round(x, digits)
+    if isinstance(x, dict):
+        return {k: _rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v, digits) for v in x]
+    return x
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -422,7 +433,7 @@ def main(argv=None) -> int:
         print_summary(which, result[which])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=None, separators=(",", ":"))
+            json.dump(_rounded(result), f, indent=None, separators=(",", ":"))
             f.write("\n")
         print(f"\nwrote {args.json}")
     return 0
