@@ -56,16 +56,18 @@ class AdaSpaConfig:
             search also returns the exact dense output of its step, so ``False`` runs one more
             dense step per extra search.
         head_rule: how ``head_adaptive`` spreads the key-block budget over the heads of one layer
-            and batch item (every query block of a head keeps the same k_h blocks; text blocks are
-            free). ``"tiers"``: the paper's (above; a head's tier depends on a fixed recall
-            threshold, not on how much mass a change of budget moves). ``"mass"``: the same total
+            and input (the two halves of a batched CFG call decide together; every query block of
+            a head keeps the same k_h blocks; text blocks are free). ``"tiers"``: the paper's
+            (above; a head's tier follows a fixed recall threshold, not how much mass the moved
+            blocks carry, and can lower the layer's total recall). ``"mass"``: the same total
             Σ_h k_h = H · k(s) as uniform sparsity s (same FLOPs), split to keep the most
-            attention mass: greedy by marginal gain, which is optimal because a head's kept mass
-            is concave in k_h; every head keeps ≥ 1 block. ``"top_p"``: each head keeps the fewest
-            blocks per query block whose recall (kept mass, text blocks included, over the head's
-            total mass) reaches ``target_recall``; ``sparsity`` is then not used and the density
-            (FLOPs) is an outcome, reported by ``ditaccel.stats``: diffuse heads may run nearly
-            dense.
+            attention mass (measured as Σ_h recall_h, which equals it for exact block masses and
+            is robust to a stale cached LSE): greedy by marginal gain, optimal because a head's
+            kept mass is concave in k_h; every head keeps ≥ 1 block. ``"top_p"``: each head keeps
+            the fewest blocks per query block whose recall (kept mass, text blocks included, over
+            the head's total mass) reaches ``target_recall``; ``sparsity`` is then not used and
+            the density (FLOPs) is an outcome, reported by ``ditaccel.stats``: diffuse heads may
+            run nearly dense.
         target_recall: the recall each head reaches under ``head_rule="top_p"``, in (0, 1]. Higher
             is closer to dense and slower.
         dense_last: fraction of the steps run dense at the end: the last floor(f · n + 0.5) of n
