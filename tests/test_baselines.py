@@ -201,6 +201,11 @@ def test_mag_ratios_match_an_independent_count(cog):
     assert ratios == pytest.approx(expected, rel=1e-5)
 
 
+def test_mag_ratios_of_another_length_are_interpolated(cog):
+    s = B.make_setting("MagCache", STEPS, mag_ratios=[1.0, 0.9, 0.95, 1.0])
+    assert s.config(cog).mag_ratios.tolist() == pytest.approx([1.0, 1.0, 0.9, 0.9, 0.95, 0.95, 1.0, 1.0])
+
+
 def test_calibration_inputs_are_not_evaluation_inputs(dit):
     kw = B.calibration_kwargs(dit)
     assert kw["generator"].initial_seed() == B.CALIBRATION_SEED not in (0, 1, 2, 3, 10_007, 1_000_003)

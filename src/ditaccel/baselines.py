@@ -23,6 +23,18 @@ Found by trying each cache on the two testbeds (diffusers 0.42):
   lacks (the cache context, the current timestep, a state reset per generation) so that
   FirstBlockCache, TaylorSeer, MagCache and PAB run on DiT through ``diffusers.hooks.apply_*``.
 
+MagCache needs ``mag_ratios`` (checkpoint- and schedule-dependent): ``calibrate_mag_ratios`` runs
+diffusers' calibration mode once on calibration inputs (seed ``CALIBRATION_SEED``, not an
+evaluation seed) at the evaluation's step count. ``MagCacheConfig.num_inference_steps`` must be
+the pipeline's step count: the tail hook counts steps and resets its state when it reaches it,
+and ``retention_ratio`` is taken of it; ratios of another length are interpolated to it by
+diffusers (nearest neighbour, ``mag_cache.nearest_interp``), which is only an approximation since
+the per-step ratio depends on the step size, so we calibrate at the exact step count.
+
+``applicability`` is what we established on DiT and CogVideoX; for other pipelines it makes the
+same structural checks (``enable_cache``, registered block classes, ``cache_context`` in the
+pipeline's ``__call__``, ``current_timestep``, the DiT family's CFG order) and may be wrong.
+
 Costs are measured, not assumed: ``measure_flops`` runs the generation under
 ``torch.utils.flop_counter.FlopCounterMode``. Its registry has SDPA formulas for the CUDA
 kernels (``_scaled_dot_product_{flash,efficient,cudnn}_attention`` and the ``_flash`` /
