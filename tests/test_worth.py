@@ -199,7 +199,8 @@ def test_ast_plan_credits_the_skipped_projections(dit):
     assert row["total_flops"] == pytest.approx(expected_total)
     # projected time: ast is compressed work (η = 0.5), full steps run at the dense rate
     other = (steps * prof.other - skipped) / (steps * prof.other)
-    assert row["projected_time"] == pytest.approx(projected_time(other, 0.5, 0.0, 0.5, 0.5))
+    assert row["projected_time"] == pytest.approx(projected_time(other, 0.5, 0.0, 0.5))
+    assert row["projected_time_kernels"] == pytest.approx(row["projected_time"])  # nothing compressed runs
     assert row["method_counts"] == {"full": 2 * layers, "ast": 2 * layers}  # per (layer, call); one call per step
 
 
@@ -208,7 +209,9 @@ def test_compressed_attention_pays_the_efficiency_in_the_time_model():
     row = _measure(run, Setting("window", "static window", 4, lambda: StaticWindow(0.5, 16)))
     prof = run.profile
     assert row["attention_flops"] == pytest.approx(0.5)  # 2 of 4 blocks kept per query block
-    assert row["projected_time"] == pytest.approx(projected_time(1.0, 0.0, 0.5, 0.5, 0.5))
+    assert row["projected_time"] == pytest.approx(projected_time(1.0, 0.0, 0.5, 0.5))
+    assert row["projected_time_kernels"] == pytest.approx(projected_time(1.0, 0.0, 0.5, 0.5, 0.5))
+    assert row["attention_compressed"] == pytest.approx(0.5) and row["attention_dense_rate"] == 0
     assert row["total_flops"] == pytest.approx((prof.other + 0.5 * prof.attention) / prof.total)
 
 
@@ -302,8 +305,15 @@ def test_toy_run_writes_section_json_and_plot(tmp_path, weights, which):
     families = {r["family"] for r in data["rows"]}
     assert {"dense (fewer steps)", "static window", "oracle top-k", "AdaSpa"} <= families
     assert ("DiTFastAttn" in families) == (which == "image")
+    caches = [r for r in data["rows"] if r["family"] == "diffusers cache"]
+    if which == "image":  # DiT runs diffusers' caches only through the glue, FasterCache not even so
+        assert caches and all(r["label"].endswith("[glue]") and r["total_flops"] <= 1.0 for r in caches)
+        assert any(r["total_flops"] < 0.9 for r in caches)
+        assert "FasterCache" in data["caches_not_applicable_with_glue"]
+        assert set(data["caches_not_applicable"]) == {"FirstBlockCache", "TaylorSeer", "MagCache",
+                                                      "PyramidAttentionBroadcast", "FasterCache"}
     dense = {r["label"]: r for r in data["rows"] if r["family"] == "dense (fewer steps)"}
     ref_steps = data["reference_steps"]
     assert dense[f"dense {ref_steps}"]["psnr"] == "inf"
     assert dense["dense 2"]["total_flops"] == pytest.approx(2 / ref_steps)
-    assert {v["axis"] for v in data["verdict"]} == {"total_flops", "projected_time"}
+    assert {v["axis"] for v in data["verdict"]} == {"total_flops", "projected_time"}  # η = 1: no third axis

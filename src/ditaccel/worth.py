@@ -274,24 +274,25 @@ def _mask_rows(kept: tuple[float, ...], steps: tuple[int, ...], block_size: int,
     return rows
 
 
-def _cache_rows(pipe, steps: int) -> list[Setting]:
-    try:
-        from . import baselines
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return []
-    return [Setting(c.label, "diffusers cache", steps, c, cache=True) for c in baselines.cache_settings(pipe, steps)]
+def _cache_rows(pipe, steps: int, call_kwargs: dict | None) -> list[Setting]:
+    """diffusers' caches at ``steps``: through diffusers' own API where the model supports it, else
+    through ``baselines``' glue (labelled ``[glue]``); MagCache calibrated with ``call_kwargs``."""
+    from . import baselines
+
+    return [Setting(c.label, "diffusers cache", steps, c, cache=True)
+            for c in baselines.cache_settings(pipe, steps, glue=True, call_kwargs=call_kwargs)]
 
 
 def image_settings(pipe=None, *, reference_steps: int = 50, dense_steps=(50, 40, 30, 25, 20, 15, 12, 10, 8, 6),
                    method_steps=(50, 30, 20, 15, 10), thresholds=tuple(PRESETS), official_loss: bool = True,
                    kept=(0.2, 0.35, 0.5), mask_steps=(50, 20), block_size: int = 32,
-                   sparsities=(0.5, 0.7, 0.9), caches: bool = True) -> list[Setting]:
+                   sparsities=(0.5, 0.7, 0.9), caches: bool = True, call_kwargs: dict | None = None) -> list[Setting]:
     """The image testbed's rows: dense at fewer steps, caches, static band and oracle at ``kept``,
     DiTFastAttn at every threshold and step count (with the official loss at the reference step
     count when the config offers it), AdaSpa at a few sparsities (block ``block_size``)."""
     rows = _dense_rows(dense_steps)
     if caches and pipe is not None:
-        rows += _cache_rows(pipe, reference_steps)
+        rows += _cache_rows(pipe, reference_steps, call_kwargs)
     rows += _mask_rows(kept, mask_steps, block_size, "band")
     for s in method_steps:
         for name in thresholds:
@@ -330,12 +331,13 @@ def _option_config(sparsity: float, block_size: int, options: dict) -> AdaSpaCon
 def video_settings(pipe=None, *, reference_steps: int = 50, dense_steps=(50, 40, 30, 25, 20, 15, 12, 10, 8, 6),
                    method_steps=(50, 30, 20, 15, 10), sparsities=(0.5, 0.6, 0.7, 0.8, 0.9),
                    kept=(0.2, 0.35, 0.5), mask_steps=(50, 20), block_size: int = 64,
-                   option_sparsities=(0.5, 0.8), option_steps=(50, 20), caches: bool = True) -> list[Setting]:
+                   option_sparsities=(0.5, 0.8), option_steps=(50, 20), caches: bool = True,
+                   call_kwargs: dict | None = None) -> list[Setting]:
     """The video testbed's rows: dense at fewer steps, caches, static 3D box and oracle at
     ``kept``, AdaSpa at every sparsity and step count, and AdaSpa's options (``VIDEO_OPTIONS``)."""
     rows = _dense_rows(dense_steps)
     if caches and pipe is not None:
-        rows += _cache_rows(pipe, reference_steps)
+        rows += _cache_rows(pipe, reference_steps, call_kwargs)
     rows += _mask_rows(kept, mask_steps, block_size, "box")
     for s in method_steps:
         for sp in sparsities:
@@ -557,9 +559,9 @@ def _measure(run: _Run, setting: Setting) -> dict:
         from . import baselines
 
         mods = _attention_modules(pipe)
-        counter = _Counter(pipe.transformer, mods)
         counted = min(run.batch_size, n)
-        baselines.enable(pipe, setting.method)
+        baselines.enable(pipe, setting.method)  # (MagCache calibrates here, uncounted)
+        counter = _Counter(pipe.transformer, mods)
         try:
             _generate(run, setting.steps, n=counted)  # the counted run (also the warm-up)
             counter.close()
@@ -617,8 +619,12 @@ def _measure(run: _Run, setting: Setting) -> dict:
         time=seconds / run.reference_time,
         time_s=seconds,
         calibration_s=t_cal,
+        attention_dense_rate=attn_dense_rate / ref_attn,
+        attention_compressed=compressed / ref_attn,
         projected_time=projected_time(other / ref_other, attn_dense_rate / ref_attn, compressed / ref_attn,
-                                      run.share, run.efficiency),
+                                      run.share),
+        projected_time_kernels=projected_time(other / ref_other, attn_dense_rate / ref_attn, compressed / ref_attn,
+                                              run.share, run.efficiency),
     )
     row.update(_quality(run, samples))
     return row
@@ -656,7 +662,8 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
     inputs = list(_inputs(pipe, which, n))
     if settings is None:
         make = image_settings if which == "image" else video_settings
-        settings = make(pipe, reference_steps=reference_steps, **(settings_kwargs or {}))
+        settings = make(pipe, reference_steps=reference_steps, call_kwargs={"guidance_scale": guidance},
+                        **(settings_kwargs or {}))
     run = _Run(pipe=pipe, kind=kind, inputs=inputs, seeds=list(range(n)), batch_size=batch_size,
                call_kwargs={"guidance_scale": guidance}, classifier=clf, reference=None, reference_time=0.0,
                reference_steps=reference_steps, profile=None, labels=_labels(kind, inputs), features_reference=None,
@@ -679,24 +686,30 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
         log(f"{which} {s.label}: FLOPs {100 * r['total_flops']:.1f}% (attention {100 * r['attention_flops']:.1f}%), "
             f"projected {100 * r['projected_time']:.1f}%, PSNR {r['psnr']:.2f} dB, accuracy "
             f"{r.get('accuracy', math.nan):.3f}")
-    try:
-        from . import baselines
+    from . import baselines
 
-        not_applicable = {k: v for k, v in baselines.applicability(pipe).items() if v is not None}
-    except ImportError:  # pragma: no cover
-        not_applicable = {}
-    verdicts = [*verdict(rows, "total_flops"), *verdict(rows, "projected_time")]
+    native, glued = baselines.applicability(pipe), baselines.applicability(pipe, glue=True)
+    not_applicable = {k: v for k, v in native.items() if v is not None}
+    not_even_glued = {k: v for k, v in glued.items() if v is not None}
+    verdicts = [v for axis in _axes(efficiency) for v in verdict(rows, axis)]
     return {"table": which, "n": n, "batch_size": batch_size, "reference_steps": reference_steps,
             "guidance_scale": guidance, "n_reference": n_reference, "dtype": str(dtype).removeprefix("torch."),
             "share": share, "efficiency": efficiency, "reference": reference,
             "profile": {"attention": run.profile.attention, "other": run.profile.other,
                         "projections": run.profile.projections},
             "rows": rows, "verdict": verdicts, "caches_not_applicable": not_applicable,
+            "caches_not_applicable_with_glue": not_even_glued,
             "seconds": time.perf_counter() - t0}
 
 
 # ====================================================================== rendering
-AXES = {"total_flops": "total transformer FLOPs", "projected_time": "projected full-size time (model)"}
+AXES = {"total_flops": "total transformer FLOPs", "projected_time": "projected full-size time (model, η = 1)",
+        "projected_time_kernels": "projected full-size time (model, today's kernels)"}
+
+
+def _axes(efficiency: float) -> tuple[str, ...]:
+    """The verdict's cost axes: the kernel-efficiency model only when it differs from the limit."""
+    return tuple(AXES) if efficiency < 1.0 else ("total_flops", "projected_time")
 
 
 def _pct(x) -> str:
@@ -734,13 +747,14 @@ def markdown_verdict(result: dict, axis: str) -> str:
 
 
 def markdown_rows(result: dict) -> str:
-    head = ["setting", "family", "steps", "total FLOPs", "attn FLOPs", "projected time", "time", "PSNR dB",
+    head = ["setting", "family", "steps", "total FLOPs", "attn FLOPs", "projected time η=1",
+            "projected time today", "time", "PSNR dB",
             "PSNR min", "SSIM", "accuracy", "FD→data"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(result["rows"], key=lambda r: (r["family"], -r["total_flops"])):
         lines.append("| " + " | ".join([
             r["label"], r["family"], str(r["steps"]), _pct(r["total_flops"]), _pct(r["attention_flops"]),
-            _pct(r["projected_time"]), _pct(r["time"]), _db(r["psnr"]), _db(r["psnr_min"]), f"{r['ssim']:.3f}",
+            _pct(r["projected_time"]), _pct(r["projected_time_kernels"]), _pct(r["time"]), _db(r["psnr"]), _db(r["psnr_min"]), f"{r['ssim']:.3f}",
             _pct(r.get("accuracy")), "—" if r.get("fd_data") is None else f"{r['fd_data']:.3g}"]) + " |")
     return "\n".join(lines)
 
@@ -753,7 +767,8 @@ def plot_worth(result: dict, path) -> None:
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     axes = fig.subplots(1, 2)
     families = list(dict.fromkeys(r["family"] for r in result["rows"]))
-    for ax, axis in zip(axes, AXES):
+    for ax, axis in zip(axes, ("total_flops", "projected_time_kernels" if result["efficiency"] < 1
+                                else "projected_time")):
         for fam in families:
             pts = sorted(((100 * r[axis], r["psnr"]) for r in result["rows"]
                           if r["family"] == fam and math.isfinite(r["psnr"])))
@@ -790,15 +805,19 @@ def render_section(result: dict, env: dict, command: str, links: dict, toy: bool
         f"{result['profile']['attention'] / 1e9:.3g} GFLOP, everything else {result['profile']['other'] / 1e9:.3g} "
         "GFLOP.",
         f"Reproduce: `{command}`. Raw: `{links['json']}`.", "",
-        f"**Projected full-size time is a model**, not a measurement: attention share of a dense step "
-        f"a = {result['share']:.3f}, compressed attention at η = {result['efficiency']:.2f} × the dense kernel's "
-        "rate; time = (1 − a) · non-attention FLOPs + a · (dense-rate attention + compressed attention / η), as "
-        "fractions of the reference.", ""]
-    for axis in AXES:
+        f"**Projected full-size time is a model**, not a measurement: attention share of a dense step at full "
+        f"size a = {result['share']:.3f}; time = (1 − a) · non-attention FLOPs + a · (dense-rate attention + "
+        "compressed attention / η), as fractions of the reference; η = 1 is the hardware limit (compressed "
+        f"attention at the dense kernel's rate), today's kernels η = {result['efficiency']:.2f}.", ""]
+    for axis in _axes(result["efficiency"]):
         lines += [f"Best PSNR at each cost level, cost = {AXES[axis]}:", "", markdown_verdict(result, axis), ""]
     if result["caches_not_applicable"]:
-        lines += ["diffusers caches that do not apply to this model: " + "; ".join(
-            f"{k} ({v})" for k, v in result["caches_not_applicable"].items()), ""]
+        glued = result.get("caches_not_applicable_with_glue", {})
+        lines += ["diffusers caches that do not apply to this model through diffusers' own API: " + "; ".join(
+            f"{k} ({v})" for k, v in result["caches_not_applicable"].items()) + ". The rows labelled `[glue]` "
+            "run them through `ditaccel.baselines`' glue hook (ours, not diffusers' support)"
+            + ("; still not applicable with it: " + "; ".join(f"{k} ({v})" for k, v in glued.items()) if glued
+               else "") + ".", ""]
     if "plot" in links:
         lines += [f"![PSNR against cost]({links['plot']})", ""]
     lines += ["<details><summary>Every setting</summary>", "", markdown_rows(result), "", "</details>"]
@@ -813,7 +832,7 @@ TOY_SETTINGS = {
     "image": dict(dense_steps=(4, 2), method_steps=(4,), thresholds=("D2",), kept=(0.5,), mask_steps=(4,),
                   sparsities=(0.5,)),
     "video": dict(dense_steps=(4, 2), method_steps=(4,), sparsities=(0.5,), kept=(0.5,), mask_steps=(4,),
-                  option_sparsities=(0.5,), option_steps=(4,)),
+                  option_sparsities=(0.5,), option_steps=(4,), caches=False),  # the toy video model has 1 block
 }
 #: attention share of a dense step at full size when none is given (DESIGN.md §5's figures; the
 #: command line should pass the measured ones from `ditaccel bench all --only attention-share`)
@@ -923,11 +942,12 @@ def _parser():
     ap.add_argument("--reference-steps", type=_positive_int, help=f"default {FULL_SIZE['reference_steps']}")
     ap.add_argument("--batch-size", type=_positive_int, help=f"default {FULL_SIZE['batch_size']}")
     ap.add_argument("--attention-share-image", type=float, help="attention share of a dense PixArt-Sigma 2K step "
-                    f"(measure: `ditaccel bench all --only attention-share`; default {DEFAULT_SHARE['image']})")
+                    f"(measure: `ditaccel bench all --only attention-share-pixart-sigma-2k`; default {DEFAULT_SHARE['image']})")
     ap.add_argument("--attention-share-video", type=float, help="attention share of a dense HunyuanVideo 720p step "
                     f"(default {DEFAULT_SHARE['video']})")
-    ap.add_argument("--efficiency", type=float, default=1.0, help="compressed attention's rate relative to the "
-                    "dense kernel's, in the time model (default 1: the hardware limit)")
+    ap.add_argument("--efficiency", type=float, default=1.0, help="today's compressed attention's rate relative to "
+                    "the dense kernel's (η), for the second time model (default 1: only the hardware limit); measure "
+                    "it with `ditaccel bench sparsity` (effective over dense TFLOP/s)")
     ap.add_argument("--out-md", help="default QUALITY.md (--toy: a temporary file)")
     ap.add_argument("--results-dir", help="default docs/results (--toy: next to --out-md)")
     ap.add_argument("--toy", action="store_true", help="toy sizes on the CPU, to check the plumbing")
