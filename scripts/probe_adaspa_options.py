@@ -34,11 +34,12 @@ from ditaccel.evaluate import psnr
 from ditaccel.kernels.block_mass import attention_with_lse, block_mass
 from ditaccel.kernels.block_sparse import block_sparse_attention
 from ditaccel.methods import adaspa
-from ditaccel.methods.adaspa import AdaSpaConfig, select_mask, text_blocks
+from ditaccel.methods.adaspa import AdaSpaConfig, head_sparsity, select_mask, text_blocks
 from ditaccel.runtime import get_runtime
 from ditaccel.testbed.pixel import load_video_pipeline
 
-# name: (AdaSpaConfig kwargs, special) with special in {None, "capture", "dense_research", "per_half"}
+# name: (AdaSpaConfig kwargs, special): special is None, "capture", "dense_research", "per_half" or
+# "tiers_{all,sparser_only,denser_only}[:layers]" (see instrument)
 RUNS = {
     "s=0.5 tiers": (dict(sparsity=0.5), "capture"),
     "s=0.5 tiers per-half ranking (before the fix)": (dict(sparsity=0.5), "per_half"),
@@ -56,6 +57,15 @@ RUNS = {
     "s=0.8 tiers dense_layers 1": (dict(sparsity=0.8, dense_layers=1), None),
     "s=0.8 tiers dense_layers 2": (dict(sparsity=0.8, dense_layers=2), None),
     "s=0.8 tiers 4 searches": (dict(sparsity=0.8, search_at=(0.2, 0.4, 0.6, 0.8)), None),
+    # where the tiers' loss at s=0.5 comes from (ablations patched into head_sparsity)
+    "s=0.5 tiers good heads sparser only": (dict(sparsity=0.5), "tiers_sparser_only"),
+    "s=0.5 tiers bad heads denser only": (dict(sparsity=0.5), "tiers_denser_only"),
+    "s=0.5 tiers in layer 0 only": (dict(sparsity=0.5), "tiers_all:0"),
+    "s=0.5 tiers in layers 1-3 only": (dict(sparsity=0.5), "tiers_all:1,2,3"),
+    # the LSE cache at s=0.8
+    "s=0.8 tiers (W captured)": (dict(sparsity=0.8), "capture"),
+    "s=0.8 tiers lse_cache=False": (dict(sparsity=0.8, lse_cache=False), None),
+    "s=0.8 tiers re-search output exact": (dict(sparsity=0.8), "dense_research"),
 }
 
 
@@ -119,7 +129,26 @@ def instrument(pipe, special, records):
         method._core = dense_core
     elif special == "per_half":
         adaspa.select_mask = lambda W, config, always, heads=None, cfg_pairs=False: select_mask(W, config, always, heads)
-    return lambda: setattr(adaspa, "select_mask", select_mask)
+    elif special and special.startswith("tiers_"):  # ablations of the paper's tiers
+        part, _, layers = special[len("tiers_"):].partition(":")
+        layers = {int(x) for x in layers.split(",")} if layers else None
+
+        def tiers(base_recall, s, threshold):
+            out = head_sparsity(base_recall, s, threshold)
+            if layers is not None and layer_now[0] not in layers:
+                return torch.full_like(out, s)
+            if part == "sparser_only":  # only the good heads change (to (1+s)/2): fewer FLOPs
+                return torch.where(out > s, out, torch.full_like(out, s))
+            if part == "denser_only":  # only the bad heads change (to (3s-1)/2): more FLOPs
+                return torch.where(out < s, out, torch.full_like(out, s))
+            return out
+
+        adaspa.head_sparsity = tiers
+
+    def undo():
+        adaspa.select_mask, adaspa.head_sparsity = select_mask, head_sparsity
+
+    return undo
 
 
 def indices_to_mask(idx, counts, nk):
@@ -172,6 +201,63 @@ def analyse(records, s):
     return out
 
 
+class _Stop(Exception):
+    pass
+
+
+def head_errors(pipe, generate, s, guidance=6.0):
+    """At the first search step (its inputs are those of the dense run: warm-up and search step are
+    exact), per layer and head: the relative error ||O_mask - O|| / ||O|| of the head's attention
+    output for the uniform mask, the tiers (as shipped: CFG halves together), the tiers per batch
+    item (before the fix) and head_rule="mass"; and the same for the guided combination
+    uncond + g (cond - uncond) of the two CFG halves. The generation is stopped there."""
+    rows = []
+    ditaccel.apply(pipe, AdaSpaConfig(sparsity=s))
+    method = get_runtime(pipe).method
+    search, bs = method._search, method.config.block_size
+    n_layers = len(pipe.transformer.transformer_blocks)
+
+    def spy(what, ctx, q, k, v, kpm, cache, heads=None):
+        o = search(what, ctx, q, k, v, kpm, cache, heads)
+        W = block_mass(q, k, cache.lse, block_size=bs)
+        always = text_blocks(q.shape[2], bs, ctx.text_tokens, ctx.text_position) if ctx.text_tokens else None
+        L, nb = q.shape[2], W.shape[-1]
+        row = {"layer": len(rows), "step": ctx.step}
+        for name, cfg, pairs in (("uniform", AdaSpaConfig(sparsity=s, head_adaptive=False), True),
+                                 ("tiers", AdaSpaConfig(sparsity=s), True),
+                                 ("tiers_per_half", AdaSpaConfig(sparsity=s), False),
+                                 ("mass", AdaSpaConfig(sparsity=s, head_rule="mass"), True)):
+            mask, sp, rec = select_mask(W, cfg, always, cfg_pairs=pairs)
+            tok = mask.repeat_interleave(bs, -1).repeat_interleave(bs, -2)[..., :L, :L]
+            e = F.scaled_dot_product_attention(q, k, v, attn_mask=tok) - o
+            u, c = 0, 1  # CogVideoX batches [uncond; cond]
+            guided_o = o[u] + guidance * (o[c] - o[u])
+            guided_e = e[u] + guidance * (e[c] - e[u])
+            proj = pipe.transformer.transformer_blocks[len(rows)].attn1.to_out[0].weight  # (C, H * D)
+            B, H, _, D = o.shape
+            pe = torch.einsum("bhld,chd->bhlc", e, proj.view(-1, H, D))  # each head's share of the layer error
+            po = torch.einsum("bhld,chd->blc", o, proj.view(-1, H, D))
+            row[name] = {"sparsity": sp.tolist(), "recall": rec.tolist(),
+                         "rel_err": (e.flatten(2).norm(dim=-1) / o.flatten(2).norm(dim=-1)).tolist(),
+                         "head_out_norm": o.flatten(2).norm(dim=-1).tolist(),
+                         "projected_err_per_head": (pe.flatten(2).norm(dim=-1) / po.flatten(1).norm(dim=-1)[:, None]).tolist(),
+                         "projected_rel_err": (pe.sum(1).flatten(1).norm(dim=-1) / po.flatten(1).norm(dim=-1)).tolist(),
+                         "rel_err_guided": (guided_e.flatten(1).norm(dim=-1) / guided_o.flatten(1).norm(dim=-1)).tolist()}
+        rows.append(row)
+        if len(rows) == n_layers:
+            raise _Stop
+        return o
+
+    method._search = spy
+    try:
+        generate()
+    except _Stop:
+        pass
+    finally:
+        ditaccel.remove(pipe)
+    return rows
+
+
 def mean(x):
     x = torch.as_tensor(x, dtype=torch.float64)
     return float(x.mean())
@@ -187,6 +273,8 @@ def main() -> None:
     ap.add_argument("--kernel", choices=("block_sparse", "masked_sdpa"), default="block_sparse",
                     help="sparse attention of AdaSpa's sparse steps: ditaccel's kernel, or masked_sdpa_sparse "
                          "(same result up to rounding, faster on the CPU)")
+    ap.add_argument("--head-errors", help="comma-separated sparsities: only the per-head output errors at the "
+                                         "first search step (no full generations)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
     if a.list:
@@ -202,6 +290,23 @@ def main() -> None:
         g = torch.Generator().manual_seed(a.seed)
         return pipe([a.caption], num_inference_steps=a.steps, generator=g, output_type="pt").frames.float()
 
+    if a.head_errors:
+        out = {}
+        for sp in (float(x) for x in a.head_errors.split(",")):
+            out[sp] = rows = head_errors(pipe, generate, sp)
+            for r in rows:
+                print(f"s={sp} layer {r['layer']}: " + "; ".join(
+                    f"{k} s {[round(x, 2) for x in r[k]['sparsity'][1]]} recall {[round(x, 3) for x in r[k]['recall'][1]]} "
+                    f"err {[round(x, 3) for x in r[k]['rel_err'][1]]} |O_h| {[round(x) for x in r[k]['head_out_norm'][1]]} "
+                    f"projected err per head {[round(x, 3) for x in r[k]['projected_err_per_head'][1]]} "
+                    f"layer {[round(x, 3) for x in r[k]['projected_rel_err']]} "
+                    f"guided {[round(x, 3) for x in r[k]['rel_err_guided']]}"
+                    for k in ("uniform", "tiers", "tiers_per_half", "mass")), flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+                           "seed": a.seed, "steps": a.steps, "caption": a.caption, "head_errors": out}, f, indent=1)
+        return
     t0 = time.perf_counter()
     dense = generate()
     dense_seconds = time.perf_counter() - t0
