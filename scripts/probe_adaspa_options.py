@@ -66,6 +66,7 @@ RUNS = {
     "s=0.8 tiers (W captured)": (dict(sparsity=0.8), "capture"),
     "s=0.8 tiers lse_cache=False": (dict(sparsity=0.8, lse_cache=False), None),
     "s=0.8 tiers re-search output exact": (dict(sparsity=0.8), "dense_research"),
+    "s=0.8 tiers per-half ranking (before the fix)": (dict(sparsity=0.8), "per_half"),
 }
 
 
