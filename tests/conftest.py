@@ -18,6 +18,18 @@ def gen(seed=0):
 
 
 @pytest.fixture(scope="session")
+def toy_weights(tmp_path_factory):
+    """Toy-trained testbed weights (image, video and both classifiers), trained once per session."""
+    from ditaccel.testbed.train import train_classifiers, train_image, train_video
+
+    root = tmp_path_factory.mktemp("toy-weights")
+    train_classifiers(root, toy=True, progress=False)
+    train_image(root / "image", toy=True, progress=False)
+    train_video(root / "video", toy=True, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def dit():
     return tiny_dit_pipeline(sample_size=8, num_layers=3)
 

@@ -286,3 +286,28 @@ def test_cli_bad_values_exit_2(argv, capsys):
         bench.main(argv)
     assert e.value.code == 2
     assert "ditaccel bench: error: argument" in capsys.readouterr().err
+
+
+def test_attention_share_skips_exactly_the_self_attention_cores(monkeypatch):
+    """The no-core step of ``bench_attention_share`` is the model with attention replaced by ``v``:
+    the same output as patching SDPA itself to return ``v`` (the tiny DiT has self-attention only)."""
+    from ditaccel import stats
+    from ditaccel.bench_models import _NoCore
+    from ditaccel.runtime import install, remove
+    from ditaccel.testbed import tiny_dit_pipeline
+
+    tr = tiny_dit_pipeline(sample_size=8, num_layers=2).transformer
+    x = torch.randn(2, tr.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(hidden_states=x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 2]))
+    with torch.no_grad():
+        dense = tr(**kw).sample
+        install(tr, _NoCore())
+        try:
+            skipped = tr(**kw).sample
+            assert stats(tr).attention_flops_ratio == 0.0
+        finally:
+            remove(tr)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda q, k, v, *a, **k2: v)
+        patched = tr(**kw).sample
+    assert not torch.equal(dense, skipped)
+    torch.testing.assert_close(skipped, patched, rtol=0, atol=0)

@@ -13,7 +13,6 @@ import torch
 import ditaccel
 from ditaccel.evaluate import evaluate, load_trained
 from ditaccel.quality import TABLE_COLUMNS, main, most_compressing, run_quality
-from ditaccel.testbed.train import train_classifiers, train_image, train_video
 
 IMAGE_LABELS = ["dense", "D1", "D2", "D3", "D4", "D5", "D6", "D2 wars", "D4 wars", "D6 wars", "D2 wa", "D4 wa",
                 "D6 wa"]
@@ -24,12 +23,8 @@ METRIC_COLUMNS = ["attn FLOPs", "PSNR dB", "PSNR min", "SSIM", "FDâ†’data", "FDâ
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("weights")
-    train_classifiers(root, toy=True, progress=False)
-    train_image(root / "image", toy=True, progress=False)
-    train_video(root / "video", toy=True, progress=False)
-    return root
+def weights(toy_weights):
+    return toy_weights
 
 
 def _main(argv):

@@ -13,9 +13,9 @@ import torch
 
 import ditaccel
 from ditaccel.kernels.block_sparse import block_sparse_attention_reference, mask_to_indices
-from ditaccel.runtime import StepContext, install
+from ditaccel.runtime import StepContext
 from ditaccel.testbed import tiny_dit_pipeline
-from ditaccel.worth import (DenseMethod, OracleTopK, Setting, StaticWindow, _measure, best_at, block_distances,
+from ditaccel.worth import (OracleTopK, Setting, StaticWindow, _measure, best_at, block_distances,
                             call_profile, main, projected_time, run_worth, verdict)
 
 
@@ -256,14 +256,8 @@ def test_verdict_per_level():
 
 # ------------------------------------------------------------------ the command
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    from ditaccel.testbed.train import train_classifiers, train_image, train_video
-
-    root = tmp_path_factory.mktemp("weights")
-    train_classifiers(root, toy=True, progress=False)
-    train_image(root / "image", toy=True, progress=False)
-    train_video(root / "video", toy=True, progress=False)
-    return root
+def weights(toy_weights):
+    return toy_weights
 
 
 def _main(argv):

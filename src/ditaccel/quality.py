@@ -372,6 +372,25 @@ def _command(which: str, *, weights_dir, device: str, dtype: str, n: int, steps:
     return " ".join(parts)
 
 
+def resolve_run(device: str | None, dtype: str | None, out_md: str | None, results_dir: str | None, toy: bool,
+                command: str) -> tuple[str, str, str, str]:
+    """Defaults of a testbed command's run: the device (CUDA if available; toy runs: the CPU), the
+    dtype name (bfloat16 on CUDA, float32 elsewhere; checked), the Markdown file (``QUALITY.md``; toy
+    runs: a fresh temporary folder's) and the results folder (``docs/results``; toy runs: next to
+    the Markdown file)."""
+    device = device or ("cpu" if toy else _default_device())
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    if out_md is None:
+        out_md = (os.path.join(tempfile.mkdtemp(prefix=f"ditaccel-{command}-toy-"), "QUALITY.md") if toy
+                  else "QUALITY.md")
+    if results_dir is None:
+        results_dir = (os.path.join(os.path.dirname(os.path.abspath(out_md)), "results") if toy
+                       else os.path.join("docs", "results"))
+    return device, dtype, out_md, results_dir
+
+
 def run_quality(only: str | None = None, *, weights_dir=None, device: str | None = None, dtype: str | None = None,
                 samples_image: int | None = None, samples_video: int | None = None, steps: int | None = None,
                 batch_size: int | None = None, guidance_scale: float | None = None, out_md: str | None = None,
@@ -398,15 +417,7 @@ def run_quality(only: str | None = None, *, weights_dir=None, device: str | None
     for key in ("samples_image", "samples_video"):
         if key.removeprefix("samples_") in tables and size[key] < 2:
             raise ValueError(f"{key}: the Fréchet distances need at least 2 samples, got {size[key]}")
-    device = device or ("cpu" if toy else _default_device())
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
-    if out_md is None:
-        out_md = os.path.join(tempfile.mkdtemp(prefix="ditaccel-quality-toy-"), "QUALITY.md") if toy else "QUALITY.md"
-    if results_dir is None:
-        results_dir = (os.path.join(os.path.dirname(os.path.abspath(out_md)), "results") if toy
-                       else os.path.join("docs", "results"))
+    device, dtype, out_md, results_dir = resolve_run(device, dtype, out_md, results_dir, toy, "quality")
     no_plot = missing_matplotlib()
     if no_plot:
         log(f"ditaccel quality: {no_plot}")

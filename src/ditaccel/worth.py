@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -97,17 +97,11 @@ class _MaskCache:
         self.kv_indices = self.kv_counts = None
 
 
-class _BlockMaskMethod:
-    """Block-sparse attention at every step from ``warmup_steps`` on, with a mask from ``_mask``
-    (runtime method protocol: see ``ditaccel.methods.adaspa.AdaSpa``). Text blocks of joint
-    attention are always kept and do not count against the budget, as in AdaSpa."""
+class _RuntimeMethod:
+    """The runtime's method protocol (see ``ditaccel.methods.adaspa.AdaSpa``) for methods that need
+    no step count, no layer count and no per-call set-up."""
 
-    name = "block-mask"
-
-    def __init__(self, kept: float, block_size: int = 64, warmup_steps: int = 0):
-        if not 0.0 < kept <= 1.0:
-            raise ValueError(f"kept must be in (0, 1], got {kept!r}")
-        self.kept, self.block_size, self.warmup_steps = float(kept), int(block_size), int(warmup_steps)
+    name = "method"
 
     def check_num_layers(self, n: int):
         pass
@@ -123,6 +117,28 @@ class _BlockMaskMethod:
 
     def details(self, caches) -> dict:
         return {}
+
+
+class DenseMethod(_RuntimeMethod):
+    """Dense attention through the runtime, so that ``ditaccel.stats`` counts its FLOPs."""
+
+    name = "dense"
+
+    def attention(self, ctx, layer, call, cache):
+        return call.full(), 1.0, "dense"
+
+
+class _BlockMaskMethod(_RuntimeMethod):
+    """Block-sparse attention at every step from ``warmup_steps`` on, with a mask from ``_mask``.
+    Text blocks of joint attention are always kept and do not count against the budget, as in
+    AdaSpa."""
+
+    name = "block-mask"
+
+    def __init__(self, kept: float, block_size: int = 64, warmup_steps: int = 0):
+        if not 0.0 < kept <= 1.0:
+            raise ValueError(f"kept must be in (0, 1], got {kept!r}")
+        self.kept, self.block_size, self.warmup_steps = float(kept), int(block_size), int(warmup_steps)
 
     def _always(self, ctx, length: int, device):
         if not ctx.text_tokens:
@@ -195,18 +211,6 @@ class OracleTopK(_BlockMaskMethod):
         mass = block_mass(q, k, lse.float(), block_size=self.block_size, key_padding_mask=key_padding_mask)
         always = self._always(ctx, length, q.device)
         return topk_blocks(mass, self._keep(mass.shape[-1], always, b, h, q.device), always)
-
-
-class DenseMethod(_BlockMaskMethod):
-    """Dense attention through the runtime: counts the dense attention FLOPs of each call."""
-
-    name = "dense"
-
-    def __init__(self):
-        super().__init__(1.0)
-
-    def attention(self, ctx, layer, call, cache):
-        return call.full(), 1.0, "dense"
 
 
 def block_distances(length: int, block_size: int, grid: tuple[int, int], text_tokens: int = 0,
@@ -858,11 +862,9 @@ def run_worth(only: str | None = None, *, weights_dir=None, device: str | None =
     """Run the worth comparison on the selected testbeds; write QUALITY.md sections, raw JSON and
     Pareto plots (``docs/results/<date>-<device>-worth-<testbed>{.json,.png}``). Everything is checked
     before any model is loaded."""
-    import tempfile
-
-    from .bench import _DTYPES, _default_device
+    from .bench import _DTYPES
     from .bench_report import environment, jsonable, missing_matplotlib, result_stem, update_markdown, write_json
-    from .quality import check_weights
+    from .quality import check_weights, resolve_run
 
     tables = ("image", "video") if only is None else (only,)
     if any(t not in ("image", "video") for t in tables):
@@ -886,15 +888,7 @@ def run_worth(only: str | None = None, *, weights_dir=None, device: str | None =
     if not isinstance(efficiency, (int, float)) or not 0.0 < efficiency <= 1.0:
         raise ValueError(f"--efficiency: must be in (0, 1], got {efficiency!r}")
     root = check_weights(weights_dir, tables)
-    device = device or ("cpu" if toy else _default_device())
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
-    if out_md is None:
-        out_md = os.path.join(tempfile.mkdtemp(prefix="ditaccel-worth-toy-"), "QUALITY.md") if toy else "QUALITY.md"
-    if results_dir is None:
-        results_dir = (os.path.join(os.path.dirname(os.path.abspath(out_md)), "results") if toy
-                       else os.path.join("docs", "results"))
+    device, dtype, out_md, results_dir = resolve_run(device, dtype, out_md, results_dir, toy, "worth")
     md_dir = os.path.dirname(os.path.abspath(out_md))
     no_plot = missing_matplotlib()
     results = {}
