@@ -14,9 +14,13 @@ defaults) also record every searched block-mass matrix W and analyse it offline:
   mass) of the mask chosen from the cached-LSE W, of the one chosen from the fresh W, and of the
   first search's mask (no re-search at all).
 
-    python scripts/probe_adaspa_options.py [--seed 2] [--steps 20] [--only NAME,...] [--json out.json]
+    python scripts/probe_adaspa_options.py [--seed 2] [--steps 20] [--only NAME,...] [--kernel masked_sdpa]
+                                           [--json out.json]
+    python scripts/probe_adaspa_options.py --head-errors 0.5,0.8 [--json out.json]
 
-CPU, float32. ``--list`` prints the run names.
+CPU, float32. ``--list`` prints the run names. ``--head-errors``: per-head attention errors at the
+first search only (stops each generation there). About 1 min a run on 2 idle cores with
+``--kernel masked_sdpa``; docs/results/2026-12-03-cpu-probe-adaspa-options.json holds the runs.
 """
 
 import argparse
