@@ -398,6 +398,28 @@ def test_video_qk_norm_init_sets_every_q_k_layernorm_and_nothing_else():
             build_video_components(toy=True, qk_norm_init=bad)
 
 
+def test_video_depth_and_width_are_options(tmp_path):
+    from ditaccel.testbed.train import build_video_components, main
+
+    _, _, m = build_video_components(toy=True, layers=3, width=48, heads=3)
+    assert (m.config.num_layers, m.config.num_attention_heads, m.config.attention_head_dim) == (3, 3, 16)
+    assert len(m.transformer_blocks) == 3
+    _, _, m = build_video_components(toy=True, width=32)  # the config's 2 heads: head dim 16
+    assert (m.config.num_attention_heads, m.config.attention_head_dim) == (2, 16)
+    for name, bad in (("layers", 0), ("width", 20.0), ("layers", True), ("width", -8)):
+        with pytest.raises(ValueError, match=name):
+            build_video_components(toy=True, **{name: bad})
+    with pytest.raises(ValueError, match="heads must divide the width 32"):
+        build_video_components(toy=True, width=32, heads=3)
+    with pytest.raises(ValueError, match="width must be a multiple of 16"):
+        build_video_components(toy=True, width=24, heads=3)
+    with pytest.raises(SystemExit, match="--layers: only for video"):
+        main(["image", "--toy", "--layers", "3", "--out", str(tmp_path / "i")])
+    train_video(tmp_path / "v", toy=True, device="cpu", progress=False, layers=2, width=48, heads=3)
+    cfg = json.loads((tmp_path / "v/transformer/config.json").read_text())
+    assert (cfg["num_layers"], cfg["num_attention_heads"], cfg["attention_head_dim"]) == (2, 3, 16)
+
+
 def test_video_heads_keep_the_width_and_are_saved_in_the_config(tmp_path):
     from ditaccel.testbed.train import build_video_components
 

@@ -651,11 +651,14 @@ def train_image(
 # video CogVideoX
 # --------------------------------------------------------------------------------------------
 def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: float = 1.0,
-                           heads: int | None = None):
+                           heads: int | None = None, layers: int | None = None, width: int | None = None):
     """(tokenizer, text_encoder, transformer) of the video testbed, adaLN-Zero initialised.
 
-    heads: number of attention heads at the same width (``num_attention_heads *
-    attention_head_dim`` of ``VIDEO_MODEL_CONFIG``; the head dim follows); ``None``: the config's.
+    heads: number of attention heads (``None``: the config's); width: the attention width
+    ``num_attention_heads * attention_head_dim`` (``None``: the config's); the head dim is
+    width / heads. layers: the number of transformer blocks (``None``: the config's). Deeper,
+    narrower models at the same weight budget are closer to real DiTs (28-60 layers): e.g. 12
+    layers of width 128 hold 0.89x the block weights of 6 of width 192.
 
     qk_norm_init: initial weight of the q/k LayerNorms (CogVideoX normalises q and k per head, so
     an attention logit is at most sqrt(head_dim) * w_q * w_k: 5.7 at w = 1 and head dim 32, the
@@ -668,10 +671,18 @@ def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: fl
             or not (math.isfinite(qk_norm_init) and qk_norm_init > 0):
         raise ValueError(f"qk_norm_init must be a positive finite number, got {qk_norm_init!r}")
     cfg = dict(VIDEO_MODEL_CONFIG, **(TOY_VIDEO_MODEL if toy else {}))
-    if heads is not None:
-        width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
-            raise ValueError(f"heads must be a positive integer dividing the width {width}, got {heads!r}")
+    for name, value in (("layers", layers), ("width", width), ("heads", heads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if layers is not None:
+        cfg["num_layers"] = layers
+    if heads is not None or width is not None:
+        width = width if width is not None else cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        heads = heads if heads is not None else cfg["num_attention_heads"]
+        if width % 16:  # CogVideoX's 3D sin-cos position embedding splits the width in even parts
+            raise ValueError(f"width must be a multiple of 16, got {width}")
+        if width % heads:
+            raise ValueError(f"heads must divide the width {width}, got {heads!r}")
         cfg.update(num_attention_heads=heads, attention_head_dim=width // heads)
     tokenizer = build_caption_tokenizer(cfg["max_text_seq_length"])
     t5 = dict(VIDEO_TEXT_ENCODER_CONFIG, vocab_size=len(tokenizer), **(TOY_TEXT_ENCODER if toy else {}))
@@ -715,12 +726,14 @@ def train_video(
     qk_norm_init: float | None = None,
     heads: int | None = None,
     attention_backend: str | None = None,
+    layers: int | None = None,
+    width: int | None = None,
 ) -> dict:
     """Train the pixel-space video CogVideoX (and its T5 text encoder) on ``VideoCaptions`` and
     save a ``PixelCogVideoXPipeline`` folder (``tokenizer/``, ``text_encoder/``, ``transformer/``,
     ``scheduler/``, fp16 safetensors). Arguments as ``train_image`` (recipe: ``VIDEO_RECIPE``);
-    ``qk_norm_init`` overrides the recipe's, ``heads`` the config's head count at the same width
-    (see ``build_video_components``); ``attention_backend`` (``"cudnn"``, ``"flash"``,
+    ``qk_norm_init`` overrides the recipe's, ``heads`` / ``layers`` / ``width`` the config's head
+    count, depth and attention width (see ``build_video_components``); ``attention_backend`` (``"cudnn"``, ``"flash"``,
     ``"efficient"``) is tried first by SDPA during training (``None``: PyTorch's own order).
 
     The text path is the pipeline's: captions are tokenized to ``max_text_seq_length`` tokens,
@@ -735,7 +748,7 @@ def train_video(
     plan, bs, peak, budget = _setup(recipe, dev, toy=toy, steps=steps, batch_size=batch_size, lr=lr, minutes=minutes)
 
     tokenizer, text_encoder, model = build_video_components(toy=toy, seed=seed, qk_norm_init=recipe["qk_norm_init"],
-                                                            heads=heads)
+                                                            heads=heads, layers=layers, width=width)
     init = _init_from(init_from, {"transformer": model, "text_encoder": text_encoder})
     model.to(dev).train()
     text_encoder.to(dev).train()
@@ -957,7 +970,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-samples", type=int, default=48)
     ap.add_argument("--only", choices=["image", "video"], help="classifiers: train only this one")
     ap.add_argument("--qk-norm-init", type=float, help="video: initial q/k LayerNorm weight (default: the recipe's)")
-    ap.add_argument("--heads", type=int, help="video: attention heads at the same width (default: the config's)")
+    ap.add_argument("--heads", type=int, help="video: attention heads (default: the config's; the head dim is "
+                    "width / heads)")
+    ap.add_argument("--layers", type=int, help="video: transformer blocks (default: the config's 6)")
+    ap.add_argument("--width", type=int, help="video: attention width, heads x head dim (default: the config's 192)")
     ap.add_argument("--attention-backend", choices=list(_SDPA_BACKENDS),
                     help="video: the SDPA backend tried first while training (default: PyTorch's order)")
     ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], help="image: the training target")
@@ -970,8 +986,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--init: only for image and video")
     if a.only and a.what != "classifiers":
         raise SystemExit("--only: only for classifiers")
-    for flag, v in (("--qk-norm-init", a.qk_norm_init), ("--heads", a.heads),
-                    ("--attention-backend", a.attention_backend)):
+    for flag, v in (("--qk-norm-init", a.qk_norm_init), ("--heads", a.heads), ("--layers", a.layers),
+                    ("--width", a.width), ("--attention-backend", a.attention_backend)):
         if v is not None and a.what != "video":
             raise SystemExit(f"{flag}: only for video")
     gen = dict(compile={"auto": None, "on": True, "off": False}[a.compile], init_from=a.init,
@@ -983,7 +999,7 @@ def main(argv: list[str] | None = None) -> int:
         info = train_image(out, minutes=a.minutes or 15.0, prediction_type=a.prediction_type, **gen, **kw)
     elif a.what == "video":
         info = train_video(out, minutes=a.minutes or 18.0, qk_norm_init=a.qk_norm_init, heads=a.heads,
-                           attention_backend=a.attention_backend, **gen, **kw)
+                           layers=a.layers, width=a.width, attention_backend=a.attention_backend, **gen, **kw)
     else:
         which = (a.only,) if a.only else ("image", "video")
         info = train_classifiers(out, minutes=a.minutes or 4.0, which=which, **kw)
