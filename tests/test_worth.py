@@ -178,6 +178,7 @@ def test_dense_rows_cost_their_step_fraction_and_the_reference_row_is_exact(dit)
     full = _measure(run, Setting("dense 4", "dense (fewer steps)", 4))
     half = _measure(run, Setting("dense 2", "dense (fewer steps)", 2))
     assert math.isinf(full["psnr"])  # dense through the runtime is the reference, bit for bit
+    assert (full["transformer_calls"], half["transformer_calls"]) == (4, 2)  # one batch of 2 samples
     for key in ("total_flops", "attention_flops", "other_flops", "projected_time"):
         assert full[key] == pytest.approx(1.0)
         assert half[key] == pytest.approx(0.5)

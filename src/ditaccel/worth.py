@@ -577,7 +577,7 @@ def _measure(run: _Run, setting: Setting) -> dict:
         finally:
             counter.close()
             baselines.disable(pipe)
-        row["transformer_calls"] = counter.calls * scale
+        row["transformer_calls"] = counter.calls * math.ceil(n / counted)  # the counted run is one batch
     else:
         method = setting.method
         if isinstance(method, DiTFastAttnConfig):
@@ -612,7 +612,7 @@ def _measure(run: _Run, setting: Setting) -> dict:
         finally:
             ditaccel.remove(pipe)
         other = prof.other * setting.steps * n - skipped_proj
-        row["transformer_calls"] = setting.steps * n
+        row["transformer_calls"] = setting.steps * math.ceil(n / run.batch_size)  # one call per step and batch
         row["method_counts"] = counts
     ref_attn, ref_other = prof.attention * ref_calls, prof.other * ref_calls
     compressed = attn_done - attn_dense_rate
