@@ -226,7 +226,7 @@ def head_errors(pipe, generate, s, guidance=6.0):
         o = search(what, ctx, q, k, v, kpm, cache, heads)
         W = block_mass(q, k, cache.lse, block_size=bs)
         always = text_blocks(q.shape[2], bs, ctx.text_tokens, ctx.text_position) if ctx.text_tokens else None
-        L, nb = q.shape[2], W.shape[-1]
+        L = q.shape[2]
         row = {"layer": len(rows), "step": ctx.step}
         for name, cfg, pairs in (("uniform", AdaSpaConfig(sparsity=s, head_adaptive=False), True),
                                  ("tiers", AdaSpaConfig(sparsity=s), True),
