@@ -13,6 +13,17 @@ from ditaccel.testbed import tiny_dit_pipeline, tiny_pixart_sigma_pipeline  # no
 STEPS = 6
 
 
+def run_main(main, argv):
+    """(exit code, stdout, stderr) of a command's ``main(argv)``."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

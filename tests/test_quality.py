@@ -1,14 +1,13 @@
 """``ditaccel quality`` at toy size on toy-trained testbed weights, the ≥ 30 dB pick on synthetic
 rows, and ``evaluate(dense=...)``."""
 
-import contextlib
-import io
 import json
 import math
 import re
 
 import pytest
 import torch
+from conftest import run_main
 
 import ditaccel
 from ditaccel.evaluate import evaluate, load_trained
@@ -28,10 +27,7 @@ def weights(toy_weights):
 
 
 def _main(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
+    return run_main(main, argv)
 
 
 @pytest.fixture(scope="module")

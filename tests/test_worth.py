@@ -2,14 +2,13 @@
 analytic counts, the verdict on rows where each rule changes the outcome, and the command at toy
 size on toy-trained weights."""
 
-import contextlib
-import io
 import json
 import math
 import re
 
 import pytest
 import torch
+from conftest import run_main
 
 import ditaccel
 from ditaccel.kernels.block_sparse import block_sparse_attention_reference, mask_to_indices
@@ -262,10 +261,7 @@ def weights(toy_weights):
 
 
 def _main(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
+    return run_main(main, argv)
 
 
 def test_bad_arguments_are_one_line_before_any_work(tmp_path, weights):
