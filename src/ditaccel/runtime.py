@@ -81,7 +81,10 @@ class Stats:
     attention_tflops_dense: float = field(default=0.0)
     #: attention FLOPs done per method name, as fractions of the dense FLOPs (they sum to the ratio)
     attention_flops_by_method: dict[str, float] = field(default_factory=dict)
-    details: dict = field(default_factory=dict)  # method-specific (AdaSpa: density, recall, search time)
+    #: method-specific, over every CFG branch state (``AdaSpa.details``: density, recall, search time;
+    #: where CFG runs as separate cond / uncond calls, e.g. Wan, density is their mean, recalls list both
+    #: branches' searches and search time is their sum)
+    details: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self.method_counts.items()))
@@ -179,10 +182,31 @@ class Runtime:
         b = hs.shape[0]
         cfg = self.cfg
         if cfg is None:
-            cfg = b % 2 == 0 and torch.equal(hs[: b // 2], hs[b // 2:])
+            cfg = b % 2 == 0 and torch.equal(hs[: b // 2], hs[b // 2:]) and self._cfg_conditioning(bound, b)
         elif cfg and b % 2:
             raise ValueError(f"cfg=True but the transformer got an odd batch of {b}")
         return self.adapter.cond_index() if cfg else None
+
+    def _cfg_conditioning(self, bound, b: int) -> bool:
+        """Whether the conditioning of a batch with identical latent halves is that of a CFG pair
+        (the adapter's ``cfg_cond_arg`` / ``cfg_null_label_attr``): the halves differ and, where the
+        family has a null class, the unconditional half is all null labels and the conditional
+        half has none. A batch of samples sharing their noise but not their labels or prompts is
+        then not CFG (``asc`` would copy one sample's attention into another). Without the
+        argument (or with no ``cfg_cond_arg``): the latents decide alone."""
+        ad = self.adapter
+        c = bound.get(ad.cfg_cond_arg) if ad.cfg_cond_arg else None
+        if not torch.is_tensor(c) or c.ndim == 0 or c.shape[0] != b:
+            return True
+        halves = (c[: b // 2], c[b // 2:])
+        if torch.equal(*halves):
+            return False  # the same sample twice, not a cond / uncond pair
+        if ad.cfg_null_label_attr:
+            null = getattr(self.transformer.config, ad.cfg_null_label_attr, None)
+            if null is not None:
+                i = ad.cond_index()
+                return bool((halves[1 - i] == null).all() and (halves[i] != null).all())
+        return True
 
     # ------------------------------------------------------------------ per layer
     def attention(self, layer: int, call, dense_flops: float):
@@ -217,7 +241,8 @@ class Runtime:
             cache_bytes_peak=max(s.cache_bytes_peak for s in states),
             attention_tflops_dense=dense / 1e12,
             attention_flops_by_method={k: v / dense for k, v in sorted(by_method.items())},
-            details=self.method.details(states[0].caches) if hasattr(self.method, "details") else {},
+            details=self.method.details([s.caches for s in states if s.flops_dense])
+            if hasattr(self.method, "details") else {},
         )
 
     # ------------------------------------------------------------------ install / remove

@@ -55,6 +55,8 @@ _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
 # Reference paths hold at most about this many float scores at a time (B*H*chunk*L).
 _CHUNK_ELEMENTS = 1 << 24
+#: block sizes every backend of ``block_mass`` accepts (the Triton kernel's tiles hold whole blocks)
+BLOCK_SIZES = (16, 32, 64, 128)
 
 
 # --------------------------------------------------------------------------- validation
@@ -78,9 +80,7 @@ def _check_block_size(block_size) -> int:
     if (
         isinstance(block_size, bool)
         or not isinstance(block_size, int)
-        or block_size < 16
-        or block_size > 128
-        or block_size & (block_size - 1)
+        or block_size not in BLOCK_SIZES
     ):
         raise ValueError(f"block_size must be a power of two in [16, 128] (16, 32, 64 or 128), got {block_size!r}")
     return block_size

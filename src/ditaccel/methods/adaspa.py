@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.block_mass import attention_with_lse, block_mass
+from ..kernels.block_mass import BLOCK_SIZES, attention_with_lse, block_mass
 from ..kernels.block_sparse import block_sparse_attention, block_sparse_flops, mask_to_indices
 
 
@@ -37,8 +37,9 @@ class AdaSpaConfig:
     Attributes:
         sparsity: base fraction of key blocks each query block drops (0.8: keep 20%). Higher is
             faster and loses more attention mass.
-        block_size: tokens per block (a power of two ≥ 16). Smaller blocks follow the pattern
-            more closely but run less efficiently.
+        block_size: tokens per block: 16, 32, 64 or 128 (``kernels.block_mass.BLOCK_SIZES``, the
+            sizes the block-mass search accepts). Smaller blocks follow the pattern more closely but
+            run less efficiently.
         warmup: fraction of the steps run dense before the first search (0.2 = the paper's 10 of 50).
         search_at: fractions of the steps at which masks are searched (the paper's {10, 30} of 50).
             Step index = floor(fraction · num_steps + 0.5) (round half up): 20 steps → {4, 12}.
@@ -94,8 +95,9 @@ class AdaSpaConfig:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         bs = self.block_size
-        if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {bs!r}")
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs not in BLOCK_SIZES:
+            # the block-mass search accepts these on every backend (and the block-sparse Triton kernel)
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES} (the block-mass kernel's), got {bs!r}")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
         self.search_at = tuple(sorted(self.search_at))
@@ -363,26 +365,58 @@ class AdaSpa:
             cache.release()
         return out, stats["fraction"], what
 
-    def details(self, caches: dict[int, AdaSpaCache]) -> dict:
+    def details(self, caches: dict[int, AdaSpaCache] | list[dict[int, AdaSpaCache]]) -> dict:
         """Per-layer density (mean, per head), recall at each search, search time; under context
         parallelism also each layer's work balance (max over mean of the per-rank kept fraction:
-        the step waits for the busiest rank)."""
-        layers = sorted(caches)
-        balance = {}
-        if any(caches[i].rank_density for i in layers):
-            balance["rank_density_per_layer"] = [caches[i].rank_density for i in layers]
-            balance["rank_imbalance_per_layer"] = [
-                max(caches[i].rank_density) * len(caches[i].rank_density) / max(sum(caches[i].rank_density), 1e-30)
-                if caches[i].rank_density else 1.0 for i in layers]
-        return {
-            "density_per_layer": [float(caches[i].density.mean()) if caches[i].density is not None else 1.0
-                                  for i in layers],
-            "density_per_head": [caches[i].density.tolist() if caches[i].density is not None else None
-                                 for i in layers],
-            "recall_per_search": [caches[i].recalls for i in layers],
-            "search_seconds": sum(caches[i].search_seconds for i in layers),
-            **balance,
+        the step waits for the busiest rank).
+
+        ``caches``: one branch's per-layer caches, or a list of them, one per CFG branch state
+        (pipelines such as Wan run cond and uncond as separate transformer calls, each with its own
+        state and masks), in the order the branches first ran. Over several branches:
+        ``density_per_layer`` / ``density_per_head`` are the means over the branches (a layer a
+        branch never searched counts as dense), ``recall_per_search[layer]`` lists every branch's
+        searches, branch after branch (``branches × searches`` entries), ``search_seconds`` is the
+        sum, ``rank_density_per_layer`` the per-rank mean and ``rank_imbalance_per_layer``
+        Σ_branch max_rank / Σ_branch mean_rank; ``branches`` gives their number (only present when
+        there are several). One branch: exactly the single-branch output."""
+        branches = [caches] if isinstance(caches, dict) else list(caches)
+        layers = sorted(set().union(*branches))
+        per_layer = [[b[i] for b in branches if i in b] for i in layers]
+
+        def head_density(cs):
+            if all(c.density is None for c in cs):
+                return None
+            ref = next(c.density for c in cs if c.density is not None)
+            ds = [c.density if c.density is not None else torch.ones_like(ref) for c in cs]
+            return ds[0].tolist() if len(ds) == 1 else torch.stack(ds).mean(0).tolist()
+
+        def imbalance(cs):
+            ranks = [c.rank_density for c in cs if c.rank_density]
+            if not ranks:
+                return 1.0
+            if len(ranks) == 1:
+                return max(ranks[0]) * len(ranks[0]) / max(sum(ranks[0]), 1e-30)
+            return sum(max(r) for r in ranks) / max(sum(sum(r) / len(r) for r in ranks), 1e-30)
+
+        def rank_mean(cs):
+            ranks = [c.rank_density for c in cs if c.rank_density]
+            if len(ranks) <= 1:
+                return ranks[0] if ranks else None
+            return [sum(col) / len(ranks) for col in zip(*ranks)]
+
+        out = {
+            "density_per_layer": [sum(float(c.density.mean()) if c.density is not None else 1.0 for c in cs) / len(cs)
+                                  for cs in per_layer],
+            "density_per_head": [head_density(cs) for cs in per_layer],
+            "recall_per_search": [[r for c in cs for r in c.recalls] for cs in per_layer],
+            "search_seconds": sum(c.search_seconds for cs in per_layer for c in cs),
         }
+        if any(c.rank_density for cs in per_layer for c in cs):
+            out["rank_density_per_layer"] = [rank_mean(cs) for cs in per_layer]
+            out["rank_imbalance_per_layer"] = [imbalance(cs) for cs in per_layer]
+        if len(branches) > 1:
+            out["branches"] = len(branches)
+        return out
 
     def _core(self, what, ctx, q, k, v, kpm, cache: AdaSpaCache, stats, heads=None):
         cfg = self.config

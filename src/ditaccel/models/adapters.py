@@ -32,6 +32,14 @@ class ModelAdapter:
         cfg_batch_order: order of the two CFG halves when the pipeline batches them in one call
             (``("cond", "uncond")`` for DiT, ``("uncond", "cond")`` for PixArt); ``None`` when the
             family's pipelines never batch CFG.
+        cfg_cond_arg: forward argument carrying the conditioning that tells the CFG halves apart
+            (DiT: ``"class_labels"``; PixArt, CogVideoX: ``"encoder_hidden_states"``). With it, a
+            batch counts as CFG-batched only when its latent halves are identical and its
+            conditioning halves are not (a batch of two samples with the same noise and different
+            labels or prompts is not CFG when the rule below can tell). ``None``: latents only.
+        cfg_null_label_attr: config attribute holding the null class label the unconditional half
+            carries in ``cfg_cond_arg`` (DiT: ``"num_embeds_ada_norm"``); when set, CFG also needs
+            every unconditional label to be it and no conditional label to be it.
         patch_size_attr: config attribute giving the spatial patch size of the token grid (Wan:
             a (t, h, w) tuple).
         patch_size_t_attr: config attribute giving the temporal patch size, where separate
@@ -54,6 +62,8 @@ class ModelAdapter:
     timestep_arg: str = "timestep"
     timestep_scale: float = 1.0
     cfg_batch_order: tuple[str, str] | None = ("cond", "uncond")
+    cfg_cond_arg: str | None = None
+    cfg_null_label_attr: str | None = None
     patch_size_attr: str = "patch_size"
     patch_size_t_attr: str | None = None
     video_layout: str = "BCFHW"
@@ -116,6 +126,8 @@ DIT = ModelAdapter(
     attention="attn1",
     attention_call="sdpa_self",
     cfg_batch_order=("cond", "uncond"),
+    cfg_cond_arg="class_labels",
+    cfg_null_label_attr="num_embeds_ada_norm",  # DiTPipeline's class_null
 )
 
 PIXART = ModelAdapter(
@@ -125,6 +137,7 @@ PIXART = ModelAdapter(
     attention="attn1",  # attn2 is cross-attention to T5: untouched
     attention_call="sdpa_self",
     cfg_batch_order=("uncond", "cond"),
+    cfg_cond_arg="encoder_hidden_states",
 )
 
 WAN = ModelAdapter(
@@ -156,6 +169,7 @@ COGVIDEOX = ModelAdapter(
     attention="attn1",  # joint [text, video] attention built inside the processor
     attention_call="sdpa_module",
     cfg_batch_order=("uncond", "cond"),
+    cfg_cond_arg="encoder_hidden_states",
     patch_size_t_attr="patch_size_t",  # None for 2b/5b, 2 for CogVideoX 1.5
     video_layout="BFCHW",
     text_tokens="prefix",
