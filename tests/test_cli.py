@@ -59,7 +59,7 @@ def test_plan_show_prints_summary_and_writes_png(hand_plan, tmp_path, capsys):
     assert plan.metadata["config_fingerprint"] in out
     assert "3 layers" in out and "threshold  0.05" in out
     for m, n in plan.counts().items():  # one line per method with its count
-        assert re.search(rf"^\s+{re.escape(m)}\s+{n}\s+[\d.]+%$", out, re.M), m
+        assert re.search(rf"^\s+{re.escape(m)}\s+{n}\s+[\d.]+%$", out, re.MULTILINE), m
     assert f"heat map: {png}" in out
     assert json.loads(out.strip().splitlines()[-1]) == plan.counts()
     assert_png(png)
@@ -188,11 +188,12 @@ def test_demo_runs_on_the_shipped_testbed_by_default(tmp_path, capsys):
     assert cli.main(["demo", "--steps", "2", "--calibration-inputs", "1", "--samples", "1", "--out", str(out_dir)]) == 0
     out = capsys.readouterr().out
     assert "model testbed" in out and "trained on procedural shapes" in out and "random weights" not in out
+    assert "plan: calibrating (the shipped plan was made for other settings: --steps 2 (plan: 10)" in out
     m = re.search(r"PSNR (\S+) dB", out)
     assert m and float(m.group(1)) > 0
     plan = Plan.load(out_dir / "plan.json")
     assert plan.metadata["model_class"] == "DiTTransformer2DModel" and plan.num_layers == 6
-    w, h = assert_png(out_dir / "samples.png")
+    _, h = assert_png(out_dir / "samples.png")
     assert h >= 3 * 256  # 64 px samples scaled to 256
 
 
@@ -266,3 +267,197 @@ def test_eval_and_testbed_errors(tmp_path, capsys):
     assert "--weights" in capsys.readouterr().err
     assert cli.main(["testbed", "fit"]) == 2
     assert "ditaccel testbed train" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, no work
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make every way of starting work fail loudly: a bad-input run must stop before any of them."""
+    import ditaccel.evaluate
+
+    def started(*a, **k):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_pipeline", started)
+    monkeypatch.setattr(ditaccel, "calibrate", started)
+    monkeypatch.setattr(ditaccel.evaluate, "evaluate_trained", started)
+
+
+def _one_line_error(argv, capsys) -> str:
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    err = captured.err
+    assert rc == 2, (rc, captured.out, err)
+    assert err.startswith("ditaccel: error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+BAD_INPUT = [  # (argv with {tmp} for a temp folder, the field the error names, a phrase it says)
+    (["calibrate", "--model", "tiny-dit", "--out", "{tmp}/missing/P.json"], "--out", "does not exist"),
+    (["calibrate", "--model", "tiny-dit", "--out", "{tmp}"], "--out", "is a folder"),
+    (["generate", "--model", "tiny-dit", "--out", "{tmp}/missing/x.png"], "--out", "does not exist"),
+    (["generate", "--model", "tiny-dit", "--out", "{tmp}/x.notanimage"], "--out", "extension"),
+    (["generate", "--model", "tiny-dit", "--plan", "{tmp}/none.json"], "--plan", "no such file"),
+    (["demo", "--out", "{tmp}/missing/sub"], "--out", "does not exist"),
+    (["demo", "--samples", "0", "--out", "{tmp}/d"], "--samples", ">= 1"),
+    (["demo", "--steps", "0", "--out", "{tmp}/d"], "--steps", ">= 1"),
+    (["demo", "--steps", "1", "--out", "{tmp}/d"], "--steps", "step 0"),
+    (["demo", "--calibration-inputs", "0", "--out", "{tmp}/d"], "--calibration-inputs", ">= 1"),
+    (["calibrate", "--model", "tiny-dit", "--steps", "0", "--out", "{tmp}/P.json"], "--steps", ">= 1"),
+    (["calibrate", "--model", "tiny-dit", "--steps", "1", "--out", "{tmp}/P.json"], "--steps", "step 0"),
+    (["calibrate", "--model", "tiny-dit", "--steps", "-3", "--out", "{tmp}/P.json"], "--steps", ">= 1"),
+    (["calibrate", "--model", "tiny-dit", "--steps", "x", "--out", "{tmp}/P.json"], "--steps", "not an integer"),
+    (["calibrate", "--model", "tiny-dit", "--threshold", "D9", "--out", "{tmp}/P.json"], "--threshold", "preset"),
+    (["calibrate", "--model", "tiny-dit", "--threshold", "-0.1", "--out", "{tmp}/P.json"], "--threshold", ">= 0"),
+    (["calibrate", "--model", "tiny-dit", "--window-size", "0", "--out", "{tmp}/P.json"], "--window-size", "(0"),
+    (["calibrate", "--model", "tiny-dit", "--class-labels", "-1", "--out", "{tmp}/P.json"], "--class-labels", ">= 0"),
+    (["calibrate", "--model", "tiny-dit", "--dtype", "fp8", "--out", "{tmp}/P.json"], "--dtype", "fp8"),
+    (["calibrate", "--model", "tiny-dit", "--device", "tpu9", "--out", "{tmp}/P.json"], "--device", "tpu9"),
+    (["calibrate", "--model", "tiny-dit", "--guidance-scale", "nan", "--out", "{tmp}/P.json"], "--guidance-scale",
+     ">= 0"),
+    (["generate", "--model", "tiny-dit", "--steps", "0", "--out", "{tmp}/x.png"], "--steps", ">= 1"),
+    (["generate", "--model", "tiny-dit", "--seed", "-1", "--out", "{tmp}/x.png"], "--seed", ">= 0"),
+    (["eval", "--steps", "0"], "--steps", ">= 1"),
+    (["eval", "--samples", "0"], "--samples", ">= 1"),
+    (["eval", "--method", "ditfastattn", "--steps", "1"], "--steps", "step 0"),
+    (["eval", "--sparsity", "1.5"], "--sparsity", "[0.0, 1.0]"),
+    (["eval", "--json", "{tmp}/missing/m.json"], "--json", "does not exist"),
+    (["eval", "--samples-png", "{tmp}/missing/s.png"], "--samples-png", "does not exist"),
+    (["eval", "--method", "ditfastattn", "--plan", "{tmp}/none.json"], "--plan", "no such file"),
+    (["eval", "--dtype", "auto"], "--dtype", "invalid choice"),
+    (["demo", "--bogus", "--out", "{tmp}/d"], "--bogus", "unknown option"),
+    ([], "COMMAND", "required"),
+]
+
+
+@pytest.mark.parametrize("argv,field,phrase", BAD_INPUT, ids=[" ".join(c[0][:3]) for c in BAD_INPUT])
+def test_bad_input_is_one_line_before_any_work(argv, field, phrase, tmp_path, capsys, no_work):
+    err = _one_line_error([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert f"error: {field}: " in err, err
+    assert phrase in err, err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "P.json").exists()  # nothing written either
+
+
+@pytest.mark.parametrize("command", ["demo", "calibrate", "generate", "eval"])
+def test_cuda_without_cuda_is_one_line(command, tmp_path, capsys, no_work, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build, even on a GPU machine
+    out = {"demo": tmp_path / "d", "calibrate": tmp_path / "P.json", "generate": tmp_path / "x.png"}.get(command)
+    err = _one_line_error([command, "--device", "cuda", *(["--out", str(out)] if out else [])], capsys)
+    assert "error: --device: 'cuda': CUDA is not available" in err
+
+
+def test_class_labels_outside_the_model_are_refused_before_generating(tmp_path, capsys, monkeypatch):
+    """The class count is known once the model is loaded: checked then, before calibrating or generating."""
+    def started(*a, **k):
+        raise AssertionError("generation started with a bad class label")
+
+    monkeypatch.setattr(ditaccel, "calibrate", started)
+    monkeypatch.setattr(cli, "_timed", started)
+    err = _one_line_error(["generate", "--model", "tiny-dit", "--class-labels", "3", "5000",
+                           "--out", str(tmp_path / "x.png")], capsys)
+    assert "error: --class-labels: [5000] outside this model's" in err
+    err = _one_line_error(["calibrate", "--model", "tiny-dit", "--steps", "3", "--class-labels", "5000",
+                           "--out", str(tmp_path / "P.json")], capsys)
+    assert "error: --class-labels: [5000]" in err
+    err = _one_line_error(["generate", "--model", "tiny-pixart", "--class-labels", "3",
+                           "--out", str(tmp_path / "x.png")], capsys)
+    assert "error: --class-labels: this model takes prompts" in err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "P.json").exists()
+
+
+def test_generate_plan_step_mismatch_is_refused_before_loading(hand_plan, tmp_path, capsys, no_work):
+    _, path = hand_plan  # 6 steps
+    err = _one_line_error(["generate", "--plan", str(path), "--steps", "4", "--out", str(tmp_path / "x.png")], capsys)
+    assert "error: --steps: " in err and "6 steps" in err and "runs 4" in err
+
+
+# ------------------------------------------------------------------ --version, help
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ditaccel {ditaccel.__version__}"
+
+
+def test_testbed_help(capsys):
+    assert cli.main(["testbed", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: ditaccel testbed" in out and "train" in out
+
+
+def test_help_shows_every_default():
+    """Every option with a default value says it in --help (those without one say what happens instead)."""
+    import argparse
+
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for name in ("demo", "calibrate", "generate", "eval"):
+        p = subs.choices[name]
+        fmt = p._get_formatter()
+        for action in p._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            text = fmt._get_help_string(action)
+            if action.default is None or action.default is False:
+                assert action.help, f"{name} {action.option_strings[0]}: no help"
+                continue
+            assert "%(default)s" in text or f"default: {action.default}" in text, f"{name} {action.option_strings}"
+            checked += 1
+        assert "(default: " in p.format_help()
+    assert checked >= 20
+
+
+def test_calibrate_prints_the_threshold_used(calibrated):
+    _, rc, out = calibrated
+    assert rc == 0
+    assert "threshold δ = 0.15 (preset D6)" in out
+
+
+# ------------------------------------------------------------------ the shipped demo plan
+def test_shipped_demo_plan_matches_weights_and_demo_settings():
+    """Cheap drift guard: the shipped plan records the demo settings and the testbed weights it was made for."""
+    fix = f"regenerate it (minutes on CPU) with: {cli.DEMO_PLAN_REGENERATE}"
+    assert os.path.exists(cli.DEMO_PLAN), f"no shipped demo plan at {cli.DEMO_PLAN}; {fix}"
+    plan = Plan.load(cli.DEMO_PLAN)
+    defaults = cli.build_parser().parse_args(["demo"])
+    assert plan.metadata.get("demo_settings") == cli.demo_settings(defaults), \
+        f"`ditaccel demo`'s defaults changed since {cli.DEMO_PLAN} was made; {fix}"
+    assert plan.metadata.get("weights_sha256") == cli._file_sha256(cli.DEMO_WEIGHTS), \
+        f"the testbed's weights ({cli.DEMO_WEIGHTS}) changed since {cli.DEMO_PLAN} was made; {fix}"
+    assert plan.num_steps == defaults.steps and plan.metadata["model_class"] == "DiTTransformer2DModel"
+    assert plan.metadata["threshold"] == pytest.approx(cli.demo_settings(defaults)["threshold"])
+    assert any(m != "full" for row in plan.methods for m in row)  # it compresses something
+    found, why = cli.shipped_demo_plan(defaults)
+    assert found is not None, why
+
+
+def test_shipped_demo_plan_is_not_used_for_other_settings(tmp_path, monkeypatch):
+    parse = cli.build_parser().parse_args
+    for argv, says in ((["--steps", "12"], "--steps 12 (plan: 10)"), (["--threshold", "D3"], "--threshold 0.075"),
+                       (["--calibration-inputs", "2"], "--calibration-inputs 2"),
+                       (["--model", "tiny-dit"], "not 'tiny-dit'")):
+        plan, why = cli.shipped_demo_plan(parse(["demo", *argv]))
+        assert plan is None and says in why, (argv, why)
+    other = tmp_path / "w.safetensors"
+    other.write_bytes(b"retrained")
+    monkeypatch.setattr(cli, "DEMO_WEIGHTS", str(other))
+    plan, why = cli.shipped_demo_plan(parse(["demo"]))
+    assert plan is None and "weights changed" in why
+
+
+def test_demo_uses_the_shipped_plan_without_calibrating(tmp_path, capsys, monkeypatch):
+    def started(*a, **k):
+        raise AssertionError("the demo calibrated although the shipped plan fits")
+
+    monkeypatch.setattr(ditaccel, "calibrate", started)
+    out_dir = tmp_path / "DIR"
+    assert cli.main(["demo", "--samples", "1", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "plan: the shipped testbed plan" in out and "threshold δ = 0.05 (preset D2)" in out
+    assert Plan.load(out_dir / "plan.json").methods == Plan.load(cli.DEMO_PLAN).methods
+    assert re.search(r"PSNR (\S+) dB", out)
+    assert_png(out_dir / "samples.png")

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -16,19 +17,115 @@ TINY_MODELS = ("testbed", "tiny-dit", "tiny-pixart", "demo-dit", "demo-pixart")
 TRAINED_MODELS = ("testbed",)
 
 
+class UsageError(ValueError):
+    """A user error: printed as one line ``ditaccel: error: <field>: <message>``, exit status 2."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _device(name: str) -> str:
+    """The device ``--device`` names, checked before any work: a parseable name that this build can use."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError("--device", f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device", f"{name!r}: CUDA is not available here (torch {torch.__version__}, "
+                                         f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError("--device", f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError("--device", f"{name!r}: MPS is not available here; use --device cpu or auto")
+    elif dev.type != "cpu":
+        raise UsageError("--device", f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return name
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return DTYPES[name]
     except KeyError:
-        raise SystemExit(f"--dtype: unknown dtype {name!r}") from None
+        raise UsageError("--dtype", f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}") from None
+
+
+def _check_out_file(field: str, path: str | None, image: bool = False) -> None:
+    """An output file: its folder must exist (ditaccel creates the file, never the folders above it)."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(field, f"{path!r} is a folder; name a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(field, f"folder {parent!r} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(field, f"folder {parent!r} is not writable")
+    if image:
+        from PIL import Image
+
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in Image.registered_extensions():
+            raise UsageError(field, f"{path!r}: unknown image extension {ext or '(none)'!r}; use .png")
+
+
+def _check_out_dir(field: str, path: str) -> None:
+    """An output folder: created if missing, but its parent must exist (no surprise folder trees)."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(field, f"{path!r} exists and is not a folder")
+        if not os.access(path, os.W_OK):
+            raise UsageError(field, f"folder {path!r} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(field, f"folder {parent!r} (the parent of {path!r}) does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(field, f"folder {parent!r} is not writable")
+
+
+def _check_in_file(field: str, path: str | None) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise UsageError(field, f"no such file {path!r}")
+
+
+def _ditfastattn_config(args, **kw):
+    """The DiTFastAttn settings, built (and so checked) before any work."""
+    import ditaccel
+
+    return ditaccel.DiTFastAttnConfig(threshold=args.threshold, **kw)
+
+
+def _threshold_line(threshold_arg, cfg) -> str:
+    named = f" (preset {threshold_arg})" if isinstance(threshold_arg, str) else ""
+    return f"threshold δ = {cfg.threshold:g}{named}"
+
+
+def _check_calibration_steps(steps: int) -> None:
+    if steps < 2:
+        raise UsageError("--steps", f"{steps} step cannot be compressed: DiTFastAttn always runs step 0 with full "
+                                    "attention; calibrate for 2 or more steps")
+
+
+def _check_class_labels(pipe, labels: list[int] | None) -> None:
+    """Class ids must lie in the model's range: checked once it is loaded, before generating."""
+    if not labels:
+        return
+    if not _is_dit(pipe):
+        raise UsageError("--class-labels", "this model takes prompts, not class labels; use --prompt")
+    classes = pipe.transformer.config.num_embeds_ada_norm or 1000  # as _inputs
+    bad = [c for c in labels if not 0 <= c < classes]
+    if bad:
+        raise UsageError("--class-labels", f"{bad} outside this model's {classes} classes (0..{classes - 1})")
 
 
 def load_pipeline(model: str, device: str, dtype: torch.dtype):
@@ -48,7 +145,8 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--model: cannot load {model!r} ({e}). Offline built-ins: {', '.join(TINY_MODELS)}") from None
+        raise UsageError("--model", f"cannot load {model!r} ({e}). Offline built-ins: {', '.join(TINY_MODELS)}") \
+            from None
     return pipe.to(device)
 
 
@@ -106,6 +204,78 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
 
 
+# ------------------------------------------------------------------------------ demo plan
+#: the testbed's calibrated demo plan, shipped so that ``ditaccel demo`` need not calibrate (minutes on CPU)
+DEMO_PLAN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testbed", "weights", "image", "demo_plan.json")
+DEMO_WEIGHTS = os.path.join(os.path.dirname(DEMO_PLAN), "transformer", "diffusion_pytorch_model.safetensors")
+DEMO_CALIBRATION_SEED = 1
+#: how to remake DEMO_PLAN after the testbed's weights or the demo's defaults change
+DEMO_PLAN_REGENERATE = '.venv/bin/python -c "from ditaccel.cli import write_demo_plan; write_demo_plan()"'
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def demo_settings(args) -> dict:
+    """What a demo plan depends on (besides the weights): recorded in the shipped plan's metadata."""
+    from .methods.ditfastattn import PRESETS
+
+    threshold = PRESETS.get(args.threshold, args.threshold) if isinstance(args.threshold, str) else args.threshold
+    return {"model": args.model, "steps": args.steps, "threshold": float(threshold), "window": args.window,
+            "calibration_inputs": args.calibration_inputs, "seed": DEMO_CALIBRATION_SEED}
+
+
+def shipped_demo_plan(args):
+    """``(plan, None)`` if the shipped plan fits ``args``, else ``(None, why)``."""
+    from .plan import Plan
+
+    if args.model != "testbed":
+        return None, f"the shipped plan is for the testbed, not {args.model!r}"
+    if not os.path.exists(DEMO_PLAN):
+        return None, f"no shipped plan at {DEMO_PLAN}"
+    plan = Plan.load(DEMO_PLAN)
+    made = plan.metadata.get("demo_settings", {})
+    want = demo_settings(args)
+    diff = [f"--{k.replace('_', '-')} {want[k]} (plan: {made.get(k)})" for k in want if made.get(k) != want[k]]
+    if diff:
+        return None, "the shipped plan was made for other settings: " + ", ".join(diff)
+    if plan.metadata.get("weights_sha256") != _file_sha256(DEMO_WEIGHTS):
+        return None, "the testbed's weights changed since the shipped plan was made"
+    return plan, None
+
+
+def _demo_calibrate(pipe, args, device: str):
+    """The demo's calibration (also what made the shipped plan: ``write_demo_plan``)."""
+    import ditaccel
+
+    calib = _inputs(pipe, None, None, args.calibration_inputs)
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_params(pipe) else {}
+    plan = ditaccel.calibrate(pipe, ditaccel.DiTFastAttnConfig(threshold=args.threshold, window=args.window),
+                              num_inference_steps=args.steps, generator=_generator(device, DEMO_CALIBRATION_SEED),
+                              **calib, **extra)
+    plan.metadata["demo_settings"] = demo_settings(args)
+    if args.model == "testbed":
+        plan.metadata["weights_sha256"] = _file_sha256(DEMO_WEIGHTS)
+    return plan
+
+
+def write_demo_plan(path: str = DEMO_PLAN) -> None:
+    """Remake the shipped demo plan: the demo's default settings, on CPU in float32 (minutes)."""
+    args = build_parser().parse_args(["demo"])
+    pipe = load_pipeline(args.model, "cpu", torch.float32)
+    plan = _demo_calibrate(pipe, args, "cpu")
+    plan.save(path)
+    print(plan.summary())
+    print(f"wrote {path}")
+
+
 # ------------------------------------------------------------------------------ commands
 def cmd_demo(args) -> int:
     import numpy as np
@@ -113,20 +283,29 @@ def cmd_demo(args) -> int:
     import ditaccel
     from ditaccel.viz import abs_diff, plot_plan, side_by_side, to_uint8
 
-    device = _device(args.device)
+    device = _device(args.device)  # every check before any work
     dtype = _dtype(args.dtype, device)
-    os.makedirs(args.out, exist_ok=True)
+    _check_out_dir("--out", args.out)
+    _check_calibration_steps(args.steps)
+    cfg = _ditfastattn_config(args, window=args.window)
+    plan, why = (None, "--calibrate") if args.calibrate else shipped_demo_plan(args)
     print(f"ditaccel demo: model {args.model} on {device} ({str(dtype).replace('torch.', '')}), "
-          f"{args.steps} steps, threshold {args.threshold}")
+          f"{args.steps} steps, {_threshold_line(args.threshold, cfg)}")
+    if not os.path.isdir(args.out):
+        os.mkdir(args.out)
     pipe = load_pipeline(args.model, device, dtype)
-    calib = _inputs(pipe, None, None, args.calibration_inputs)
     sample = _inputs(pipe, None, None, args.samples)
     extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_params(pipe) else {}
 
-    t0 = time.perf_counter()
-    plan = ditaccel.calibrate(pipe, ditaccel.DiTFastAttnConfig(threshold=args.threshold, window=args.window),
-                              num_inference_steps=args.steps, generator=_generator(device, 1), **calib, **extra)
-    print(f"calibrated in {time.perf_counter() - t0:.1f} s on {len(next(iter(calib.values())))} inputs")
+    if plan is not None:
+        plan.check_model(pipe.transformer)
+        print(f"plan: the shipped testbed plan ({os.path.basename(DEMO_PLAN)}, calibrated for these settings); "
+              "pass --calibrate to search it again")
+    else:
+        print(f"plan: calibrating ({why})")
+        t0 = time.perf_counter()
+        plan = _demo_calibrate(pipe, args, device)
+        print(f"calibrated in {time.perf_counter() - t0:.1f} s on {args.calibration_inputs} inputs")
     plan_path = os.path.join(args.out, "plan.json")
     plan.save(plan_path)
     plot_plan(plan, os.path.join(args.out, "plan.png"))
@@ -163,15 +342,20 @@ def cmd_demo(args) -> int:
 def cmd_calibrate(args) -> int:
     import ditaccel
 
-    device = _device(args.device)
-    pipe = load_pipeline(args.model, device, _dtype(args.dtype, device))
+    device = _device(args.device)  # every check before any work
+    dtype = _dtype(args.dtype, device)
+    _check_out_file("--out", args.out)
+    _check_calibration_steps(args.steps)
+    cfg = _ditfastattn_config(args, window=args.window, window_size=args.window_size, search=args.search)
+    print(f"calibrating {args.model}: {args.steps} steps, {_threshold_line(args.threshold, cfg)}, "
+          f"search {cfg.search}, window {cfg.window}")
+    pipe = load_pipeline(args.model, device, dtype)
+    _check_class_labels(pipe, args.class_labels)
     kw = _inputs(pipe, args.prompt, args.class_labels, 8 if _is_dit(pipe) else 6)
     if args.guidance_scale is not None:
         kw["guidance_scale"] = args.guidance_scale
     if "use_resolution_binning" in _call_params(pipe) and args.model in TINY_MODELS:
         kw["use_resolution_binning"] = False
-    cfg = ditaccel.DiTFastAttnConfig(threshold=args.threshold, window=args.window, window_size=args.window_size,
-                                     search=args.search)
     plan = ditaccel.calibrate(pipe, cfg, num_inference_steps=args.steps, generator=_generator(device, args.seed), **kw)
     plan.save(args.out)
     print(plan.summary())
@@ -183,15 +367,23 @@ def cmd_generate(args) -> int:
     import ditaccel
     from ditaccel.viz import side_by_side, to_uint8
 
-    device = _device(args.device)
-    pipe = load_pipeline(args.model, device, _dtype(args.dtype, device))
+    device = _device(args.device)  # every check before any work
+    dtype = _dtype(args.dtype, device)
+    _check_out_file("--out", args.out, image=True)
+    _check_in_file("--plan", args.plan)
     plan = ditaccel.Plan.load(args.plan) if args.plan else None
+    steps = args.steps or (plan.num_steps if plan else 20)
+    if plan is not None and steps != plan.num_steps:
+        raise UsageError("--steps", f"the plan {args.plan!r} was calibrated for {plan.num_steps} steps but this run "
+                                    f"runs {steps} (num_inference_steps must match); omit --steps or calibrate "
+                                    f"a plan for {steps} steps")
+    pipe = load_pipeline(args.model, device, dtype)
+    _check_class_labels(pipe, args.class_labels)
     kw = _inputs(pipe, args.prompt, args.class_labels, 1)
     if args.guidance_scale is not None:
         kw["guidance_scale"] = args.guidance_scale
     if "use_resolution_binning" in _call_params(pipe) and args.model in TINY_MODELS:
         kw["use_resolution_binning"] = False
-    steps = args.steps or (plan.num_steps if plan else 20)
     if plan is not None:
         ditaccel.apply(pipe, plan)
     try:
@@ -210,9 +402,10 @@ def cmd_plan_show(args) -> int:
     from ditaccel.plan import Plan
     from ditaccel.viz import plot_plan
 
+    png = args.png or os.path.splitext(args.plan)[0] + ".png"
+    _check_out_file("--png", png, image=True)
     plan = Plan.load(args.plan)
     print(plan.summary())
-    png = args.png or os.path.splitext(args.plan)[0] + ".png"
     plot_plan(plan, png)
     print(f"heat map: {png}")
     if args.json:
@@ -220,25 +413,38 @@ def cmd_plan_show(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------ parser
 def cmd_eval(args) -> int:
     import ditaccel
     from ditaccel.evaluate import evaluate_trained
     from ditaccel.quality import check_weights
 
+    device = _device(args.device)  # every check before any work
+    dtype = _dtype(args.dtype, device)
+    _check_out_file("--json", args.json)
+    _check_out_file("--samples-png", args.samples_png, image=True)
+    _check_in_file("--plan", args.plan)
     root = check_weights(args.weights, (args.model,))
     if args.method == "adaspa":
-        method = ditaccel.AdaSpaConfig(sparsity=args.sparsity, head_adaptive=not args.no_head_adaptive)
+        try:
+            method = ditaccel.AdaSpaConfig(sparsity=args.sparsity, head_adaptive=not args.no_head_adaptive)
+        except ValueError as e:
+            raise UsageError("--sparsity", str(e)) from None
+    elif args.method == "ditfastattn" and args.plan:
+        method = ditaccel.Plan.load(args.plan)
+        if method.num_steps != args.steps:
+            raise UsageError("--steps", f"the plan {args.plan!r} was calibrated for {method.num_steps} steps but "
+                                        f"this run runs {args.steps}; pass --steps {method.num_steps}")
     elif args.method == "ditfastattn":
-        method = args.plan or ditaccel.DiTFastAttnConfig(threshold=args.threshold, show_progress=False)
+        _check_calibration_steps(args.steps)
+        method = _ditfastattn_config(args, show_progress=False)
+        print(f"calibrating: {_threshold_line(args.threshold, method)}")
     else:
         method = None
-    device = _device(args.device)
     kw = {"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {}
     if args.samples_png:
         kw["return_samples"] = True
     r = evaluate_trained(args.model, method, weights_dir=root, device=device, n=args.samples, steps=args.steps,
-                         dtype=_dtype(args.dtype, device), **kw)
+                         dtype=dtype, **kw)
     if args.samples_png:
         from ditaccel.viz import grid_rows, side_by_side
 
@@ -262,52 +468,142 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line ``ditaccel: error: <field>: ...`` (exit 2), without the usage block."""
+
+    def error(self, message):
+        m = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message)
+        if m:
+            raise UsageError(m.group(1), m.group(2))
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m:
+            raise UsageError(m.group(1), "unknown option (see `ditaccel COMMAND -h`)")
+        m = re.match(r"the following arguments are required: (.*)", message)
+        if m:
+            raise UsageError(m.group(1), f"required (see `{self.prog} -h`)")
+        raise UsageError(self.prog, message)
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option's default in ``--help`` (options whose default is None say what happens in their help)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "%(default)" in h or "default:" in h or action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or not action.option_strings:
+            return h
+        return h + " (default: %(default)s)"
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _float_in(low: float, high: float | None = None, *, low_open: bool = False):
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(v) or (v <= low if low_open else v < low) or (high is not None and v > high):
+            span = f"({low}, {high}]" if low_open else (f"[{low}, {high}]" if high is not None else f">= {low}")
+            raise argparse.ArgumentTypeError(f"must be {'in ' if high is not None else ''}{span}, got {text}")
+        return v
+
+    parse.__name__ = "float"
+    return parse
+
+
+def _threshold(text: str):
+    """δ: a float >= 0 or a preset D1..D6."""
+    from .methods.ditfastattn import PRESETS
+
+    if text in PRESETS:
+        return text
+    try:
+        return _float_in(0.0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a float >= 0 nor a preset "
+                                         f"{', '.join(sorted(PRESETS))}") from None
+
+
+POSITIVE = _int_at_least(1)
+SEED = _int_at_least(0)
+GUIDANCE = _float_in(0.0)
+
+
 def _model_args(p, default="demo-dit"):
     p.add_argument("--model", default=default,
                    help=f"a diffusers pipeline id/path, or a built-in offline model: {', '.join(TINY_MODELS)} "
-                        f"(testbed: trained, shipped; the others: random weights) (default: {default})")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+                        "(testbed: trained, shipped; the others: random weights)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bfloat16 on CUDA, float32 elsewhere")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ditaccel", description="Faster Diffusion Transformers without retraining.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    from . import __version__
 
-    p = sub.add_parser("demo", help="calibrate, generate dense and compressed side by side, report")
+    ap = _Parser(prog="ditaccel", description="Faster Diffusion Transformers without retraining.",
+                 formatter_class=_Help)
+    ap.add_argument("--version", action="version", version=f"ditaccel {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, **kw):
+        return sub.add_parser(name, formatter_class=_Help, **kw)
+
+    p = command("demo", help="generate dense and compressed side by side with the shipped (or a fresh) plan, report")
     _model_args(p, default="testbed")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--threshold", default="D2", help="δ (float) or a preset D1..D6")
-    p.add_argument("--window", default="band1d", choices=["band1d", "neighborhood2d"])
-    p.add_argument("--calibration-inputs", type=int, default=4)
-    p.add_argument("--samples", type=int, default=2)
-    p.add_argument("--out", default="ditaccel-demo", help="output folder")
+    p.add_argument("--steps", type=POSITIVE, default=10, help="denoising steps (2 or more)")
+    p.add_argument("--threshold", type=_threshold, default="D2", help="δ (float) or a preset D1..D6")
+    p.add_argument("--window", default="band1d", choices=["band1d", "neighborhood2d"], help="window attention kind")
+    p.add_argument("--calibration-inputs", type=POSITIVE, default=4, help="class labels/captions to calibrate on")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate even when the shipped testbed plan fits these settings (minutes on CPU; "
+                        "other settings or models always calibrate)")
+    p.add_argument("--samples", type=POSITIVE, default=2, help="images generated dense and compressed")
+    p.add_argument("--out", default="ditaccel-demo",
+                   help="output folder (created if missing; its parent must exist)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("calibrate", help="search a DiTFastAttn plan and save it as JSON")
+    p = command("calibrate", help="search a DiTFastAttn plan and save it as JSON")
     _model_args(p)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--threshold", default="0.1")
-    p.add_argument("--window", default="band1d", choices=["band1d", "neighborhood2d"])
-    p.add_argument("--window-size", type=float, default=0.25)
+    p.add_argument("--steps", type=POSITIVE, default=20, help="denoising steps the plan is for (2 or more)")
+    p.add_argument("--threshold", type=_threshold, default="0.1", help="δ (float) or a preset D1..D6")
+    p.add_argument("--window", default="band1d", choices=["band1d", "neighborhood2d"], help="window attention kind")
+    p.add_argument("--window-size", type=_float_in(0.0, 1.0, low_open=True), default=0.25,
+                   help="window size, a fraction of the tokens in (0, 1]")
     p.add_argument("--search", default="greedy", choices=["greedy", "local"],
                    help="greedy: the paper's search; local: per-layer scores + end-to-end binary search (faster)")
     p.add_argument("--prompt", action="append", help="calibration caption (repeat); default: 6 built-in")
-    p.add_argument("--class-labels", type=int, nargs="+", help="DiT class ids; default: 8 spread ids")
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="plan.json")
+    p.add_argument("--class-labels", type=SEED, nargs="+", help="DiT class ids; default: 8 spread ids")
+    p.add_argument("--guidance-scale", type=GUIDANCE, help="default: the pipeline's")
+    p.add_argument("--seed", type=SEED, default=0, help="calibration noise seed")
+    p.add_argument("--out", default="plan.json", help="plan file to write (its folder must exist)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("generate", help="generate with (or without) a plan")
+    p = command("generate", help="generate with (or without) a plan")
     _model_args(p)
-    p.add_argument("--plan", help="plan file from `ditaccel calibrate` (omit for dense)")
-    p.add_argument("--steps", type=int, help="default: the plan's step count")
-    p.add_argument("--prompt", action="append")
-    p.add_argument("--class-labels", type=int, nargs="+")
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="image.png")
+    p.add_argument("--plan", help="plan file from `ditaccel calibrate` (default: none, dense attention)")
+    p.add_argument("--steps", type=POSITIVE, help="default: the plan's step count, or 20 without a plan")
+    p.add_argument("--prompt", action="append", help="caption (repeat for several images); default: a built-in one")
+    p.add_argument("--class-labels", type=SEED, nargs="+", help="DiT class ids; default: one built-in id")
+    p.add_argument("--guidance-scale", type=GUIDANCE, help="default: the pipeline's")
+    p.add_argument("--seed", type=SEED, default=0, help="noise seed")
+    p.add_argument("--out", default="image.png", help="image file to write (its folder must exist)")
     p.set_defaults(func=cmd_generate)
 
     sub.add_parser("bench", help="speed of full-size architectures (random weights): `ditaccel bench -h`",
@@ -318,31 +614,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worth", help="each method against fewer steps and diffusers' caches at equal cost: "
                    "`ditaccel worth -h`", add_help=False)
 
-    p = sub.add_parser("eval", help="quality and speed of a method against dense on a trained testbed model")
-    p.add_argument("--model", default="image", choices=["image", "video"])
-    p.add_argument("--method", default="adaspa", choices=["adaspa", "ditfastattn", "dense"])
-    p.add_argument("--sparsity", type=float, default=0.8, help="adaspa: fraction of key blocks dropped")
+    p = command("eval", help="quality and speed of a method against dense on a trained testbed model")
+    p.add_argument("--model", default="image", choices=["image", "video"], help="which trained testbed")
+    p.add_argument("--method", default="adaspa", choices=["adaspa", "ditfastattn", "dense"], help="method to evaluate")
+    p.add_argument("--sparsity", type=_float_in(0.0, 1.0), default=0.8,
+                   help="adaspa: fraction of key blocks dropped")
     p.add_argument("--no-head-adaptive", action="store_true", help="adaspa: one sparsity for every head")
-    p.add_argument("--threshold", default="D4", help="ditfastattn: δ (float) or a preset D1..D6")
+    p.add_argument("--threshold", type=_threshold, default="D4", help="ditfastattn: δ (float) or a preset D1..D6")
     p.add_argument("--plan", help="ditfastattn: a plan file instead of calibrating")
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--samples", type=POSITIVE, default=16, help="samples generated per variant")
+    p.add_argument("--steps", type=POSITIVE, default=20, help="denoising steps")
+    p.add_argument("--guidance-scale", type=GUIDANCE, help="default: the testbed pipeline's")
     p.add_argument("--weights", help="folder with image/, video/ and the classifiers (default: shipped)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="generator dtype (the classifier always runs in float32)")
-    p.add_argument("--json", help="also write the metrics here")
+    p.add_argument("--json", help="also write the metrics here (its folder must exist)")
     p.add_argument("--samples-png", help="also write a grid of the first samples (dense, then the method) here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("plan", help="inspect plan files")
-    psub = p.add_subparsers(dest="plan_command", required=True)
-    s = psub.add_parser("show", help="print a summary and write a heat map PNG")
-    s.add_argument("plan")
+    p = command("plan", help="inspect plan files")
+    psub = p.add_subparsers(dest="plan_command", required=True, metavar="PLAN_COMMAND")
+    s = psub.add_parser("show", help="print a summary and write a heat map PNG", formatter_class=_Help)
+    s.add_argument("plan", help="plan file")
     s.add_argument("--png", help="heat map path (default: next to the plan)")
     s.add_argument("--json", action="store_true", help="also print method counts as JSON")
     s.set_defaults(func=cmd_plan_show)
+    return ap
+
+
+def _testbed_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="ditaccel testbed", description="Train the testbed models (shipped trained in the package).")
+    sub = ap.add_subparsers(dest="testbed_command", required=True, metavar="train")
+    sub.add_parser("train", add_help=False,
+                   help="train image|video|classifiers: `ditaccel testbed train -h` for its options")
     return ap
 
 
@@ -365,19 +670,15 @@ def main(argv: list[str] | None = None) -> int:
         from .testbed.train import main as train_main
 
         return train_main(argv[2:])
-    if argv[:1] == ["testbed"]:
-        print("ditaccel: error: testbed: the subcommand is `ditaccel testbed train image|video|classifiers`",
-              file=sys.stderr)
-        return 2
-    args = build_parser().parse_args(argv)
-    if getattr(args, "threshold", None) is not None:
-        try:
-            args.threshold = float(args.threshold)
-        except ValueError:
-            pass  # a preset name; DiTFastAttnConfig validates
     try:
+        if argv[:1] == ["testbed"]:
+            if argv[1:2] in (["-h"], ["--help"]):
+                _testbed_parser().print_help()
+                return 0
+            raise UsageError("testbed", "the subcommand is `ditaccel testbed train image|video|classifiers`")
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except ValueError as e:  # bad input (PlanError included): one clear line, no traceback
+    except ValueError as e:  # bad input (UsageError, PlanError): one clear line, no traceback
         print(f"ditaccel: error: {e}", file=sys.stderr)
         return 2
 
