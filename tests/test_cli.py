@@ -172,6 +172,7 @@ def test_demo(tmp_path, capsys):
     assert cli.main(["demo", "--model", "tiny-dit", "--steps", "3", "--calibration-inputs", "2", "--samples", "1",
                      "--out", str(out_dir)]) == 0
     out = capsys.readouterr().out
+    assert "plan: calibrating (the shipped plan is for the testbed, not 'tiny-dit')" in out
     assert re.search(r"speed-up [\d.]+x", out)
     assert re.search(r"attention FLOPs\s+[\d.]+% of dense", out)
     m = re.search(r"PSNR (\S+) dB", out)
@@ -300,6 +301,8 @@ BAD_INPUT = [  # (argv with {tmp} for a temp folder, the field the error names, 
     (["generate", "--model", "tiny-dit", "--out", "{tmp}/x.notanimage"], "--out", "extension"),
     (["generate", "--model", "tiny-dit", "--plan", "{tmp}/none.json"], "--plan", "no such file"),
     (["demo", "--out", "{tmp}/missing/sub"], "--out", "does not exist"),
+    (["demo", "--out", "{tmp}/afile"], "--out", "not a folder"),
+    (["plan", "show", "{tmp}/P.json", "--png", "{tmp}/missing/x.png"], "--png", "does not exist"),
     (["demo", "--samples", "0", "--out", "{tmp}/d"], "--samples", ">= 1"),
     (["demo", "--steps", "0", "--out", "{tmp}/d"], "--steps", ">= 1"),
     (["demo", "--steps", "1", "--out", "{tmp}/d"], "--steps", "step 0"),
@@ -333,6 +336,7 @@ BAD_INPUT = [  # (argv with {tmp} for a temp folder, the field the error names, 
 
 @pytest.mark.parametrize("argv,field,phrase", BAD_INPUT, ids=[" ".join(c[0][:3]) for c in BAD_INPUT])
 def test_bad_input_is_one_line_before_any_work(argv, field, phrase, tmp_path, capsys, no_work):
+    (tmp_path / "afile").write_text("a file, not a folder")
     err = _one_line_error([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
     assert f"error: {field}: " in err, err
     assert phrase in err, err
@@ -349,8 +353,8 @@ def test_cuda_without_cuda_is_one_line(command, tmp_path, capsys, no_work, monke
     assert "error: --device: 'cuda': CUDA is not available" in err
 
 
-def test_class_labels_outside_the_model_are_refused_before_generating(tmp_path, capsys, monkeypatch):
-    """The class count is known once the model is loaded: checked then, before calibrating or generating."""
+def test_model_dependent_input_is_refused_before_generating(tmp_path, capsys, monkeypatch):
+    """Class ids/names and the plan's model are checked once the model is loaded, before any generation."""
     def started(*a, **k):
         raise AssertionError("generation started with a bad class label")
 
@@ -365,6 +369,12 @@ def test_class_labels_outside_the_model_are_refused_before_generating(tmp_path, 
     err = _one_line_error(["generate", "--model", "tiny-pixart", "--class-labels", "3",
                            "--out", str(tmp_path / "x.png")], capsys)
     assert "error: --class-labels: this model takes prompts" in err
+    err = _one_line_error(["generate", "--model", "tiny-dit", "--prompt", "no such class",
+                           "--out", str(tmp_path / "x.png")], capsys)
+    assert "error: --prompt: this class-conditional model takes class names" in err and "golden retriever" in err
+    err = _one_line_error(["generate", "--model", "tiny-dit", "--plan", cli.DEMO_PLAN, "--class-labels", "3",
+                           "--out", str(tmp_path / "x.png")], capsys)
+    assert "error: --plan: " in err and "does not fit --model tiny-dit" in err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "P.json").exists()
 
 

@@ -163,7 +163,10 @@ def _call_params(pipe):
 def _inputs(pipe, prompts: list[str] | None, labels: list[int] | None, default_n: int) -> dict:
     if _is_dit(pipe):
         if labels is None and prompts:
-            labels = pipe.get_label_ids(prompts)
+            try:
+                labels = pipe.get_label_ids(prompts)
+            except ValueError as e:  # an unknown class name: diffusers lists the known ones
+                raise UsageError("--prompt", f"this class-conditional model takes class names: {e}") from None
         classes = pipe.transformer.config.num_embeds_ada_norm or 1000
         spread = 97 if classes == 1000 else 5  # distinct classes, spread over the label space
         return {"class_labels": labels or [i * spread % classes for i in range(1, default_n + 1)]}
@@ -385,7 +388,10 @@ def cmd_generate(args) -> int:
     if "use_resolution_binning" in _call_params(pipe) and args.model in TINY_MODELS:
         kw["use_resolution_binning"] = False
     if plan is not None:
-        ditaccel.apply(pipe, plan)
+        try:
+            ditaccel.apply(pipe, plan)
+        except ditaccel.PlanError as e:
+            raise UsageError("--plan", f"{args.plan!r} does not fit --model {args.model}: {e}") from None
     try:
         out, seconds = _timed(pipe, device, num_inference_steps=steps, generator=_generator(device, args.seed),
                               output_type="np", **kw)
@@ -679,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except ValueError as e:  # bad input (UsageError, PlanError): one clear line, no traceback
-        print(f"ditaccel: error: {e}", file=sys.stderr)
+        print("ditaccel: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
         return 2
 
 
