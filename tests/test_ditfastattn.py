@@ -106,19 +106,35 @@ def test_local_search_keeps_the_end_to_end_bound(dit, threshold):
     assert all(row[0] == "full" for row in plan.methods)
 
 
-def test_calibrated_plan_reproduces_calibration_output(pixart):
-    """The calibration's last run per step is exactly what apply() runs later: same output."""
+def test_calibrated_plan_reproduces_calibration_output(pixart, monkeypatch):
+    """The calibration's last run per step is exactly what apply() runs later: the image the
+    calibration pass itself produced equals the applied plan's image."""
+    import functools
+
+    images = []
+    call = type(pixart).__call__
+
+    @functools.wraps(call)
+    def capture(self, *args, **kwargs):  # the calibration's own pipeline call
+        out = call(self, *args, **kwargs)
+        images.append(out.images)
+        return out
+
+    monkeypatch.setattr(type(pixart), "__call__", capture)
     kw = dict(max_sequence_length=16, use_resolution_binning=False)
     plan = ditaccel.calibrate(pixart, ditaccel.DiTFastAttnConfig(threshold=0.1, show_progress=False),
                               num_inference_steps=STEPS, prompt=["a red circle", "a blue square"],
                               generator=gen(), output_type="pt", clean_caption=False, **kw)
+    monkeypatch.undo()
+    (calibration_image,) = images
+    assert plan.counts()["full"] < plan.num_layers * STEPS  # something compressed: not a trivial match
     ditaccel.apply(pixart, plan)
     try:
-        a = pixart_call(pixart)
-        b = pixart_call(pixart)
+        applied = pixart_call(pixart)
     finally:
         ditaccel.remove(pixart)
-    assert torch.equal(a, b)
+    assert torch.equal(applied, calibration_image)
+    assert not torch.equal(applied, pixart_call(pixart))  # and both differ from the uncompressed image
 
 
 # ------------------------------------------------------------------ methods vs definitions
@@ -249,21 +265,75 @@ def test_state_resets_between_generations_and_after_an_exception(dit):
         ditaccel.remove(dit)
 
 
+def _lockstep(pipes, call):
+    """Run ``call(pipe)`` for every pipe with their denoising steps interleaved: transformer call k
+    of pipe 0, then call k of pipe 1, ..., then call k + 1 of pipe 0. Each generation runs in its
+    own thread, but only one thread runs at a time (a baton passed at each transformer call).
+    Returns the outputs and the order of the transformer calls (pipe indices)."""
+    import threading
+
+    n = len(pipes)
+    baton = [threading.Semaphore(0) for _ in range(n)]
+    order, outputs, errors, done = [], [None] * n, [], set()
+
+    def take(j):
+        if not baton[j].acquire(timeout=120):
+            raise RuntimeError("lockstep: no turn in 120 s")
+
+    def hand_over(j):  # to the next pipe still generating; False when none is left
+        live = [i for i in range(j + 1, j + n) if i % n not in done]
+        if live:
+            baton[live[0] % n].release()
+        return bool(live)
+
+    def run(j):
+        calls = {"n": 0}
+
+        def pre(module, args, kwargs):
+            if calls["n"] and hand_over(j):  # from the second step on: the next pipe's turn, then ours
+                take(j)
+            calls["n"] += 1
+            order.append(j)
+
+        handle = pipes[j].transformer.register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            take(j)
+            outputs[j] = call(pipes[j])
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+        finally:
+            handle.remove()
+            done.add(j)
+            hand_over(j)
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in range(n)]
+    for t in threads:
+        t.start()
+    baton[0].release()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return outputs, order
+
+
 def test_two_pipelines_do_not_share_state():
     from ditaccel.testbed import tiny_dit_pipeline
 
     a, b = tiny_dit_pipeline(sample_size=8, num_layers=3), tiny_dit_pipeline(sample_size=8, num_layers=3, seed=1)
-    rows = [["full", "ast", "wars", "ast", "wars+asc", "ast"]] * 3
-    ref_a = None
-    ditaccel.apply(a, plan_of(a, rows))
-    ref_a = dit_call(a)
-    ditaccel.apply(b, plan_of(b, rows))
+    rows_a = [["full", "ast", "wars", "ast", "wars+asc", "ast"]] * 3
+    rows_b = [["full", "wars", "ast", "wars+asc", "asc", "wars"]] * 3
+    ditaccel.apply(a, plan_of(a, rows_a))
+    ditaccel.apply(b, plan_of(b, rows_b))
     try:
-        # interleave the two pipelines' steps through one shared scheduler-free loop: generations
-        # of b must not disturb a's caches
-        dit_call(b)
-        assert torch.equal(dit_call(a), ref_a)
+        solo_a, solo_b = dit_call(a), dit_call(b, labels=(3, 4), seed=1)
+        # interleave the two pipelines' steps (a0, b0, a1, b1, ...): each one's caches must survive
+        # the other's steps in between
+        (inter_a, inter_b), order = _lockstep([a, b], lambda p: dit_call(p) if p is a else dit_call(p, labels=(3, 4), seed=1))
+        assert order == [0, 1] * STEPS  # really interleaved, one transformer call per step each
+        assert torch.equal(inter_a, solo_a) and torch.equal(inter_b, solo_b)
         assert get_runtime(a) is not get_runtime(b)
+        assert ditaccel.stats(a).method_counts == {"full": 3, "ast": 9, "wars": 3, "wars+asc": 3}
     finally:
         ditaccel.remove(a)
         ditaccel.remove(b)
