@@ -141,13 +141,11 @@ def dit():
     return tiny_dit_pipeline(sample_size=8, num_layers=3)
 
 
-def _one(pipe, steps):
-    return pipe(class_labels=[1], num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                output_type="pt")
+ONE = dict(class_labels=[1], generator=torch.Generator().manual_seed(0), output_type="pt")
 
 
 def test_call_profile_counts_attention_and_projections_analytically(dit):
-    prof = call_profile(dit, lambda steps: _one(dit, steps))
+    prof = call_profile(dit, ONE)
     tr = dit.transformer
     cfg = tr.config
     tokens = (cfg.sample_size // cfg.patch_size) ** 2
@@ -165,10 +163,10 @@ def _run(pipe, n=2, ref_steps=4):
                call_kwargs={"guidance_scale": 4.0}, classifier=None, reference=None, reference_time=1.0,
                reference_steps=ref_steps, profile=None, labels=_labels("image", [1, 2][:n]), features_reference=None,
                warmup=False, share=0.5, efficiency=0.5)
-    from ditaccel.worth import _generate
+    from ditaccel.worth import _call_kwargs, _generate
 
     run.reference, run.reference_time = _generate(run, ref_steps)
-    run.profile = call_profile(pipe, lambda steps: _generate(run, steps, n=1))
+    run.profile = call_profile(pipe, _call_kwargs(run, 1, 1))
     return run
 
 

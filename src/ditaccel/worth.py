@@ -46,7 +46,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -373,53 +373,21 @@ class CallProfile:
         return self.attention + self.other
 
 
-def _is_attention_op(op) -> bool:
-    return "attention" in str(op)
+class _Projections:
+    """Q/K/V and output projection FLOPs of each attention layer, summed over the calls made
+    while it is installed (forward hooks on the four linears)."""
 
+    def __init__(self, attention_modules):
+        self.flops = [0.0] * len(attention_modules)
+        self._handles = [lin.register_forward_hook(lambda mod, args, out, i=i: self._add(i, mod, args[0]))
+                         for i, m in enumerate(attention_modules) for lin in (m.to_q, m.to_k, m.to_v, m.to_out[0])]
 
-class _Counter:
-    """FLOPs of the transformer's forward calls (``FlopCounterMode`` entered around each call,
-    attention-core ops left out) and the self-attention cores that ran (one per call of an
-    attention module's ``to_q``)."""
-
-    def __init__(self, transformer, attention_modules):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        self.mode_cls = FlopCounterMode
-        self.other = 0.0
-        self.calls = 0
-        self.cores = [0] * len(attention_modules)
-        self.proj = [0.0] * len(attention_modules)
-        self._mode = None
-        self._handles = [transformer.register_forward_pre_hook(self._enter),
-                         transformer.register_forward_hook(self._exit)]
-        for i, m in enumerate(attention_modules):
-            self._handles.append(m.to_q.register_forward_hook(lambda mod, a, o, i=i: self._core(i)))
-            for lin in (m.to_q, m.to_k, m.to_v, m.to_out[0]):
-                self._handles.append(lin.register_forward_hook(lambda mod, a, o, i=i: self._linear(i, mod, a)))
-
-    def _enter(self, module, args):
-        self._mode = self.mode_cls(display=False)
-        self._mode.__enter__()
-
-    def _exit(self, module, args, output):
-        mode, self._mode = self._mode, None
-        mode.__exit__(None, None, None)
-        counts = mode.get_flop_counts().get("Global", {})
-        self.other += sum(v for op, v in counts.items() if not _is_attention_op(op))
-        self.calls += 1
-
-    def _core(self, i):
-        self.cores[i] += 1
-
-    def _linear(self, i, mod, args):
-        x = args[0]
-        self.proj[i] += 2.0 * x.numel() / x.shape[-1] * mod.in_features * mod.out_features
+    def _add(self, i, mod, x):
+        self.flops[i] += 2.0 * x.numel() / x.shape[-1] * mod.in_features * mod.out_features
 
     def close(self):
         for h in self._handles:
             h.remove()
-        self._handles = []
 
 
 def _attention_modules(pipe):
@@ -428,23 +396,22 @@ def _attention_modules(pipe):
     return adapter_for(pipe.transformer).attention_modules(pipe.transformer)
 
 
-def call_profile(pipe, generate_one: Callable[[int], Any]) -> CallProfile:
-    """Count one sample's dense transformer call: ``generate_one(steps)`` runs the pipeline for
-    one sample; a 1-step run is counted (FLOPs do not depend on the timestep)."""
-    from .runtime import install, remove, stats
+def call_profile(pipe, call_kwargs: dict) -> CallProfile:
+    """Count one sample's dense transformer call: ``call_kwargs`` run the pipeline for one sample
+    and one step (FLOPs do not depend on the timestep), counted by ``baselines.measure_flops``."""
+    from .baselines import measure_flops
 
-    mods = _attention_modules(pipe)
-    counter = _Counter(pipe.transformer, mods)
-    install(pipe, DenseMethod())
+    projections = _Projections(_attention_modules(pipe))
     try:
-        generate_one(1)
-        attention = stats(pipe).attention_tflops_dense * 1e12
+        counted = measure_flops(pipe, dict(call_kwargs, num_inference_steps=1))
     finally:
-        remove(pipe)
-        counter.close()
-    if counter.calls != 1:
-        raise RuntimeError(f"call_profile: expected one transformer call for a 1-step generation, got {counter.calls}")
-    return CallProfile(attention=attention, other=counter.other, projections=list(counter.proj))
+        projections.close()
+    if counted["transformer_calls"] != 1:
+        raise RuntimeError(f"call_profile: expected one transformer call for a 1-step generation, got "
+                           f"{counted['transformer_calls']}")
+    return CallProfile(attention=float(counted["attention_flops"]),
+                       other=float(counted["total_flops"] - counted["attention_flops"]),
+                       projections=projections.flops)
 
 
 def projected_time(other: float, attention_dense_rate: float, attention_compressed: float, share: float,
@@ -511,6 +478,13 @@ class _Run:
     efficiency: float
 
 
+def _call_kwargs(run: _Run, steps: int, n: int) -> dict:
+    """The pipeline arguments of one call generating the first ``n`` samples, as ``_generate``'s."""
+    key = "class_labels" if run.kind == "image" else "prompt"
+    return dict(run.call_kwargs, **{key: list(run.inputs[:n])}, num_inference_steps=steps, output_type="pt",
+                generator=[torch.Generator().manual_seed(int(x)) for x in run.seeds[:n]])
+
+
 def _generate(run: _Run, steps: int, on_batch=None, n: int | None = None):
     from .evaluate import _generate as generate
 
@@ -562,22 +536,17 @@ def _measure(run: _Run, setting: Setting) -> dict:
     if setting.cache:
         from . import baselines
 
-        mods = _attention_modules(pipe)
         counted = min(run.batch_size, n)
         baselines.enable(pipe, setting.method)  # (MagCache calibrates here, uncounted)
-        counter = _Counter(pipe.transformer, mods)
         try:
-            _generate(run, setting.steps, n=counted)  # the counted run (also the warm-up)
-            counter.close()
+            flops = baselines.measure_flops(pipe, _call_kwargs(run, setting.steps, counted))  # also the warm-up
             scale = n / counted
-            # a core that ran in a call of `counted` samples costs counted x one sample's share of a layer
-            attn_done = attn_dense_rate = sum(counter.cores) * counted * prof.attention / len(mods) * scale
-            other = counter.other * scale
+            attn_done = attn_dense_rate = flops["attention_flops"] * scale
+            other = (flops["total_flops"] - flops["attention_flops"]) * scale
             samples, seconds = _generate(run, setting.steps)
         finally:
-            counter.close()
             baselines.disable(pipe)
-        row["transformer_calls"] = counter.calls * math.ceil(n / counted)  # the counted run is one batch
+        row["transformer_calls"] = flops["transformer_calls"] * math.ceil(n / counted)  # counted: one batch
     else:
         method = setting.method
         if isinstance(method, DiTFastAttnConfig):
@@ -678,7 +647,7 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
     run.features_reference = torch.cat([
         classifier_features(clf, chunk, batch_size=batch_size)
         for chunk in _reference_batches(kind, run.reference, run.labels, n_reference, 1_000_003, batch_size)])
-    run.profile = call_profile(pipe, lambda steps: _generate(run, steps, n=1))
+    run.profile = call_profile(pipe, _call_kwargs(run, 1, 1))
     reference = {"steps": reference_steps, "time_s": run.reference_time, **_quality(run, run.reference)}
     log(f"{which} reference: dense {reference_steps} steps, {run.reference_time:.2f} s, accuracy "
         f"{reference.get('accuracy', math.nan):.3f}; one sample's call: attention {run.profile.attention / 1e9:.3g} "
