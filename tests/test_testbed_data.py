@@ -435,3 +435,39 @@ def test_video_heads_keep_the_width_and_are_saved_in_the_config(tmp_path):
     with pytest.raises(ValueError, match="attention_backend"):
         train_video(tmp_path / "w", toy=True, device="cpu", progress=False, attention_backend="fa3")
     assert not (tmp_path / "w").exists()
+
+
+def test_video_rope_option_trains_with_the_pipelines_rotary_tables(tmp_path, monkeypatch):
+    from diffusers import CogVideoXTransformer3DModel
+
+    from ditaccel.testbed.train import build_video_components
+
+    seen = []
+    forward = CogVideoXTransformer3DModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("image_rotary_emb"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "forward", spy)
+    info = train_video(tmp_path / "r", toy=True, device="cpu", progress=False, heads=1, rope=True, compile=False)
+    assert info["rope"] is True and len(seen) == info["steps_done"] == 3
+    pipe = load_video_pipeline(tmp_path / "r")
+    assert pipe.transformer.config.use_rotary_positional_embeddings
+    assert pipe.transformer.patch_embed.use_positional_embeddings is False  # RoPE replaces the sin-cos table
+    cos, sin = pipe._prepare_rotary_positional_embeddings(16, 16, 4, torch.device("cpu"))
+    assert cos.shape == (4 * 8 * 8, 16)
+    assert all(torch.equal(r[0], cos) and torch.equal(r[1], sin) for r in seen)
+    seen.clear()
+    frames = pipe(["a red square moving left over stripes"], num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 4, 3, 16, 16) and seen and all(r is not None for r in seen)
+    # no RoPE: no tables; continuing a RoPE run without --rope is refused before any step
+    seen.clear()
+    train_video(tmp_path / "n", toy=True, device="cpu", progress=False, heads=1, compile=False)
+    assert seen and all(r is None for r in seen)
+    with pytest.raises(ValueError, match="use_rotary_positional_embeddings: saved True, this run False"):
+        train_video(tmp_path / "x", toy=True, device="cpu", progress=False, heads=1, init_from=tmp_path / "r")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="rope: the head dim must be a multiple of 16"):
+        build_video_components(toy=True, rope=True)  # toy head dim 8

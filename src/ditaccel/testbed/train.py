@@ -314,6 +314,22 @@ def _init_from(folder, modules: dict[str, torch.nn.Module]) -> str | None:
     return str(folder)
 
 
+def _check_init_config(folder, config, keys) -> None:
+    """Refuse to continue from a folder whose transformer differs in any of ``keys`` (e.g. RoPE,
+    which has no weights of its own and would otherwise pass the state-dict check silently)."""
+    if folder is None:
+        return
+    path = Path(folder) / "transformer" / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: no transformer config at {path}")
+    saved = json.loads(path.read_text())
+    diff = {k: (saved.get(k), config[k]) for k in keys if saved.get(k, config[k]) != config[k]}
+    if diff:
+        raise ValueError(f"init_from: {folder} has a different transformer ("
+                         + ", ".join(f"{k}: saved {a}, this run {b}" for k, (a, b) in diff.items())
+                         + "); pass the same --layers/--heads/--width/--rope")
+
+
 class _Probe:
     """A learning curve: every ``every`` minutes (and at the end), the EMA weights generate ``n``
     samples through the pipeline (``make_pipe()``, 20 steps) and the classifier at
@@ -651,7 +667,8 @@ def train_image(
 # video CogVideoX
 # --------------------------------------------------------------------------------------------
 def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: float = 1.0,
-                           heads: int | None = None, layers: int | None = None, width: int | None = None):
+                           heads: int | None = None, layers: int | None = None, width: int | None = None,
+                           rope: bool = False):
     """(tokenizer, text_encoder, transformer) of the video testbed, adaLN-Zero initialised.
 
     heads: number of attention heads (``None``: the config's); width: the attention width
@@ -666,6 +683,10 @@ def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: fl
     keys). The default 1.0 is diffusers' own initialisation; ``VIDEO_RECIPE`` (what
     ``train_video`` uses) sets 1.5, with which the video model (then 6 heads x 32) learned the
     caption's motion within 5 minutes instead of 10-15.
+
+    rope: 3D rotary position embeddings on q/k instead of the 2b layout's sin-cos table added to
+    the input (CogVideoX 5b's layout; HunyuanVideo and Wan2.1 also use 3D RoPE). The pipeline
+    computes the rotary tables itself from the transformer config.
     """
     if isinstance(qk_norm_init, bool) or not isinstance(qk_norm_init, (int, float)) \
             or not (math.isfinite(qk_norm_init) and qk_norm_init > 0):
@@ -684,6 +705,12 @@ def build_video_components(*, toy: bool = False, seed: int = 0, qk_norm_init: fl
         if width % heads:
             raise ValueError(f"heads must divide the width {width}, got {heads!r}")
         cfg.update(num_attention_heads=heads, attention_head_dim=width // heads)
+    if not isinstance(rope, bool):
+        raise ValueError(f"rope must be True or False, got {rope!r}")
+    if rope:
+        if cfg["attention_head_dim"] % 16:  # 3D RoPE splits the head dim 2:3:3 into even parts
+            raise ValueError(f"rope: the head dim must be a multiple of 16, got {cfg['attention_head_dim']}")
+        cfg["use_rotary_positional_embeddings"] = True
     tokenizer = build_caption_tokenizer(cfg["max_text_seq_length"])
     t5 = dict(VIDEO_TEXT_ENCODER_CONFIG, vocab_size=len(tokenizer), **(TOY_TEXT_ENCODER if toy else {}))
     if cfg["text_embed_dim"] != t5["d_model"]:
@@ -728,12 +755,15 @@ def train_video(
     attention_backend: str | None = None,
     layers: int | None = None,
     width: int | None = None,
+    rope: bool = False,
 ) -> dict:
     """Train the pixel-space video CogVideoX (and its T5 text encoder) on ``VideoCaptions`` and
     save a ``PixelCogVideoXPipeline`` folder (``tokenizer/``, ``text_encoder/``, ``transformer/``,
     ``scheduler/``, fp16 safetensors). Arguments as ``train_image`` (recipe: ``VIDEO_RECIPE``);
-    ``qk_norm_init`` overrides the recipe's, ``heads`` / ``layers`` / ``width`` the config's head
-    count, depth and attention width (see ``build_video_components``); ``attention_backend`` (``"cudnn"``, ``"flash"``,
+    ``qk_norm_init`` overrides the recipe's, ``heads`` / ``layers`` / ``width`` / ``rope`` the
+    config's head count, depth, attention width and position embedding (see
+    ``build_video_components``; with ``rope`` the training calls pass the rotary tables the
+    pipeline computes, ``_prepare_rotary_positional_embeddings``); ``attention_backend`` (``"cudnn"``, ``"flash"``,
     ``"efficient"``) is tried first by SDPA during training (``None``: PyTorch's own order).
 
     The text path is the pipeline's: captions are tokenized to ``max_text_seq_length`` tokens,
@@ -748,7 +778,9 @@ def train_video(
     plan, bs, peak, budget = _setup(recipe, dev, toy=toy, steps=steps, batch_size=batch_size, lr=lr, minutes=minutes)
 
     tokenizer, text_encoder, model = build_video_components(toy=toy, seed=seed, qk_norm_init=recipe["qk_norm_init"],
-                                                            heads=heads, layers=layers, width=width)
+                                                            heads=heads, layers=layers, width=width, rope=rope)
+    _check_init_config(init_from, model.config, ("num_layers", "num_attention_heads", "attention_head_dim",
+                                                  "use_rotary_positional_embeddings"))
     init = _init_from(init_from, {"transformer": model, "text_encoder": text_encoder})
     model.to(dev).train()
     text_encoder.to(dev).train()
@@ -768,6 +800,15 @@ def train_video(
     T = sched.config.num_train_timesteps
     L = cfg.max_text_seq_length
     id_cache: dict[str, torch.Tensor] = {}
+
+    def video_pipe():
+        pipe = PixelCogVideoXPipeline(tokenizer, text_encoder, model, sched)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    # the rotary tables of the training shape, as the pipeline computes them at inference
+    rotary = video_pipe()._prepare_rotary_positional_embeddings(
+        cfg.sample_height, cfg.sample_width, cfg.sample_frames, dev) if cfg.use_rotary_positional_embeddings else None
 
     def ids_of(captions):
         missing = [c for c in dict.fromkeys(captions) if c not in id_cache]
@@ -791,7 +832,8 @@ def train_video(
         v = a.sqrt() * noise - (1 - a).sqrt() * x0
         with _autocast(dev):
             emb = text_encoder(ids)[0]
-            pred = fwd(hidden_states=xt, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
+            pred = fwd(hidden_states=xt, encoder_hidden_states=emb, timestep=t, image_rotary_emb=rotary,
+                       return_dict=False)[0]
         loss = F.mse_loss(pred.float(), v)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -799,18 +841,13 @@ def train_video(
         ema.update()
         return loss.detach()
 
-    def video_pipe():
-        pipe = PixelCogVideoXPipeline(tokenizer, text_encoder, model, sched)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
     probe = _Probe(probe_every, probe_classifier, probe_samples, video_pipe, ema, [model, text_encoder], dev)
     with backend_first:
         done, losses, rate = _loop("video", plan, budget, progress, step_fn, probe)
     _sync(dev)
     info = _run_info("video", plan=plan, probe=probe, init=init, done=done, losses=losses, rate=rate,
                      seconds=budget.elapsed(), seed=seed, device=str(dev), batch_size=bs, lr=peak, toy=toy,
-                     attention_backend=attention_backend,
+                     attention_backend=attention_backend, rope=rope,
                      recipe=recipe, params=sum(p.numel() for p in model.parameters()),
                      skipped_steps=int(skipped.item()),
                      text_encoder_params=sum(p.numel() for p in text_encoder.parameters()))
@@ -974,6 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
                     "width / heads)")
     ap.add_argument("--layers", type=int, help="video: transformer blocks (default: the config's 6)")
     ap.add_argument("--width", type=int, help="video: attention width, heads x head dim (default: the config's 192)")
+    ap.add_argument("--rope", action="store_true", help="video: 3D rotary position embeddings (CogVideoX 5b layout) "
+                    "instead of the 2b sin-cos table")
     ap.add_argument("--attention-backend", choices=list(_SDPA_BACKENDS),
                     help="video: the SDPA backend tried first while training (default: PyTorch's order)")
     ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], help="image: the training target")
@@ -987,7 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.only and a.what != "classifiers":
         raise SystemExit("--only: only for classifiers")
     for flag, v in (("--qk-norm-init", a.qk_norm_init), ("--heads", a.heads), ("--layers", a.layers),
-                    ("--width", a.width), ("--attention-backend", a.attention_backend)):
+                    ("--width", a.width), ("--attention-backend", a.attention_backend), ("--rope", a.rope or None)):
         if v is not None and a.what != "video":
             raise SystemExit(f"{flag}: only for video")
     gen = dict(compile={"auto": None, "on": True, "off": False}[a.compile], init_from=a.init,
@@ -999,7 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
         info = train_image(out, minutes=a.minutes or 15.0, prediction_type=a.prediction_type, **gen, **kw)
     elif a.what == "video":
         info = train_video(out, minutes=a.minutes or 18.0, qk_norm_init=a.qk_norm_init, heads=a.heads,
-                           layers=a.layers, width=a.width, attention_backend=a.attention_backend, **gen, **kw)
+                           layers=a.layers, width=a.width, attention_backend=a.attention_backend, rope=a.rope,
+                           **gen, **kw)
     else:
         which = (a.only,) if a.only else ("image", "video")
         info = train_classifiers(out, minutes=a.minutes or 4.0, which=which, **kw)
