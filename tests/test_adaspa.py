@@ -147,8 +147,8 @@ def test_cache_is_compact_and_freed(dit):
 
         def spy(*a, **k):
             out = orig(*a, **k)
-            cache = a[-1]
-            peaks.append((cache.nbytes(), cache.kv_indices.dtype, cache.kv_indices.shape[-1]))
+            cache = a[-1]  # _search(what, ctx, q, k, v, kpm, cache, heads=...)
+            peaks.append((cache.nbytes(), cache.mask.bits.dtype, tuple(cache.mask.bits.shape)))
             return out
 
         get_runtime(dit).method._search = spy
@@ -156,10 +156,11 @@ def test_cache_is_compact_and_freed(dit):
         caches = list(get_runtime(dit).state_manager._state_cache.values())[0].caches.values()
     finally:
         ditaccel.remove(dit)
-    nbytes, dtype, k = peaks[0]
-    assert dtype == torch.int16 and k < 4  # 4 key blocks: rows cut to the longest kept list
-    assert nbytes <= cache_bytes_per_layer(heads=2, tokens=64, block_size=16, sparsity=0.5, batch=4)
-    assert all(c.lse is None and c.kv_indices is None for c in caches)  # freed after the last step
+    nbytes, dtype, shape = peaks[0]
+    assert dtype == torch.uint8 and shape == (4, 2, 4, 1)  # 4 key blocks: one byte of bits per row
+    # no text: the bound is exact (LSE 4 x 2 x 64 fp32 + 4 x 2 x 4 bytes of bits)
+    assert nbytes == cache_bytes_per_layer(heads=2, tokens=64, block_size=16, batch=4) == 2048 + 32
+    assert all(c.lse is None and c.mask is None for c in caches)  # freed after the last step
 
 
 def test_a_step_count_the_schedule_cannot_fit_is_refused(dit):

@@ -18,6 +18,16 @@ Query token ``i`` (in block ``p = i // block_size``) attends key token ``j`` iff
 ``(B, L)`` bool is given, ``key_padding_mask[b, j]`` is True. A query row whose
 allowed keys are all padded out gets output 0 and log-sum-exp ``-inf``.
 
+``dense_query_blocks=(a, b)`` (optional): query blocks ``a <= p < b`` attend every key block
+and their rows of ``kv_indices`` / ``kv_counts`` are not read, so a caller whose few rows are
+dense (a text sink) need not widen every row of ``kv_indices`` to ``NK`` for them: the Triton
+backend runs those rows as a second pass over one shared full list, merged through the tile
+kernel's ``init`` (no merge pass).
+
+:func:`pack_block_mask` / :func:`unpack_block_mask` store a bool block mask at one bit per
+block (a cache of masks between calls: 1 bit per block against 16 for an int16 index at any
+density above 1/16).
+
 Layout everywhere is SDPA's: ``q, k, v`` of shape ``(B, H, L, D)``. Self-attention
 only (k/v have the same ``L`` as q).
 
@@ -55,6 +65,8 @@ __all__ = [
     "block_sparse_flops",
     "mask_to_indices",
     "indices_to_mask",
+    "pack_block_mask",
+    "unpack_block_mask",
 ]
 
 _BACKENDS = ("auto", "triton", "gather", "flex", "reference")
@@ -122,6 +134,30 @@ def indices_to_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nk: int) 
     return dense[..., :nk]
 
 
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_block_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``(..., N)`` -> uint8 ``(..., ceil(N / 8))``: column ``c`` is bit ``c % 8`` (least
+    significant first) of byte ``c // 8``; the bits past ``N`` in the last byte are 0."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() < 1:
+        raise ValueError(f"mask must be a bool tensor (..., N), got {getattr(mask, 'dtype', type(mask).__name__)}")
+    n = mask.shape[-1]
+    padded = F.pad(mask.to(torch.uint8), (0, -n % 8)).unflatten(-1, (-1, 8))
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    return (padded * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_block_mask(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 ``(..., ceil(n / 8))`` from :func:`pack_block_mask` -> bool ``(..., n)``."""
+    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.dim() < 1:
+        raise ValueError(f"bits must be a uint8 tensor (..., ceil(n / 8)), got {getattr(bits, 'dtype', bits)!r:.60}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or bits.shape[-1] != -(-n // 8):
+        raise ValueError(f"n must be an int with ceil(n / 8) = {bits.shape[-1]} (bits' last dim), got {n!r}")
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    return ((bits[..., None] & weights) != 0).flatten(-2)[..., :n]
+
+
 def _token_mask(kv_indices, kv_counts, block_size: int, L: int, key_padding_mask=None) -> torch.Tensor:
     """Dense ``(B, H, L, L)`` bool token mask (True = attend)."""
     nb = _cdiv(L, block_size)
@@ -136,11 +172,15 @@ def _token_mask(kv_indices, kv_counts, block_size: int, L: int, key_padding_mask
 # --------------------------------------------------------------------------- validation
 
 
-def _check_selection(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nb: int) -> None:
-    """Data-dependent checks of ``(kv_indices, kv_counts)``, with a single device sync."""
+def _check_selection(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nb: int, dense=None) -> None:
+    """Data-dependent checks of ``(kv_indices, kv_counts)``, with a single device sync; the rows of
+    the ``dense`` query-block range are not read, so not checked."""
     kmax = min(kv_indices.shape[3], nb)
-    valid = _valid_entries(kv_indices, kv_counts)
-    bad_count = (kv_counts < 1) | (kv_counts > kmax)
+    read = torch.ones(nb, dtype=torch.bool, device=kv_counts.device)
+    if dense is not None:
+        read[dense[0]:dense[1]] = False
+    valid = _valid_entries(kv_indices, kv_counts) & read[:, None]
+    bad_count = ((kv_counts < 1) | (kv_counts > kmax)) & read
     bad_index = ((kv_indices < 0) | (kv_indices >= nb)) & valid
     # duplicates among the valid entries: invalid ones get distinct sentinels >= nb, then sort the rows
     cols = torch.arange(kv_indices.shape[3], device=kv_indices.device, dtype=torch.int32)
@@ -155,7 +195,20 @@ def _check_selection(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nb: int)
         raise ValueError("kv_indices: the first kv_counts entries of each row must be distinct")
 
 
-def _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, backend, validate) -> float:
+def _check_dense_rows(dense_query_blocks, nb: int):
+    """``None`` or ``(a, b)`` with ``0 <= a <= b <= nb`` -> ``None`` (no dense row) or ``(a, b)``."""
+    if dense_query_blocks is None:
+        return None
+    d = dense_query_blocks
+    if (not isinstance(d, (tuple, list)) or len(d) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in d) or not 0 <= d[0] <= d[1] <= nb):
+        raise ValueError(f"dense_query_blocks must be None or (a, b) with 0 <= a <= b <= NQ = {nb}, got {d!r}")
+    return (d[0], d[1]) if d[0] < d[1] else None
+
+
+def _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, backend, validate,
+                  dense_query_blocks=None):
+    """Validate everything; return ``(scale, dense)`` (``dense``: ``None`` or the query-block range)."""
     scale = check_qkv((("q", q), ("k", k), ("v", v)), key_padding_mask, scale)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -189,9 +242,10 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding
     for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
         if t.device != q.device:
             raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+    dense = _check_dense_rows(dense_query_blocks, nb)
     if validate:
-        _check_selection(kv_indices, kv_counts, nb)
-    return scale
+        _check_selection(kv_indices, kv_counts, nb, dense)
+    return scale, dense
 
 
 # --------------------------------------------------------------------------- reference
@@ -199,7 +253,7 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding
 
 def block_sparse_attention_reference(
     q, k, v, kv_indices, kv_counts, *, block_size: int = 64, scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None, dense_query_blocks: tuple[int, int] | None = None,
 ):
     """Exact reference: dense ``(B, H, L, L)`` token mask, masked softmax.
 
@@ -207,8 +261,22 @@ def block_sparse_attention_reference(
     in ``q.dtype``, ``lse`` the natural-log row log-sum-exp ``(B, H, L)`` in the compute
     dtype. Rows with no allowed key: ``out = 0``, ``lse = -inf``.
     """
-    scale = _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, "reference", True)
+    scale, dense = _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, "reference",
+                                 True, dense_query_blocks)
+    kv_indices, kv_counts = _full_rows(kv_indices, kv_counts, -(-q.shape[2] // block_size), dense)
     return _reference(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask)
+
+
+def _full_rows(kv_indices, kv_counts, nb: int, dense):
+    """The selection with the ``dense`` query-block rows written out as full lists (width ``NK``):
+    for the backends that are not memory-critical (reference, flex)."""
+    if dense is None:
+        return kv_indices, kv_counts
+    counts = kv_counts.clone()
+    counts[:, :, dense[0]:dense[1]] = 0
+    blocks = indices_to_mask(kv_indices, counts, nb)
+    blocks[:, :, dense[0]:dense[1]] = True
+    return mask_to_indices(blocks)
 
 
 def _reference(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, key_padding_mask):
@@ -226,7 +294,7 @@ def _reference(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, ke
 
 
 def _gather(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, key_padding_mask,
-            chunk_elems: int = 1 << 24):
+            chunk_elems: int = 1 << 24, dense=None):
     """Exact block-sparse attention with batched matmuls over gathered key/value blocks.
 
     Per chunk of query blocks, each row's selected key blocks (padded to the chunk's longest
@@ -236,7 +304,8 @@ def _gather(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, key_p
     CPU threads it runs at 1.25x the speed of dense SDPA (``ditaccel bench sparsity --device cpu
     --threads 2 --tokens 4624 --heads 3 --head-dim 64 --batch 2 --kept 0.3 --dtype float32``,
     2026-11-25); the dense-mask reference materialises (B, H, L, L) scores and masks instead.
-    Returns ``(out in q.dtype, lse)`` like :func:`_reference`."""
+    ``dense``: ``None`` or the query-block range ``(a, b)`` that attends every key block (its rows
+    of the selection are not read). Returns ``(out in q.dtype, lse)`` like :func:`_reference`."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, H, L, D = q.shape
     bs, dev = block_size, q.device
@@ -250,18 +319,14 @@ def _gather(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, key_p
     bi = torch.arange(B, device=dev).view(B, 1, 1, 1)
     hi = torch.arange(H, device=dev).view(1, H, 1, 1)
     counts = kv_counts.to(torch.long)
+    if dense is not None:
+        counts = counts.clone()
+        counts[:, :, dense[0]:dense[1]] = 0  # done below, over every key block
     out = torch.zeros(B, H, nb, bs, D, dtype=cdt, device=dev)
     lse = torch.full((B, H, nb, bs), float("-inf"), dtype=cdt, device=dev)
-    widest = max(1, min(kv_indices.shape[-1], nb))
-    step = max(1, chunk_elems // (B * H * widest * bs * max(bs, D)))
-    for p0 in range(0, nb, step):
-        p1 = min(nb, p0 + step)
-        c = counts[:, :, p0:p1]
-        m = int(c.max())
-        if m == 0:
-            continue
-        slot = torch.arange(m, device=dev) < c[..., None]  # (B, H, P, m)
-        idx = torch.where(slot, kv_indices[:, :, p0:p1, :m].to(torch.long), 0)
+
+    def attend(p0, p1, idx, slot):
+        """Query blocks p0..p1-1 over their gathered key blocks ``idx`` (B, H, P, m), ``slot`` valid."""
         ok = (key_ok[bi, 0, idx] & slot[..., None]).flatten(-2)  # (B, H, P, m * bs)
         s = torch.einsum("bhpqd,bhpmkd->bhpqmk", qb[:, :, p0:p1] * scale, kb[bi, hi, idx]).flatten(-2)
         s.masked_fill_(~ok[:, :, :, None, :], float("-inf"))
@@ -271,6 +336,23 @@ def _gather(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, key_p
         o = torch.einsum("bhpqj,bhpjd->bhpqd", s, vb[bi, hi, idx].flatten(-3, -2))
         out[:, :, p0:p1] = o / den.clamp_min(torch.finfo(cdt).tiny)[..., None]  # empty rows: 0
         lse[:, :, p0:p1] = mx[..., 0] + torch.log(den)  # empty rows: -inf + log 0 = -inf
+
+    widest = max(1, min(kv_indices.shape[-1], nb))
+    step = max(1, chunk_elems // (B * H * widest * bs * max(bs, D)))
+    for p0 in range(0, nb, step):
+        p1 = min(nb, p0 + step)
+        c = counts[:, :, p0:p1]
+        m = int(c.max())
+        if m == 0:
+            continue
+        slot = torch.arange(m, device=dev) < c[..., None]  # (B, H, P, m)
+        attend(p0, p1, torch.where(slot, kv_indices[:, :, p0:p1, :m].to(torch.long), 0), slot)
+    if dense is not None:
+        step = max(1, chunk_elems // (B * H * nb * bs * max(bs, D)))
+        for p0 in range(dense[0], dense[1], step):
+            p1 = min(dense[1], p0 + step)
+            idx = torch.arange(nb, device=dev).expand(B, H, p1 - p0, nb)
+            attend(p0, p1, idx, torch.ones(B, H, p1 - p0, nb, dtype=torch.bool, device=dev))
     return out.view(B, H, nb * bs, D)[:, :, :L].to(q.dtype), lse.view(B, H, nb * bs)[:, :, :L]
 
 
@@ -301,7 +383,8 @@ def tile_list(kv_indices: torch.Tensor, kv_counts: torch.Tensor, block_size: int
     return TileList(idx, cnt, flags.contiguous(), 2 * block_size, block_size)
 
 
-def _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, return_lse, query_blocks):
+def _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, return_lse, query_blocks,
+                      dense=None):
     if triton is None:
         raise ValueError("backend 'triton' needs the triton package")
     if not (q.is_cuda or triton_interpreting()):
@@ -314,8 +397,23 @@ def _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_pad
         query_blocks = 1
     if query_blocks not in (1, 2) or query_blocks * block_size > 128:
         raise ValueError(f"query_blocks must be 1, or 2 with block_size <= 64; got {query_blocks!r}")
-    tiles = tile_list(kv_indices, kv_counts, block_size, query_blocks)
-    return tile_attention(q, k, v, tiles, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
+    if dense is None:
+        tiles = tile_list(kv_indices, kv_counts, block_size, query_blocks)
+        return tile_attention(q, k, v, tiles, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
+    # Two passes: the dense rows over one list of every key block, shared by all (batch, head)
+    # (G = 1: NQ x NK int32, not B * H of them), then the selected rows, started from the first
+    # pass's (out, lse) through the kernel's init (rows it skips keep the first pass's result).
+    nb = kv_indices.shape[2]
+    full = torch.arange(nb, device=q.device, dtype=torch.int32).expand(1, nb, nb).contiguous()
+    rows = torch.zeros(1, nb, dtype=torch.int32, device=q.device)
+    rows[:, dense[0]:dense[1]] = nb
+    first = tile_attention(q, k, v, TileList(full, rows, None, block_size, block_size), scale=scale,
+                           key_padding_mask=key_padding_mask, return_lse=True)
+    counts = kv_counts.clone()
+    counts[:, :, dense[0]:dense[1]] = 0
+    tiles = tile_list(kv_indices, counts, block_size, query_blocks)
+    return tile_attention(q, k, v, tiles, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse,
+                          init=first)
 
 
 # --------------------------------------------------------------------------- flex
@@ -413,6 +511,7 @@ def block_sparse_attention(
     backend: str = "auto",
     validate: bool = True,
     query_blocks: int | None = None,
+    dense_query_blocks: tuple[int, int] | None = None,
 ):
     """Block-sparse self-attention, ``(B, H, L, D)`` in and out.
 
@@ -441,21 +540,30 @@ def block_sparse_attention(
             read out of bounds in the Triton kernel.
         query_blocks: ``"triton"``: query blocks per program, 1 or 2 (see :func:`tile_list`);
             default 1.
+        dense_query_blocks: ``None`` or ``(a, b)``, ``0 <= a <= b <= NQ``: query blocks
+            ``a..b-1`` attend every key block (key padding still applies); their rows of
+            ``kv_indices`` / ``kv_counts`` are not read (any content). ``"triton"`` runs them as a
+            first pass over one full key-block list shared by every (batch, head), then the
+            other rows from its result (see :func:`_triton_attention`).
 
     Returns:
         ``out`` ``(B, H, L, D)`` in ``q.dtype``, and ``lse`` if ``return_lse``.
     """
-    scale = _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, backend, validate)
+    scale, dense = _check_inputs(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, backend,
+                                 validate, dense_query_blocks)
     if backend == "auto":
         backend = "triton" if triton is not None and (q.is_cuda or triton_interpreting()) else "gather"
     if backend == "triton":
         return _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, return_lse,
-                                 query_blocks)
+                                 query_blocks, dense)
+    if backend == "gather":
+        out, lse = _gather(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask, dense=dense)
+        return (out, lse.float()) if return_lse else out
+    kv_indices, kv_counts = _full_rows(kv_indices, kv_counts, -(-q.shape[2] // block_size), dense)
     if backend == "flex":
         bm = _flex_block_mask(kv_indices, kv_counts, block_size, q.shape[2], key_padding_mask, eager=not q.is_cuda)
         return _flex_forward(q, k, v, bm, scale, return_lse, q.is_cuda, block_size)
-    fn = _gather if backend == "gather" else _reference
-    out, lse = fn(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask)
+    out, lse = _reference(q, k, v, kv_indices, kv_counts, block_size, scale, key_padding_mask)
     return (out, lse.float()) if return_lse else out
 
 

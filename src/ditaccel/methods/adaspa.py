@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.block_mass import BLOCK_SIZES, attention_with_lse, block_mass
-from ..kernels.block_sparse import block_sparse_attention, block_sparse_flops, mask_to_indices
+from ..kernels.block_sparse import block_sparse_attention, pack_block_mask, unpack_block_mask
+from ..kernels.tiles import compact_columns
 
 
 HEAD_RULES = ("tiers", "mass", "top_p")
@@ -282,31 +283,291 @@ def select_mask(W: torch.Tensor, config: AdaSpaConfig, always: torch.Tensor | No
     return mask, s, recall(W, mask)
 
 
-def compact_indices(kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> torch.Tensor:
-    """Index lists cut to the longest row and stored as int16 when the block ids fit: the cache
-    holds (B, H, NQ, max kept) × 2 bytes instead of (B, H, NQ, NK) × 4."""
-    kmax = max(int(kv_counts.max()), 1)
-    idx = kv_indices[..., :kmax]
-    return idx.to(torch.int16) if kv_indices.shape[-1] < 2**15 else idx.contiguous()
+def video_blocks(seq_len: int, block_size: int, text_tokens: int, position: str | None) -> tuple[int, int]:
+    """The blocks ``[v0, v1)`` that touch no text token (the rows ``text_blocks`` does not mark):
+    ``(ceil(T / B), NB)`` for a text prefix of T tokens, ``(0, floor((L − T) / B))`` for a text
+    suffix, ``(0, NB)`` without text."""
+    nb = -(-seq_len // block_size)
+    if not text_tokens or not position:
+        return 0, nb
+    if position == "prefix":
+        return min(nb, -(-text_tokens // block_size)), nb
+    return 0, max(0, (seq_len - text_tokens) // block_size)
 
 
-def cache_bytes_per_layer(heads: int, tokens: int, block_size: int = 64, sparsity: float = 0.8,
-                          head_adaptive: bool = True, batch: int = 1) -> int:
-    """Upper bound of AdaSpa's per-layer cache: LSE (fp32) + int16 index lists (longest row: the
-    densest tier) + int32 counts. For ``head_rule="tiers"``; under ``"mass"`` or ``"top_p"`` one
-    head may keep every block (bound: ``sparsity=0``)."""
+@dataclass
+class PackedMask:
+    """One layer's searched block mask as the cache keeps it between steps: only what the text
+    sink does not imply.
+
+    Blocks outside ``video = [v0, v1)`` are text blocks (they touch a text token; one contiguous
+    range, before the video for a text prefix, after it for a suffix): their query rows keep every
+    key block and their key columns are kept by every query block, so neither is stored. What is
+    stored is the video x video part, one bit per block pair (``kernels.block_sparse.
+    pack_block_mask``): ``bits`` uint8 ``(B, H, NV, ceil(NV / 8))``, ``NV = v1 - v0``. For the
+    kernel, :meth:`kernel_lists` decodes it a few heads at a time into per-row key-block lists
+    (the text columns put back in ascending block order) and names the text rows as
+    ``dense_query_blocks``, so the decoded lists are as wide as the longest video row plus the
+    text columns, not ``NB``.
+
+    Why bits (measured at HunyuanVideo 720p: 24 heads, 1,861 blocks of 64 tokens of which 1,856
+    video, batch 1; ``tests/test_adaspa_memory.py`` checks the byte counts):
+
+    ======================================  ============  =================================
+    encoding                                bytes/layer   note
+    ======================================  ============  =================================
+    int16 lists, all rows cut to the        166.2 MB      the old cache: text rows keep all
+    longest (text rows: NB wide)                          1,861 blocks, so every row is NB
+    int16 lists, video rows only, one       49.6 MB       tiers s = 0.8: densest tier 0.7
+    width (the densest tier's k = 557)                    (557 of 1,856 blocks)
+    int16 per-head lists / CSR              33.1 MB       same total as per-head widths:
+    (every row of a head keeps k_h)                       mean k = 371.2 at s = 0.8
+    bitmask, video x video                  10.3 MB       independent of sparsity and rule
+    ======================================  ============  =================================
+
+    A bit costs 1/16 of an int16 index, so bits are smaller whenever more than 1/16 of the blocks
+    are kept (s < 0.9375 uniform; at s = 0.8 with tiers even the sparsest tier keeps 10%), and
+    their size is known before the search: the bound (:func:`cache_bytes_per_layer`) is exact and
+    holds for every ``head_rule`` (``top_p`` may keep everything). The price is a decode per
+    sparse call (unpack, a cumulative sum and a scatter per chunk of heads: about
+    ``B * H * NV**2`` elements, a few times over, against the ``B * H * NB**2 * kept * 64**2 * 4 * D``
+    FLOPs of the attention it feeds); the kernel then runs exactly the index lists the old
+    cache held (same order: bitwise the same output). On 2 CPU threads at the HunyuanVideo shape
+    the decode takes ~0.9 s per layer against ~0.1 s for the old int16 -> int32 copy, both
+    negligible beside the CPU attention (minutes); on an H200 it is about 1 GB of memory traffic
+    (~0.3 ms) against ~50-80 ms of sparse attention per layer (not measured on the GPU yet:
+    ``scripts/measure_adaspa_memory.py`` times the sparse step). A kernel that tests bits while
+    looping over all key blocks would skip the decode but visit NB blocks per row instead of the
+    kept ones.
+    """
+
+    bits: torch.Tensor
+    video: tuple[int, int]
+    num_blocks: int
+    width: int  # the longest video row (kept video blocks): sizes the decoded lists with no device sync
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, video: tuple[int, int]) -> "PackedMask":
+        """From a full bool block mask ``(B, H, NB, NB)`` whose text rows and columns (outside
+        ``video``) are all True (checked)."""
+        v0, v1 = video
+        nb = mask.shape[-1]
+        if not (v0 == 0 or v1 == nb):
+            raise ValueError(f"video blocks {video}: the text blocks must be one range before or after them")
+        text = torch.ones(nb, dtype=torch.bool, device=mask.device)
+        text[v0:v1] = False
+        if not bool(mask[:, :, text].all() and mask[..., text].all()):
+            raise ValueError("mask: text rows and columns must be all kept")
+        part = mask[:, :, v0:v1, v0:v1]
+        width = int(part.sum(-1).max()) if part.numel() else 0
+        return cls(pack_block_mask(part), (v0, v1), nb, width)
+
+    def to_mask(self) -> torch.Tensor:
+        """The full bool block mask ``(B, H, NB, NB)``."""
+        v0, v1 = self.video
+        B, H = self.bits.shape[:2]
+        mask = torch.ones(B, H, self.num_blocks, self.num_blocks, dtype=torch.bool, device=self.bits.device)
+        mask[:, :, v0:v1, v0:v1] = unpack_block_mask(self.bits, v1 - v0)
+        return mask
+
+    def nbytes(self) -> int:
+        return self.bits.numel() * self.bits.element_size()
+
+    def kernel_lists(self, chunk_elems: int = 1 << 23):
+        """``(kv_indices, kv_counts, dense_query_blocks)`` for ``block_sparse_attention``: int32
+        ``(B, H, NB, width + text blocks)`` lists of the video rows in ascending block order (text
+        columns included), the text rows left to ``dense_query_blocks``. Decoded ``chunk_elems``
+        block pairs at a time."""
+        v0, v1 = self.video
+        nb, nv = self.num_blocks, v1 - v0
+        nt = nb - nv
+        B, H = self.bits.shape[:2]
+        dev = self.bits.device
+        idx = torch.zeros(B, H, nb, max(1, self.width + nt), dtype=torch.int32, device=dev)
+        cnt = torch.zeros(B, H, nb, dtype=torch.int32, device=dev)
+        text_ids = (torch.arange(0, v0) if v0 > 0 else torch.arange(v1, nb)).to(device=dev, dtype=torch.int32)
+        w = self.width
+        per = max(1, chunk_elems // max(1, B * nv * nv))
+        for h0 in range(0, H if nv else 0, per):
+            h1 = min(H, h0 + per)
+            cols, c = compact_columns(unpack_block_mask(self.bits[:, h0:h1], nv))
+            rows = idx[:, h0:h1, v0:v1]
+            if v0 > 0:  # text first: its blocks precede every video block
+                rows[..., :nt] = text_ids
+                rows[..., nt:nt + w] = cols[..., :w] + v0
+            else:  # text (if any) after each row's video blocks
+                rows[..., :w] = cols[..., :w]
+                if nt:
+                    pos = c[..., None].long() + torch.arange(nt, device=dev)
+                    rows.scatter_(-1, pos, text_ids.expand(pos.shape).contiguous())
+            cnt[:, h0:h1, v0:v1] = c + nt
+        dense = (0, v0) if v0 > 0 else (v1, nb)
+        return idx, cnt, dense if dense[0] < dense[1] else None
+
+
+def _candidate_width(config: AdaSpaConfig, rule, budget: int, heads_total: int) -> int:
+    """The most blocks per row any head can keep under the rule: how many of each row's best
+    blocks the search must remember while it waits for the other heads."""
+    s = config.sparsity
+    if rule == "top_p":
+        return budget
+    if rule == "mass":
+        k = int(keep_counts(torch.tensor(float(s), dtype=torch.float64), budget))
+        return min(budget, 1 + heads_total * (min(k, budget) - 1))
+    tiers = [s] if rule != "tiers" or s <= 0 else [s, (1 + s) / 2, max(0.0, (3 * s - 1) / 2)]
+    return max(int(keep_counts(torch.tensor(t, dtype=torch.float64), budget)) for t in tiers)
+
+
+def search_mask(mass_of, shape: tuple[int, int, int], config: AdaSpaConfig, video: tuple[int, int], heads=None,
+                cfg_pairs: bool = False, seq_len: int | None = None, block_size: int | None = None,
+                head_dim: int = 1, chunk_elems: int = 1 << 24):
+    """:func:`select_mask` as the method runs it: the same masks and per-head sparsities (recalls
+    to float rounding), with the text blocks given as the complement of ``video``, but never a
+    ``(B, H, NB, NB)`` tensor other than a few heads' ``W`` at a time.
+
+    ``mass_of(h0, h1)`` returns ``W`` (float32 ``(B, h1 - h0, NB, NB)``) of heads ``h0..h1-1``;
+    it is called once per chunk of about ``chunk_elems`` block pairs. Each head's video rows are
+    sorted once; the search keeps each row's best ``_candidate_width`` key blocks (int16 ids) and
+    per-head sums, decides the per-head counts from them (all heads, as ``select_mask``), then
+    packs the kept blocks into a :class:`PackedMask`. Transient memory at HunyuanVideo 720p: W of
+    4 heads (55 MB), one head's sort (~60 MB) and the candidates (50 MB under tiers at s = 0.8,
+    166 MB under ``mass`` / ``top_p``, which may keep every block).
+
+    Returns ``(packed, sparsity (B, H) float64, recall (B, H) float64, density (H,) float32,
+    flops)``: density per head over (batch, NB, NB) as ``mask.float().mean((0, 2, 3))``; flops
+    those of one sparse call (``block_sparse_flops`` of the full lists, ``head_dim`` and
+    ``seq_len`` given; ``block_size`` defaults to the config's).
+    """
+    B, H, nb = shape
+    v0, v1 = video
+    nv = v1 - v0
+    bs = block_size or config.block_size
+    L = seq_len if seq_len is not None else nb * bs
+    dev_w = None
+    budget = max(nv, 1)
+    rule = config.head_rule if config.head_adaptive else None
+    tiers = rule == "tiers" and config.sparsity > 0
+    K = min(nv, _candidate_width(config, rule, budget, heads.total if heads is not None else H))
+    Kg = budget if rule in ("mass", "top_p") else K
+    text_cols = torch.ones(nb, dtype=torch.bool)
+    text_cols[v0:v1] = False
+    has_text = nv < nb
+    cand = total = fixed = gains = base_recall = None
+    per = max(1, chunk_elems // max(1, B * nb * nb))
+    for h0 in range(0, H, per):
+        h1 = min(H, h0 + per)
+        W = mass_of(h0, h1)
+        if cand is None:
+            dev_w = W.device
+            text_cols = text_cols.to(dev_w)
+            cand = torch.empty(B, H, nv, K, dtype=torch.int16 if nb < 2**15 else torch.int32, device=dev_w)
+            total = torch.empty(B, H, dtype=torch.float64, device=dev_w)
+            fixed = torch.zeros(B, H, dtype=torch.float64, device=dev_w)
+            gains = torch.zeros(B, H, Kg, dtype=torch.float64, device=dev_w)
+            base_recall = torch.empty(B, H, dtype=torch.float32, device=dev_w)
+        for j in range(h1 - h0):  # one head at a time: the sort's transients stay one head's
+            h = h0 + j
+            w = W[:, j:j + 1]
+            total[:, h] = w.sum(dim=(-1, -2), dtype=torch.float64)[:, 0]
+            if has_text:
+                fixed[:, h] = total[:, h] - w[:, :, v0:v1, v0:v1].sum(dim=(-1, -2), dtype=torch.float64)[:, 0]
+            if not nv:
+                continue
+            scores = w[:, :, v0:v1].masked_fill(text_cols, float("-inf"))  # as topk_blocks: text chosen apart
+            vals, order = scores.sort(dim=-1, descending=True)
+            del scores
+            cand[:, h:h + 1] = (order[..., :K] - v0).to(cand.dtype)
+            gains[:, h] = vals[..., :Kg].sum(dim=2, dtype=torch.float64)[:, 0]
+            del vals
+            if tiers:  # select_mask's base recall, computed the same way (float32 recall of the mask)
+                k0 = int(keep_counts(torch.tensor(float(config.sparsity), dtype=torch.float64), budget))
+                base = torch.zeros(B, 1, nb, nb, dtype=torch.bool, device=dev_w)
+                base[:, :, text_cols] = True
+                base[..., text_cols] = True
+                base[:, :, v0:v1].scatter_(-1, order[..., :k0], True)
+                base_recall[:, h] = recall(w, base)[:, 0]
+                del base
+            del order
+        del W
+    dev = dev_w
+    s = torch.full((B, H), float(config.sparsity), dtype=torch.float64, device=dev)
+    if tiers:
+        if not nv:  # no video block: every block is text, kept whatever the tier
+            base_recall.fill_(1.0)
+        br = base_recall if heads is None else heads.gather(base_recall)
+        s = head_sparsity(pair_mean(br, cfg_pairs), config.sparsity, config.recall_threshold)
+        if heads is not None:
+            s = s[:, heads.start:heads.start + heads.count]
+    keep = keep_counts(s, budget)
+    if rule in ("mass", "top_p"):
+        g = gains / total.clamp_min(1e-30)[..., None]
+        if rule == "mass":
+            g = pair_mean(g if heads is None else heads.gather(g), cfg_pairs)
+            keep = mass_counts(g, int(keep.max()))
+            keep = keep if heads is None else keep[:, heads.start:heads.start + heads.count]
+        else:
+            keep = top_p_counts(pair_mean(fixed[..., None] / total.clamp_min(1e-30)[..., None] + g.cumsum(dim=-1),
+                                          cfg_pairs), config.target_recall)
+        s = 1.0 - keep.double() / budget
+    kept_mass = fixed.clone()
+    if nv:
+        kept_mass += gains.cumsum(dim=-1).gather(-1, (keep.clamp(max=Kg) - 1)[..., None])[..., 0]
+    rec = kept_mass / total.clamp_min(1e-30)
+    # pack the kept blocks; density and FLOPs on the way
+    bits = torch.empty(B, H, nv, -(-nv // 8), dtype=torch.uint8, device=dev)
+    sizes = torch.full((nb,), float(bs), dtype=torch.float32, device=dev)
+    sizes[-1] = L - (nb - 1) * bs
+    text_col_tokens = float(sizes[text_cols].sum())
+    video_rows = sizes[v0:v1].double()
+    kept_pairs = torch.zeros(H, dtype=torch.float64, device=dev)
+    flops_video = 0.0
+    per = max(1, chunk_elems // max(1, B * nv * max(nv, 1)))
+    for h0 in range(0, H if nv else 0, per):
+        h1 = min(H, h0 + per)
+        sel = torch.arange(K, device=dev) < keep[:, h0:h1, None, None]
+        idx = torch.where(sel, cand[:, h0:h1].long(), nv)
+        m = torch.zeros(B, h1 - h0, nv, nv + 1, dtype=torch.bool, device=dev).scatter_(-1, idx, True)[..., :nv]
+        del sel, idx
+        bits[:, h0:h1] = pack_block_mask(m)
+        kept_pairs[h0:h1] = m.sum(dim=(0, 2, 3), dtype=torch.float64)
+        kept_tokens = (m.float() @ sizes[v0:v1]).double()  # exact: integer sums below 2**24
+        flops_video += float(((kept_tokens + text_col_tokens) * video_rows).sum())
+        del m
+    text_row_tokens = text_col_tokens  # the text blocks, as rows
+    flops = 4.0 * head_dim * (flops_video + B * H * text_row_tokens * L)
+    density = ((kept_pairs + B * (nb * nb - nv * nv)) / (B * nb * nb)).float()
+    packed = PackedMask(bits, (v0, v1), nb, int(keep.max()) if nv else 0)
+    return packed, s, rec, density, flops
+
+
+def cache_bytes_per_layer(heads: int, tokens: int, block_size: int = 64, *, text_tokens: int = 0, batch: int = 1,
+                          lse: bool = True) -> int:
+    """The most bytes one layer's AdaSpa cache holds (per CFG-branch state), for every sparsity and
+    ``head_rule``: the LSE (fp32, ``batch · heads · tokens``; ``lse=False`` when no cached-LSE
+    search follows, e.g. ``lse_cache=False``: it is then dropped after each search) plus the packed
+    video x video mask (:class:`PackedMask`: ``batch · heads · NV · ceil(NV / 8)`` bytes,
+    ``NV = ceil(tokens / B) − ceil(text_tokens / B)``: at least that many blocks touch text, for a
+    prefix or a suffix). ``tokens`` counts every token of the attention, text included; the text
+    sink's blocks are not stored, so ``text_tokens=0`` (or ``text_sink=False``) gives the
+    largest bound. Under context parallelism ``heads`` is one rank's."""
+    for name, val in (("heads", heads), ("tokens", tokens), ("block_size", block_size), ("batch", batch)):
+        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or not 0 <= text_tokens <= tokens:
+        raise ValueError(f"text_tokens must be an int in [0, tokens], got {text_tokens!r}")
     nb = -(-tokens // block_size)
-    densest = max(0.0, (3 * sparsity - 1) / 2) if head_adaptive else sparsity
-    kmax = math.ceil((1 - densest) * nb)
-    return batch * heads * (tokens * 4 + nb * kmax * (2 if nb < 2**15 else 4) + nb * 4)
+    nv = nb - -(-text_tokens // block_size)
+    return batch * heads * ((4 * tokens if lse else 0) + nv * -(-nv // 8))
 
 
 # ------------------------------------------------------------------------------ the method
 @dataclass
 class AdaSpaCache:
-    lse: torch.Tensor | None = None  # (B,H,L) fp32, from the first search
-    kv_indices: torch.Tensor | None = None  # int32 (B,H,NQ,K)
-    kv_counts: torch.Tensor | None = None  # int32 (B,H,NQ)
+    """One layer's state between steps (per CFG-branch state): what ``nbytes`` counts is bounded by
+    :func:`cache_bytes_per_layer`."""
+
+    lse: torch.Tensor | None = None  # (B,H,L) fp32, from the first search; dropped after the last search that reads it
+    mask: PackedMask | None = None  # the searched mask, video x video bits (text rows / columns implied)
     flops: float = 0.0  # attention FLOPs of one sparse call with these masks (this rank's heads)
     kept: float = 0.0  # FLOPs of one sparse call / its dense FLOPs, over all heads (of all ranks)
     density: torch.Tensor | None = None  # (H,) mean kept fraction per (global) head
@@ -314,12 +575,18 @@ class AdaSpaCache:
     search_seconds: float = 0.0
     rank_density: list[float] | None = None  # under context parallelism: mean kept fraction per rank
 
+    @property
+    def kv_indices(self) -> torch.Tensor | None:
+        """The stored mask's bits (``None`` once released): the name of the cached mask before it
+        was packed, kept for callers that check that a cache was freed."""
+        return None if self.mask is None else self.mask.bits
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.lse, self.kv_indices, self.kv_counts)
-                   if t is not None)
+        return ((self.lse.numel() * self.lse.element_size() if self.lse is not None else 0)
+                + (self.mask.nbytes() if self.mask is not None else 0))
 
     def release(self) -> None:
-        self.lse = self.kv_indices = self.kv_counts = None
+        self.lse = self.mask = None
 
 
 class AdaSpa:
@@ -331,6 +598,7 @@ class AdaSpa:
         self.config = config
         self.plan: list[str] | None = None
         self.last_use = -1  # the last step that reads the cache: free it after that
+        self.last_research = -1  # the last step that reads the cached LSE: drop the LSE after that
 
     def check_num_layers(self, n: int):
         if self.config.dense_layers > n:
@@ -340,6 +608,7 @@ class AdaSpa:
     def check_num_steps(self, n: int):
         self.plan = self.config.schedule(n)
         self.last_use = max(i for i, w in enumerate(self.plan) if w != "dense")
+        self.last_research = max((i for i, w in enumerate(self.plan) if w == "research"), default=-1)
 
     def begin_call(self, ctx):
         if self.plan is None:
@@ -363,6 +632,8 @@ class AdaSpa:
         out = call.core(core)
         if ctx.step == self.last_use:  # the generation's last sparse step: free LSE and masks
             cache.release()
+        elif what in ("search", "research") and ctx.step >= self.last_research:
+            cache.lse = None  # no later search reads it
         return out, stats["fraction"], what
 
     def details(self, caches: dict[int, AdaSpaCache] | list[dict[int, AdaSpaCache]]) -> dict:
@@ -429,11 +700,12 @@ class AdaSpa:
             if what == "search":
                 stats["fraction"] = fraction
                 return out
-        if cache.kv_indices is None:
+        if cache.mask is None:
             raise RuntimeError("adaspa: no searched mask for this layer in this generation")
-        out = block_sparse_attention(q, k, v, cache.kv_indices.to(torch.int32), cache.kv_counts,
-                                     block_size=cfg.block_size, key_padding_mask=kpm,
-                                     validate=False)  # indices built by mask_to_indices
+        idx, counts, dense = cache.mask.kernel_lists()
+        out = block_sparse_attention(q, k, v, idx, counts, block_size=cfg.block_size, key_padding_mask=kpm,
+                                     validate=False, dense_query_blocks=dense)  # lists built by PackedMask
+        del idx, counts
         stats["fraction"] = fraction + cache.kept
         return out
 
@@ -448,17 +720,21 @@ class AdaSpa:
         if what == "search" or cache.lse is None:
             out, lse = attention_with_lse(q, k, v, key_padding_mask=kpm)
             cache.lse = lse.float()
-        W = block_mass(q, k, cache.lse, block_size=cfg.block_size, key_padding_mask=kpm)
-        always = None
-        if cfg.text_sink and ctx.text_tokens:
-            always = text_blocks(q.shape[2], cfg.block_size, ctx.text_tokens, ctx.text_position, q.device)
-        cfg_pairs = ctx.cond is not None and q.shape[0] % 2 == 0  # [uncond; cond] halves of a CFG batch
-        mask, _, rec = select_mask(W, cfg, always, heads, cfg_pairs)
-        idx, cache.kv_counts = mask_to_indices(mask)
-        cache.flops = block_sparse_flops(cache.kv_counts, cfg.block_size, q.shape[2], q.shape[3], kv_indices=idx)
-        cache.kv_indices = compact_indices(idx, cache.kv_counts)
-        density = mask.float().mean(dim=(0, 2, 3))
+        cache.mask = None  # the old mask is not read again: free it before the mass pass
         B, H, L, D = q.shape
+        nb = -(-L // cfg.block_size)
+        video = (0, nb)
+        if cfg.text_sink and ctx.text_tokens:
+            video = video_blocks(L, cfg.block_size, ctx.text_tokens, ctx.text_position)
+        cfg_pairs = ctx.cond is not None and B % 2 == 0  # [uncond; cond] halves of a CFG batch
+        lse = cache.lse
+
+        def mass_of(h0, h1):  # W of a chunk of heads (all of them unsliced when one chunk holds all)
+            part = (lambda t: t) if (h0, h1) == (0, H) else (lambda t: t[:, h0:h1])
+            return block_mass(part(q), part(k), part(lse), block_size=cfg.block_size, key_padding_mask=kpm)
+
+        cache.mask, _, rec, density, cache.flops = search_mask(
+            mass_of, (B, H, nb), cfg, video, heads, cfg_pairs, seq_len=L, head_dim=D)
         cache.kept = cache.flops / (4.0 * B * H * L * L * D)
         if heads is not None:
             density, rec = heads.gather(density[None])[0], heads.gather(rec)
