@@ -17,6 +17,8 @@ from ditaccel.kernels.block_sparse import (
     block_sparse_flops,
     indices_to_mask,
     mask_to_indices,
+    pack_block_mask,
+    unpack_block_mask,
 )
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -348,6 +350,95 @@ def test_flex_matches_reference(L, bs, use_kpm):
     check_close(out, lse, ref_out, ref_lse, atol=1e-4)
 
 
+# ----------------------------------------------------------------------------- dense query blocks
+
+DENSE_CASES = [
+    # L, block_size, D, dense query-block range, key padding: text first / last / in the middle, ragged ends
+    (100, 16, 64, (0, 2), False),
+    (229, 16, 72, (11, 15), True),
+    (130, 32, 128, (3, 5), True),
+    (96, 16, 64, (2, 4), False),
+    (100, 16, 64, (0, 0), True),  # empty: an ordinary call
+]
+
+
+def _dense_case(L, bs, D, dense, use_kpm, dtype=torch.float32):
+    """A random selection whose dense rows hold junk, and the same selection written out in full."""
+    B, H = 2, 2
+    q, k, v = qkv(B, H, L, D, dtype, seed=L + D)
+    idx, cnt = random_selection(B, H, L, bs, seed=L + bs)
+    cnt = cnt.clamp(max=3)
+    cnt[:, :, dense[0]:dense[1]] = 0
+    blocks = indices_to_mask(idx, cnt, cdiv(L, bs))
+    idx, cnt = mask_to_indices(blocks)  # ascending, as the full lists below
+    idx = idx[..., :3].contiguous()  # narrow lists: the dense rows do not fit
+    idx[:, :, dense[0]:dense[1]] = -5  # junk in the dense rows: counts 0, any indices
+    blocks[:, :, dense[0]:dense[1]] = True
+    full_idx, full_cnt = mask_to_indices(blocks)
+    kpm = random_kpm(B, L, seed=L) if use_kpm else None
+    return (q, k, v), (idx, cnt), (full_idx, full_cnt), kpm
+
+
+@pytest.mark.parametrize("backend", ["reference", "gather", "flex", "triton"])
+@pytest.mark.parametrize("L, bs, D, dense, use_kpm", DENSE_CASES)
+def test_dense_query_blocks_match_full_lists(backend, L, bs, D, dense, use_kpm):
+    """dense_query_blocks = those rows listing every key block: same output and LSE as the
+    reference on the written-out lists, whatever the dense rows of kv_indices / kv_counts hold."""
+    if backend == "triton" and (not HAS_TRITON or _interpreter_problem()):
+        pytest.skip("needs a Triton interpreter that runs the kernel")
+    (q, k, v), (idx, cnt), (full_idx, full_cnt), kpm = _dense_case(L, bs, D, dense, use_kpm)
+    ref_out, ref_lse = block_sparse_attention_reference(q, k, v, full_idx, full_cnt, block_size=bs,
+                                                        key_padding_mask=kpm)
+    for query_blocks in (1, 2) if backend == "triton" else (None,):
+        out, lse = block_sparse_attention(q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm, return_lse=True,
+                                          backend=backend, dense_query_blocks=dense, query_blocks=query_blocks)
+        check_close(out, lse, ref_out, ref_lse, atol=1e-4)
+        plain = block_sparse_attention(q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm, backend=backend,
+                                       dense_query_blocks=dense, query_blocks=query_blocks)
+        assert torch.equal(plain, out)
+
+
+@needs_triton
+def test_triton_dense_query_blocks_bitwise_the_full_lists():
+    """The Triton backend computes every row as the call with full lists would: bitwise (bf16)."""
+    if _interpreter_problem():
+        pytest.skip(_interpreter_problem())
+    (q, k, v), (idx, cnt), (full_idx, full_cnt), kpm = _dense_case(229, 16, 72, (11, 15), True, torch.bfloat16)
+    ref = block_sparse_attention(q, k, v, full_idx, full_cnt, block_size=16, key_padding_mask=kpm, backend="triton")
+    out = block_sparse_attention(q, k, v, idx, cnt, block_size=16, key_padding_mask=kpm, backend="triton",
+                                 dense_query_blocks=(11, 15))
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("bad", [(2, 1), (-1, 2), (0, 4), (0, 1.0), (True, 2), [0], "0,1"])
+def test_dense_query_blocks_validation(bad):
+    a = _valid_args()  # L = 40, block 16: 3 query blocks
+    with pytest.raises(ValueError, match="dense_query_blocks"):
+        block_sparse_attention(a.pop("q"), a.pop("k"), a.pop("v"), a.pop("kv_indices"), a.pop("kv_counts"),
+                               dense_query_blocks=bad, **a)
+    a = _mutate("kv_counts zero")  # the zero count is in query block 1: not read when that row is dense
+    out = block_sparse_attention(a.pop("q"), a.pop("k"), a.pop("v"), a.pop("kv_indices"), a.pop("kv_counts"),
+                                 dense_query_blocks=(1, 2), **a)
+    assert out.shape == (1, 2, 40, 16)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 17, 64, 100])
+def test_pack_block_mask_round_trip(n):
+    g = gen(n)
+    mask = torch.rand(2, 3, 5, n, generator=g) < 0.3
+    bits = pack_block_mask(mask)
+    assert bits.dtype == torch.uint8 and bits.shape == (2, 3, 5, cdiv(n, 8))
+    assert torch.equal(unpack_block_mask(bits, n), mask)
+    col = int(torch.randint(n, (1,), generator=g))  # column c is bit c % 8 of byte c // 8
+    one = torch.zeros(n, dtype=torch.bool)
+    one[col] = True
+    assert pack_block_mask(one)[col // 8] == 1 << (col % 8) and int(pack_block_mask(one).sum()) == 1 << (col % 8)
+    with pytest.raises(ValueError, match="n must"):
+        unpack_block_mask(bits, n + 8)
+    with pytest.raises(ValueError, match="mask"):
+        pack_block_mask(mask.int())
+
+
 # ----------------------------------------------------------------------------- accounting
 
 
@@ -482,3 +573,17 @@ def test_cuda_ragged_block_sizes(bs, D, dtype):
     out, lse = block_sparse_attention(q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm, return_lse=True)
     ref_out, ref_lse = block_sparse_attention_reference(q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm)
     check_close(out, lse, ref_out, ref_lse, atol=1e-4 if dtype == torch.float32 else 2e-2, lse_atol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dense", [(0, 3), (62, 66)])  # text first (CogVideoX), text last (HunyuanVideo)
+def test_cuda_dense_query_blocks_bf16(dense):
+    """On the GPU (compiled kernel, TMA where available): dense_query_blocks gives, bitwise, the
+    call with those rows' full lists."""
+    B, H, L, D, bs = 1, 4, 66 * 64 - 40, 128, 64
+    (q, k, v), (idx, cnt), (full_idx, full_cnt), kpm = _dense_case(L, bs, D, dense, True, torch.bfloat16)
+    q, k, v, idx, cnt, full_idx, full_cnt, kpm = (t.cuda() for t in (q, k, v, idx, cnt, full_idx, full_cnt, kpm))
+    ref = block_sparse_attention(q, k, v, full_idx, full_cnt, block_size=bs, key_padding_mask=kpm)
+    out = block_sparse_attention(q, k, v, idx, cnt, block_size=bs, key_padding_mask=kpm, dense_query_blocks=dense)
+    assert torch.equal(out, ref)
+

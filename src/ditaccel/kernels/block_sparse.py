@@ -21,8 +21,7 @@ allowed keys are all padded out gets output 0 and log-sum-exp ``-inf``.
 ``dense_query_blocks=(a, b)`` (optional): query blocks ``a <= p < b`` attend every key block
 and their rows of ``kv_indices`` / ``kv_counts`` are not read, so a caller whose few rows are
 dense (a text sink) need not widen every row of ``kv_indices`` to ``NK`` for them: the Triton
-backend runs those rows as a second pass over one shared full list, merged through the tile
-kernel's ``init`` (no merge pass).
+backend runs those rows as a separate pass over one full list shared by every (batch, head).
 
 :func:`pack_block_mask` / :func:`unpack_block_mask` store a bool block mask at one bit per
 block (a cache of masks between calls: 1 bit per block against 16 for an int16 index at any
@@ -400,20 +399,28 @@ def _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_pad
     if dense is None:
         tiles = tile_list(kv_indices, kv_counts, block_size, query_blocks)
         return tile_attention(q, k, v, tiles, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
-    # Two passes: the dense rows over one list of every key block, shared by all (batch, head)
-    # (G = 1: NQ x NK int32, not B * H of them), then the selected rows, started from the first
-    # pass's (out, lse) through the kernel's init (rows it skips keep the first pass's result).
+    # Two passes, one full-size output alive at a time: the dense rows over one list of every key
+    # block shared by all (batch, head) (G = 1: NQ x NK int32, not B * H of them), kept as a row
+    # slice; then the other rows (the dense ones get count 0), and the slice written back. Each
+    # row is computed as if its full list were in one kernel call: the same output, bitwise.
     nb = kv_indices.shape[2]
+    L = q.shape[2]
+    r0, r1 = dense[0] * block_size, min(L, dense[1] * block_size)
     full = torch.arange(nb, device=q.device, dtype=torch.int32).expand(1, nb, nb).contiguous()
     rows = torch.zeros(1, nb, dtype=torch.int32, device=q.device)
     rows[:, dense[0]:dense[1]] = nb
     first = tile_attention(q, k, v, TileList(full, rows, None, block_size, block_size), scale=scale,
-                           key_padding_mask=key_padding_mask, return_lse=True)
+                           key_padding_mask=key_padding_mask, return_lse=return_lse)
+    first = (first[0][:, :, r0:r1].clone(), first[1][:, :, r0:r1].clone()) if return_lse \
+        else (first[:, :, r0:r1].clone(),)
+    del full
     counts = kv_counts.clone()
     counts[:, :, dense[0]:dense[1]] = 0
-    tiles = tile_list(kv_indices, counts, block_size, query_blocks)
-    return tile_attention(q, k, v, tiles, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse,
-                          init=first)
+    res = tile_attention(q, k, v, tile_list(kv_indices, counts, block_size, query_blocks), scale=scale,
+                         key_padding_mask=key_padding_mask, return_lse=return_lse)
+    for whole, part in zip(res if return_lse else (res,), first):
+        whole[:, :, r0:r1] = part
+    return res
 
 
 # --------------------------------------------------------------------------- flex
@@ -544,7 +551,8 @@ def block_sparse_attention(
             ``a..b-1`` attend every key block (key padding still applies); their rows of
             ``kv_indices`` / ``kv_counts`` are not read (any content). ``"triton"`` runs them as a
             first pass over one full key-block list shared by every (batch, head), then the
-            other rows from its result (see :func:`_triton_attention`).
+            other rows, and writes the first pass's rows into the result (see
+            :func:`_triton_attention`); ``"gather"`` runs them as extra chunks.
 
     Returns:
         ``out`` ``(B, H, L, D)`` in ``q.dtype``, and ``lse`` if ``return_lse``.
