@@ -580,7 +580,7 @@ def test_cuda_ragged_block_sizes(bs, D, dtype):
 def test_cuda_dense_query_blocks_bf16(dense):
     """On the GPU (compiled kernel, TMA where available): dense_query_blocks gives, bitwise, the
     call with those rows' full lists."""
-    B, H, L, D, bs = 1, 4, 66 * 64 - 40, 128, 64
+    L, D, bs = 66 * 64 - 40, 128, 64
     (q, k, v), (idx, cnt), (full_idx, full_cnt), kpm = _dense_case(L, bs, D, dense, True, torch.bfloat16)
     q, k, v, idx, cnt, full_idx, full_cnt, kpm = (t.cuda() for t in (q, k, v, idx, cnt, full_idx, full_cnt, kpm))
     ref = block_sparse_attention(q, k, v, full_idx, full_cnt, block_size=bs, key_padding_mask=kpm)

@@ -7,6 +7,11 @@ top-k key blocks (k from the head's sparsity tier); text blocks are always kept.
 search steps W comes in one pass from the cached LSE. Between searches, block-sparse attention
 with the last mask.
 
+Memory: between steps a layer's cache holds the LSE (until the last search that reads it) and
+the mask as one bit per video x video block pair (:class:`PackedMask`: text rows and columns are
+implied, not stored); :func:`cache_bytes_per_layer` is its exact bound. A search holds ``W`` of a
+few heads at a time (:func:`search_mask`), not the layer's ``(B, H, NB, NB)``.
+
 This module decides and caches; it never looks at a model. It sees the attention core through
 ``AttentionCall.core(fn)`` and computes with ``ditaccel.kernels``.
 """
@@ -310,35 +315,33 @@ class PackedMask:
     ``dense_query_blocks``, so the decoded lists are as wide as the longest video row plus the
     text columns, not ``NB``.
 
-    Why bits (measured at HunyuanVideo 720p: 24 heads, 1,861 blocks of 64 tokens of which 1,856
-    video, batch 1; ``tests/test_adaspa_memory.py`` checks the byte counts):
+    Why bits. Measured at HunyuanVideo 720p (24 heads, 118,800 video + 256 text tokens = 1,861
+    blocks of 64, 1,856 of them video, batch 1) on a tiers mask at s = 0.8 (6 heads at 0.9, 12 at
+    0.8, 6 at 0.7: 186 / 372 / 557 video blocks per row, mean 371.75), CPU, 2026-12-03:
 
-    ======================================  ============  =================================
-    encoding                                bytes/layer   note
-    ======================================  ============  =================================
-    int16 lists, all rows cut to the        166.2 MB      the old cache: text rows keep all
-    longest (text rows: NB wide)                          1,861 blocks, so every row is NB
-    int16 lists, video rows only, one       49.6 MB       tiers s = 0.8: densest tier 0.7
-    width (the densest tier's k = 557)                    (557 of 1,856 blocks)
-    int16 per-head lists / CSR              33.1 MB       same total as per-head widths:
-    (every row of a head keeps k_h)                       mean k = 371.2 at s = 0.8
-    bitmask, video x video                  10.3 MB       independent of sparsity and rule
-    ======================================  ============  =================================
+    ====================================  ===========  ==========================================
+    encoding                              bytes/layer  note
+    ====================================  ===========  ==========================================
+    int16 lists cut to the longest row    166.2 MB     the old cache: text rows keep all 1,861
+    int16 lists, video rows, one width    49.6 MB      width = the densest tier's 557
+    int16 lists per head (CSR)            33.1 MB      every row of a head keeps k_h blocks
+    bits, video x video                   10.3 MB      any sparsity and head rule
+    ====================================  ===========  ==========================================
 
-    A bit costs 1/16 of an int16 index, so bits are smaller whenever more than 1/16 of the blocks
-    are kept (s < 0.9375 uniform; at s = 0.8 with tiers even the sparsest tier keeps 10%), and
-    their size is known before the search: the bound (:func:`cache_bytes_per_layer`) is exact and
-    holds for every ``head_rule`` (``top_p`` may keep everything). The price is a decode per
-    sparse call (unpack, a cumulative sum and a scatter per chunk of heads: about
-    ``B * H * NV**2`` elements, a few times over, against the ``B * H * NB**2 * kept * 64**2 * 4 * D``
-    FLOPs of the attention it feeds); the kernel then runs exactly the index lists the old
-    cache held (same order: bitwise the same output). On 2 CPU threads at the HunyuanVideo shape
-    the decode takes ~0.9 s per layer against ~0.1 s for the old int16 -> int32 copy, both
-    negligible beside the CPU attention (minutes); on an H200 it is about 1 GB of memory traffic
-    (~0.3 ms) against ~50-80 ms of sparse attention per layer (not measured on the GPU yet:
-    ``scripts/measure_adaspa_memory.py`` times the sparse step). A kernel that tests bits while
-    looping over all key blocks would skip the decode but visit NB blocks per row instead of the
-    kept ones.
+    A bit costs 1/16 of an int16 index, so bits are the smallest whenever more than 1/16 of the
+    blocks are kept (uniform s < 0.9375; at s = 0.8 with tiers even the sparsest tier keeps 10%),
+    and their size does not depend on the search: the bound (:func:`cache_bytes_per_layer`) is
+    exact and holds for every ``head_rule`` (``top_p`` may keep every block). The price is a
+    decode per sparse call: per chunk of heads an unpack, a cumulative sum and a scatter over
+    ``B * H * NV**2`` block pairs (``compact_columns``), into int32 lists as wide as the longest
+    video row plus the text columns (562 here: a 100 MB transient, freed after the call). On 2
+    shared CPU threads at this shape the decode takes 1.9 s per layer against 0.15 s for the old
+    int16 -> int32 copy, both negligible beside the CPU attention itself (minutes); on the GPU it
+    is ~1 GB of memory traffic (well under 1 ms on an H200) against tens of ms of sparse attention
+    per layer (not measured on a GPU yet; ``scripts/measure_adaspa_memory.py`` times the sparse
+    step). The kernel then runs exactly the lists the old cache held, in the same order (bitwise
+    the same output), plus one launch for the text rows (``dense_query_blocks``). A kernel
+    reading the bits directly would skip the decode but visit all NB blocks of every row.
     """
 
     bits: torch.Tensor
@@ -347,7 +350,7 @@ class PackedMask:
     width: int  # the longest video row (kept video blocks): sizes the decoded lists with no device sync
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, video: tuple[int, int]) -> "PackedMask":
+    def from_mask(cls, mask: torch.Tensor, video: tuple[int, int]) -> PackedMask:
         """From a full bool block mask ``(B, H, NB, NB)`` whose text rows and columns (outside
         ``video``) are all True (checked)."""
         v0, v1 = video
