@@ -207,12 +207,6 @@ def test_evaluate_rejects_bad_arguments(toy_image_pipe):
         evaluate(toy_image_pipe, None, n=2, torchmetrics=["bogus"])
 
 
-@pytest.mark.skipif(HAS_TORCHMETRICS, reason="torchmetrics is installed: the missing-dependency error cannot occur")
-def test_torchmetrics_missing_is_a_clear_error(toy_image_pipe):
-    with pytest.raises(ImportError, match=r"ditaccel\[eval\]"):
-        evaluate(toy_image_pipe, ditaccel.AdaSpaConfig(block_size=16), n=2, steps=5, torchmetrics=["fid"])
-
-
 # ------------------------------------------------------------------------------ torchmetrics (optional)
 class _TinyFeatures(torch.nn.Module):
     """uint8 (N, 3, H, W) -> (N, D): what torchmetrics' FID/IS feed their networks."""

@@ -296,6 +296,13 @@ def _reference_batches(kind, samples, labels, n_ref, seed, batch_size):
 
 
 # ============================================================================ torchmetrics
+def inception_splits(n: int) -> int:
+    """Inception Score splits for ``n`` samples: the customary 10, but at least 50 samples per
+    split and at least one split. A split of one sample scores exactly 1 whatever the images (its
+    marginal is its own prediction), which ``min(10, n)`` gave for n <= 10."""
+    return max(1, min(10, n // 50))
+
+
 def _require_torchmetrics():
     if importlib.util.find_spec("torchmetrics") is None:
         raise ImportError("torchmetrics is not installed: FID/IS/CLIP/LPIPS need `pip install ditaccel[eval]` "
@@ -368,11 +375,11 @@ def _torchmetrics(names, extractors, kind, dense, compressed, reference, texts, 
         from torchmetrics.image.inception import InceptionScore
 
         for name, x in (("dense", d_img), ("compressed", c_img)):
-            metric = InceptionScore(feature=ext.get("is", "logits_unbiased"), splits=min(10, len(x)))
+            metric = InceptionScore(feature=ext.get("is", "logits_unbiased"), splits=inception_splits(len(x)))
             for b in batches(x):
                 metric.update(_uint8(b))
-            mean, std = metric.compute()
-            out[f"is_{name}"], out[f"is_{name}_std"] = float(mean), float(std)
+            mean, std = metric.compute()  # std over splits: none with one split
+            out[f"is_{name}"], out[f"is_{name}_std"] = float(mean), float(std) if metric.splits > 1 else None
     if "clip" in names:
         from torchmetrics.multimodal.clip_score import CLIPScore
 
