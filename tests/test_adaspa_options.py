@@ -292,7 +292,7 @@ def run(dit, cfg, steps=10, spy=False):
         out = dit_call(dit, steps=steps)
         st = ditaccel.stats(dit)
         caches = list(get_runtime(dit).state_manager._state_cache.values())[0].caches.values()
-        freed = all(c.lse is None and c.kv_indices is None for c in caches)
+        freed = all(c.lse is None and c.mask is None for c in caches)
     finally:
         ditaccel.remove(dit)
     return out, st, seen, freed

@@ -159,4 +159,4 @@ def test_stats_after_the_pipeline_call(wan):
     finally:
         ditaccel.remove(wan)
     assert st.steps == STEPS and st.method_counts["sparse"] > 0
-    assert caches and all(c.lse is None and c.kv_indices is None for c in caches)
+    assert caches and all(c.lse is None and c.mask is None for c in caches)

@@ -578,12 +578,6 @@ class AdaSpaCache:
     search_seconds: float = 0.0
     rank_density: list[float] | None = None  # under context parallelism: mean kept fraction per rank
 
-    @property
-    def kv_indices(self) -> torch.Tensor | None:
-        """The stored mask's bits (``None`` once released): the name of the cached mask before it
-        was packed, kept for callers that check that a cache was freed."""
-        return None if self.mask is None else self.mask.bits
-
     def nbytes(self) -> int:
         return ((self.lse.numel() * self.lse.element_size() if self.lse is not None else 0)
                 + (self.mask.nbytes() if self.mask is not None else 0))
