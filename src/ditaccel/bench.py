@@ -758,9 +758,40 @@ def random_block_mask(batch: int, heads: int, blocks: int, kept: float, *, devic
     return torch.zeros(batch, heads, blocks, blocks, dtype=torch.bool, device=device).scatter_(-1, top, True)
 
 
+def _flex_by_hand(mask: torch.Tensor, block_size: int, tokens: int, compiled: bool) -> Callable:
+    """``call(q, k, v)``: FlexAttention as a user writes it for a fixed block mask ``(B, H, NB, NB)``:
+    the ``BlockMask`` built once here (outside any timed region) with PyTorch's public API, every
+    kept block a full block (no ``mask_mod`` call inside it) but the ragged key tail, and
+    ``flex_attention`` compiled (on CUDA; tiles of ``block_size`` where it is below flex's native
+    128). Off CUDA flex runs eagerly, which evaluates ``mask_mod`` densely, so the block
+    selection goes into ``mask_mod`` there."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from ditaccel.kernels.block_sparse import mask_to_indices
+
+    idx, cnt = mask_to_indices(mask)
+    idx = idx.clamp_min(0)
+    if not compiled or tokens % block_size:
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = kv_idx < tokens
+            return keep if compiled else keep & mask[b, h, q_idx // block_size, kv_idx // block_size]
+
+        bm = BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(tokens, tokens))
+    else:
+        bm = BlockMask.from_kv_blocks(torch.zeros_like(cnt), idx, full_kv_num_blocks=cnt, full_kv_indices=idx,
+                                      BLOCK_SIZE=block_size, seq_lengths=(tokens, tokens))
+    fn = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    kw = {"kernel_options": {"BLOCK_M": block_size, "BLOCK_N": block_size}} if compiled and block_size < 128 else {}
+
+    def call(q, k, v):
+        return fn(q, k, v, block_mask=bm, **kw)
+
+    return call
+
+
 def bench_sparsity(tokens: int = 118_784, heads: int = 24, head_dim: int = 128, batch: int = 1, block_size: int = 64,
                    kept=SPARSITY_KEPT, device: str = "cuda", dtype=torch.bfloat16, repeats: int | None = None,
-                   ours_backend: str = "triton", seed: int = 0) -> dict:
+                   ours_backend: str = "triton", seed: int = 0, native_block: int | None = 128) -> dict:
     """Block-sparse attention speed-up over dense SDPA vs. the kept fraction of key blocks.
 
     One shape (default ≈ HunyuanVideo 720p: 1 × 24 heads × 118,784 tokens × 128, bf16, block 64),
@@ -770,6 +801,11 @@ def bench_sparsity(tokens: int = 118_784, heads: int = 24, head_dim: int = 128, 
     ``backend="flex"`` (FlexAttention, compiled on CUDA, eager elsewhere; its time includes building
     the ``BlockMask`` from the indices, which that backend does on every call), both with
     ``validate=False`` as the AdaSpa method calls them; dense SDPA (cuDNN first) in the same run.
+    FlexAttention also runs as a user would write it by hand (:func:`_flex_by_hand`: its
+    ``BlockMask`` built once, outside the timed region): ``flex_prebuilt_ms``. With
+    ``native_block`` (default 128, FlexAttention's native tile; ``None``: skip) each kept fraction
+    is measured again with a random mask of ``native_block``-token blocks, ours and the prebuilt
+    FlexAttention side by side (``ours_native_ms``, ``flex_native_ms``).
     Every kernel is checked against an exact reference on sampled query blocks before it is timed
     (:func:`time_fn`). Speed-ups are dense time / sparse time; the ideal is ``1 / kept``.
     """
@@ -786,8 +822,9 @@ def bench_sparsity(tokens: int = 118_784, heads: int = 24, head_dim: int = 128, 
     with dense_sdpa_context():
         dense = time_fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (q, k, v), device=device,
                         reference=rows_reference(), check_group=block_size, repeats=repeats, seed=seed)
+    cuda = str(device).startswith("cuda")
     res = {"tokens": tokens, "heads": heads, "head_dim": head_dim, "batch": batch, "block_size": block_size,
-           "dtype": _dtype_name(dtype), "ours_backend": ours_backend, "device": device_name(device),
+           "native_block": native_block, "dtype": _dtype_name(dtype), "ours_backend": ours_backend, "device": device_name(device),
            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "dense_ms": dense.median_ms,
            "dense_tflops": 4.0 * batch * heads * tokens * tokens * head_dim / dense.median_ms / 1e9,
            "timing": dense.summary(), "rows": []}
@@ -795,17 +832,33 @@ def bench_sparsity(tokens: int = 118_784, heads: int = 24, head_dim: int = 128, 
         mask = random_block_mask(batch, heads, blocks, fraction, device=device, generator=g)
         idx, cnt = mask_to_indices(mask)
         reference = rows_reference(_block_allowed(mask, block_size, tokens))
-        ms = {name: time_fn(_block_sparse_call(block_sparse_attention, idx, cnt, block_size, backend), (q, k, v),
-                            device=device, reference=reference, check_group=block_size, repeats=repeats,
-                            seed=seed).median_ms
-              for name, backend in (("ours", ours_backend), ("flex", "flex"))}
+        calls = {name: _block_sparse_call(block_sparse_attention, idx, cnt, block_size, backend)
+                 for name, backend in (("ours", ours_backend), ("flex", "flex"))}
+        calls["flex_prebuilt"] = _flex_by_hand(mask, block_size, tokens, compiled=cuda)
+        ms = {name: time_fn(call, (q, k, v), device=device, reference=reference, check_group=block_size,
+                            repeats=repeats, seed=seed).median_ms for name, call in calls.items()}
         flops = block_sparse_flops(cnt, block_size, tokens, head_dim)
         share = float(mask.float().mean())
-        res["rows"].append({"kept_target": fraction, "kept": share, "blocks_per_row": int(cnt.max()),
-                            "ours_ms": ms["ours"], "flex_ms": ms["flex"], "ours_speedup": dense.median_ms / ms["ours"],
-                            "flex_speedup": dense.median_ms / ms["flex"], "ideal_speedup": 1.0 / share,
-                            "ours_effective_tflops": flops / ms["ours"] / 1e9,
-                            "flex_effective_tflops": flops / ms["flex"] / 1e9})
+        row = {"kept_target": fraction, "kept": share, "blocks_per_row": int(cnt.max()),
+               "ours_ms": ms["ours"], "flex_ms": ms["flex"], "flex_prebuilt_ms": ms["flex_prebuilt"],
+               "ours_speedup": dense.median_ms / ms["ours"], "flex_speedup": dense.median_ms / ms["flex"],
+               "flex_prebuilt_speedup": dense.median_ms / ms["flex_prebuilt"], "ideal_speedup": 1.0 / share,
+               "ours_effective_tflops": flops / ms["ours"] / 1e9, "flex_effective_tflops": flops / ms["flex"] / 1e9,
+               "flex_prebuilt_effective_tflops": flops / ms["flex_prebuilt"] / 1e9}
+        if native_block is not None and native_block != block_size:
+            nb = -(-tokens // native_block)
+            mask_n = random_block_mask(batch, heads, nb, fraction, device=device, generator=g)
+            idx_n, cnt_n = mask_to_indices(mask_n)
+            ref_n = rows_reference(_block_allowed(mask_n, native_block, tokens))
+            ms_n = {name: time_fn(call, (q, k, v), device=device, reference=ref_n, check_group=native_block,
+                                  repeats=repeats, seed=seed).median_ms
+                    for name, call in (("ours", _block_sparse_call(block_sparse_attention, idx_n, cnt_n, native_block,
+                                                                   ours_backend)),
+                                       ("flex", _flex_by_hand(mask_n, native_block, tokens, compiled=cuda)))}
+            row.update(kept_native=float(mask_n.float().mean()), ours_native_ms=ms_n["ours"],
+                       flex_native_ms=ms_n["flex"], ours_native_speedup=dense.median_ms / ms_n["ours"],
+                       flex_native_speedup=dense.median_ms / ms_n["flex"])
+        res["rows"].append(row)
     return res
 
 
@@ -820,15 +873,33 @@ def sparsity_shapes(r: dict) -> str:
 
 def markdown_sparsity(r: dict) -> str:
     """The Markdown table of a :func:`bench_sparsity` result."""
-    lines = [f"Dense SDPA (cuDNN first): {r['dense_ms']:.2f} ms ({_tflops(r['dense_tflops'])} TFLOP/s). FlexAttention "
-             "times include building its BlockMask from the indices (the `flex` backend does it on every call).", "",
-             f"| kept (target) | key blocks per row | ours (`{r['ours_backend']}`) ms | FlexAttention ms | "
-             "ours vs dense | Flex vs dense | ideal 1/kept | ours TFLOP/s (effective) |",
-             "|---|---|---|---|---|---|---|---|"]
+    bs = r["block_size"]
+    lines = [f"Dense SDPA (cuDNN first): {r['dense_ms']:.2f} ms ({_tflops(r['dense_tflops'])} TFLOP/s). "
+             "FlexAttention twice: as the `flex` backend runs it (its BlockMask rebuilt from the indices on "
+             "every call, time included) and as a user writes it, the BlockMask built once outside the "
+             "timed region (\"prebuilt\").", "",
+             f"| kept (target) | key blocks per row | ours (`{r['ours_backend']}`) ms | Flex prebuilt ms | "
+             "Flex rebuilt per call ms | ours vs dense | Flex prebuilt vs dense | ideal 1/kept | "
+             "ours TFLOP/s (effective) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
+        pre = x.get("flex_prebuilt_ms")
         lines.append(f"| {x['kept']:.4f} ({x['kept_target']:g}) | {x['blocks_per_row']} | {x['ours_ms']:.2f} | "
-                     f"{x['flex_ms']:.2f} | **{x['ours_speedup']:.2f}×** | {x['flex_speedup']:.2f}× | "
-                     f"{x['ideal_speedup']:.2f}× | {_tflops(x['ours_effective_tflops'])} |")
+                     + (f"{pre:.2f}" if pre is not None else "—") + f" | {x['flex_ms']:.2f} | "
+                     f"**{x['ours_speedup']:.2f}×** | "
+                     + (f"{x['flex_prebuilt_speedup']:.2f}×" if pre is not None else "—")
+                     + f" | {x['ideal_speedup']:.2f}× | {_tflops(x['ours_effective_tflops'])} |")
+    native = [x for x in r["rows"] if "ours_native_ms" in x]
+    if native:
+        nb = r["native_block"]
+        lines += ["", f"The same at {nb}-token blocks (FlexAttention's native tile; block {bs} above), "
+                  "FlexAttention prebuilt:", "",
+                  f"| kept (target) | ours ms | Flex ms | ours vs dense | Flex vs dense | ours vs Flex |",
+                  "|---|---|---|---|---|---|"]
+        for x in native:
+            lines.append(f"| {x['kept_native']:.4f} ({x['kept_target']:g}) | {x['ours_native_ms']:.2f} | "
+                         f"{x['flex_native_ms']:.2f} | {x['ours_native_speedup']:.2f}× | "
+                         f"{x['flex_native_speedup']:.2f}× | {x['flex_native_ms'] / x['ours_native_ms']:.2f}× |")
     return "\n".join(lines)
 
 
@@ -990,7 +1061,7 @@ CASES: list[Case] = [
          "ditaccel bench adaspa-step --repeats 2", kwargs=dict(repeats=2),
          dry_kwargs=dict(frames=2, height=8, width=8, steps=5, dtype=torch.float32, repeats=1, overrides=TOY_WAN)),
     Case("sparsity", bench_sparsity, markdown_sparsity, sparsity_shapes, "ditaccel bench sparsity",
-         dry_kwargs=dict(tokens=128, heads=2, head_dim=16, block_size=16, kept=(1.0, 0.25),
+         dry_kwargs=dict(tokens=128, heads=2, head_dim=16, block_size=16, kept=(1.0, 0.25), native_block=32,
                          ours_backend="auto", **_TOY_KERNEL), plot=plot_sparsity),
     Case("attention-cpu", bench_attention, markdown_attention, attention_shapes,
          "ditaccel bench attention --device cpu --tokens 4096 --head-dim 72 --threads 2",
@@ -1016,16 +1087,8 @@ CASES: list[Case] = [
 # ------------------------------------------------------------------------------ command line
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-#: the options each command takes besides --device and --threads; any other one given is an error
-_OPTIONS = {
-    "step": {"model", "window", "repeats", "dtype", "json"},
-    "attention": {"tokens", "heads", "head_dim", "batch", "window", "repeats", "dtype", "json"},
-    "sweep": {"model", "steps", "window", "search", "json"},
-    "adaspa": {"block_size", "repeats", "dtype", "json"},
-    "adaspa-step": {"repeats", "dtype", "json"},
-    "sparsity": {"tokens", "heads", "head_dim", "batch", "block_size", "kept", "repeats", "dtype", "plot", "json"},
-    "all": {"only", "out_md", "results_dir", "dry_run"},
-}
+DESCRIPTION = ("Speed of attention kernels and full-size architectures (random weights). `all` runs every case "
+               "behind README/BENCHMARKS numbers and writes their tables into BENCHMARKS.md.")
 
 
 def _positive_int(text: str) -> int:
@@ -1052,98 +1115,152 @@ def _fractions(text: str) -> tuple[float, ...]:
     return values
 
 
-def _parser():
-    import argparse
+def add_arguments(parser) -> None:
+    """Mount ``bench``'s cases (``step``, ``attention``, ..., ``all``) as subcommands of ``parser``
+    (the ``ditaccel bench`` parser of ``ditaccel.cli``), each with only its own options."""
+    from .cli import subcommand, subcommands
 
-    ap = argparse.ArgumentParser(
-        prog="ditaccel bench", description="Speed of attention kernels and full-size architectures (random weights). "
-        "`all` runs every case behind README/BENCHMARKS numbers and writes their tables into BENCHMARKS.md.")
-    ap.add_argument("what", choices=list(_OPTIONS))
-    ap.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
-    ap.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's)")
-    ap.add_argument("--model", help=f"step: one of {sorted(MODELS)} (default pixart-sigma-2k); sweep: a built-in "
-                    "offline model (tiny-dit (default), tiny-pixart, ...)")
-    ap.add_argument("--steps", type=_positive_int, help="sweep: denoising steps (default 20)")
-    ap.add_argument("--window", choices=["band1d", "neighborhood2d"], help="step, attention, sweep (default band1d)")
-    ap.add_argument("--search", choices=["greedy", "local"], help="sweep: plan search (default greedy)")
-    ap.add_argument("--repeats", type=_positive_int,
-                    help="step, adaspa-step: generations per step (default 5); attention, adaspa, sparsity: timed "
-                    "runs per kernel (default 20 on CUDA, 3 on CPU)")
-    ap.add_argument("--tokens", type=_positive_int, help="attention (default 16384), sparsity (default 118784)")
-    ap.add_argument("--heads", type=_positive_int, help="attention (default 16), sparsity (default 24)")
-    ap.add_argument("--head-dim", type=_positive_int, help="attention (default 72), sparsity (default 128)")
-    ap.add_argument("--batch", type=_positive_int, help="attention (default 2), sparsity (default 1)")
-    ap.add_argument("--block-size", type=_positive_int, help="adaspa, sparsity: block size in tokens (default 64; "
-                    "the Triton kernel takes 16, 32, 64 or 128)")
-    ap.add_argument("--kept", type=_fractions, help="sparsity: kept fractions of key blocks (default "
-                    f"{','.join(f'{x:g}' for x in SPARSITY_KEPT)})")
-    ap.add_argument("--dtype", choices=list(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--plot", help="sparsity: the PNG to write (default sparsity.png; needs matplotlib)")
-    ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--only", help="all: comma-separated case names (default: all of "
-                    f"{', '.join(c.name for c in CASES)})")
-    ap.add_argument("--out-md", help="all: the Markdown file to update (default BENCHMARKS.md; with --dry-run a "
-                    "temporary file)")
-    ap.add_argument("--results-dir", help="all: where raw JSON and PNGs go (default docs/results; with --dry-run "
-                    "next to --out-md)")
-    ap.add_argument("--dry-run", action="store_true", help="all: every case at toy sizes on the CPU (Triton "
-                    "kernels interpreted), to check the plumbing in well under a minute; writes nowhere in the repo "
-                    "unless --out-md / --results-dir say so")
-    return ap
+    sub = subcommands(parser, "what", "WHAT")
 
+    def case(name, help):
+        p = subcommand(sub, name, help=help, func=run)
+        p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
+        p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's)")
+        return p
 
-def _check_options(args) -> None:
-    for name in ("model", "steps", "window", "search", "repeats", "tokens", "heads", "head_dim", "batch",
-                 "block_size", "kept", "dtype", "plot", "json", "only", "out_md", "results_dir", "dry_run"):
-        value = getattr(args, name)
-        if value not in (None, False) and name not in _OPTIONS[args.what]:
-            takes = sorted(w for w, opts in _OPTIONS.items() if name in opts)
-            raise ValueError(f"--{name.replace('_', '-')}: not an option of `ditaccel bench {args.what}` "
-                             f"(only of: {', '.join(takes)})")
+    def dtype(p):
+        p.add_argument("--dtype", choices=list(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+
+    def json_out(p):
+        p.add_argument("--json", help="also write the results here (default: no file)")
+
+    def window(p):
+        p.add_argument("--window", choices=["band1d", "neighborhood2d"], default="band1d", help="window attention kind")
+
+    def shape(p, tokens, heads, head_dim, batch):
+        p.add_argument("--tokens", type=_positive_int, default=tokens, help="sequence length")
+        p.add_argument("--heads", type=_positive_int, default=heads, help="attention heads")
+        p.add_argument("--head-dim", type=_positive_int, default=head_dim, help="head dimension")
+        p.add_argument("--batch", type=_positive_int, default=batch, help="batch size")
+
+    kernel_repeats = "timed runs per kernel (default: 20 on CUDA, 3 on CPU)"
+    block_size = "block size in tokens (the Triton kernel takes 16, 32, 64 or 128)"
+
+    p = case("step", "one denoising step of a full-size transformer, dense vs. a DiTFastAttn plan")
+    p.add_argument("--model", choices=sorted(MODELS), default="pixart-sigma-2k", help="architecture (released config)")
+    window(p)
+    p.add_argument("--repeats", type=_positive_int, default=5, help="generations per step")
+    dtype(p)
+    json_out(p)
+
+    p = case("attention", "window attention kernels against dense SDPA")
+    shape(p, 16384, 16, 72, 2)
+    window(p)
+    p.add_argument("--repeats", type=_positive_int, help=kernel_repeats)
+    dtype(p)
+    json_out(p)
+
+    p = case("sweep", "calibrate D1..D6 on a built-in model: FLOPs, time and PSNR of each plan")
+    p.add_argument("--model", default="tiny-dit", help="a built-in offline model (tiny-dit, tiny-pixart, demo-dit, "
+                   "...) or a pipeline id/path")
+    p.add_argument("--steps", type=_positive_int, default=20, help="denoising steps")
+    window(p)
+    p.add_argument("--search", choices=["greedy", "local"], default="greedy", help="plan search")
+    json_out(p)
+
+    p = case("adaspa", "AdaSpa's kernels: the block-mass search (first / with cached LSE) and block-sparse attention")
+    p.add_argument("--block-size", type=_positive_int, default=64, help=block_size)
+    p.add_argument("--repeats", type=_positive_int, help=kernel_repeats)
+    dtype(p)
+    json_out(p)
+
+    p = case("adaspa-step", "AdaSpa on a Wan2.1 1.3B transformer, step by step (warm-up, search, sparse)")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="generations per step")
+    dtype(p)
+    json_out(p)
+
+    p = case("sparsity", "block-sparse attention time against the kept fraction of key blocks")
+    shape(p, 118_784, 24, 128, 1)
+    p.add_argument("--block-size", type=_positive_int, default=64, help=block_size)
+    p.add_argument("--kept", type=_fractions, default=SPARSITY_KEPT,
+                   help=f"kept fractions of key blocks, comma-separated (default: {','.join(f'{x:g}' for x in SPARSITY_KEPT)})")
+    p.add_argument("--repeats", type=_positive_int, help=kernel_repeats)
+    dtype(p)
+    p.add_argument("--plot", default="sparsity.png", help="the PNG to write (needs matplotlib)")
+    json_out(p)
+
+    p = case("all", "every case behind README/BENCHMARKS numbers; writes BENCHMARKS.md sections and raw JSON")
+    p.add_argument("--only", help=f"comma-separated case names (default: all of {', '.join(c.name for c in CASES)})")
+    p.add_argument("--out-md", help="the Markdown file to update (default: BENCHMARKS.md; with --dry-run a "
+                   "temporary file)")
+    p.add_argument("--results-dir", help="where raw JSON and PNGs go (default: docs/results; with --dry-run "
+                   "next to --out-md)")
+    p.add_argument("--dry-run", action="store_true", help="every case at toy sizes on the CPU (Triton kernels "
+                   "interpreted), to check the plumbing in well under a minute; writes nowhere in the repo unless "
+                   "--out-md / --results-dir say so")
 
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _or(value, default):
-    return default if value is None else value
+def _check_args(args) -> None:
+    """Everything ``run`` can check before any work: one-line ``UsageError``s."""
+    from .cli import UsageError, _check_out_dir, _check_out_file, _device
+
+    if args.what == "all":
+        if args.dry_run and args.device not in (None, "cpu"):
+            raise UsageError("--device", f"{args.device!r}: --dry-run runs on the CPU; leave --device out")
+        _select(args.only)
+        _check_out_file("--out-md", args.out_md)
+        if args.results_dir is not None:
+            _check_out_dir("--results-dir", args.results_dir)
+    else:
+        _check_out_file("--json", args.json)
+        if args.what == "sparsity":
+            _check_out_file("--plot", args.plot, image=True)
+    if args.device is not None:
+        _device(args.device)
 
 
-def _run_one(args) -> int:
+def run(args) -> int:
+    """``ditaccel bench WHAT [options]`` (parsed by ``add_arguments``): 0 on success, 1 if a case of
+    ``all`` failed; bad arguments raise ``ValueError`` (the command line's one-line error)."""
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what == "all":
+        return run_all(args.only, args.device, args.dry_run, args.out_md, args.results_dir)
     device = args.device or _default_device()
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    window = _or(args.window, "band1d")
+    dtype = getattr(args, "dtype", None)
+    dtype = _DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.what == "step":
-        r = bench_step(_or(args.model, "pixart-sigma-2k"), device, dtype=dtype, repeats=_or(args.repeats, 5),
-                       window=window)
+        r = bench_step(args.model, device, dtype=dtype, repeats=args.repeats, window=args.window)
         print(format_step(r))
     elif args.what == "adaspa-step":
-        r = bench_adaspa_step(device=device, dtype=dtype, repeats=_or(args.repeats, 5))
+        r = bench_adaspa_step(device=device, dtype=dtype, repeats=args.repeats)
         print(format_adaspa_step(r))
     elif args.what == "adaspa":
-        r = bench_adaspa(block_size=_or(args.block_size, 64), device=device, dtype=dtype, repeats=args.repeats)
+        r = bench_adaspa(block_size=args.block_size, device=device, dtype=dtype, repeats=args.repeats)
         print(format_adaspa(r))
     elif args.what == "sweep":
-        r = bench_sweep(_or(args.model, "tiny-dit"), _or(args.steps, 20), device, window=window,
-                        search=_or(args.search, "greedy"))
+        r = bench_sweep(args.model, args.steps, device, window=args.window, search=args.search)
         print(format_sweep(r))
     elif args.what == "attention":
-        r = bench_attention(_or(args.tokens, 16384), heads=_or(args.heads, 16), head_dim=_or(args.head_dim, 72),
-                            batch=_or(args.batch, 2), device=device, dtype=dtype, window=window, repeats=args.repeats)
+        r = bench_attention(args.tokens, heads=args.heads, head_dim=args.head_dim, batch=args.batch, device=device,
+                            dtype=dtype, window=args.window, repeats=args.repeats)
         print(json.dumps(r, indent=1))
     else:  # sparsity
         no_plot = missing_matplotlib()
         if no_plot:
             print(f"ditaccel bench: {no_plot}", file=sys.stderr)
-        r = bench_sparsity(_or(args.tokens, 118_784), _or(args.heads, 24), _or(args.head_dim, 128),
-                           _or(args.batch, 1), _or(args.block_size, 64), _or(args.kept, SPARSITY_KEPT), device,
+        r = bench_sparsity(args.tokens, args.heads, args.head_dim, args.batch, args.block_size, args.kept, device,
                            dtype, repeats=args.repeats,
                            ours_backend="triton" if torch.device(device).type == "cuda" else "auto")  # CPU: gather
         print(f"{sparsity_shapes(r)}; {r['device']}, torch {r['torch']}, {r['date']}\n\n{markdown_sparsity(r)}")
         if not no_plot:
-            plot_sparsity(r, _or(args.plot, "sparsity.png"))
-            print(f"wrote {_or(args.plot, 'sparsity.png')}")
+            plot_sparsity(r, args.plot)
+            print(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=1)
@@ -1278,16 +1395,12 @@ def run_all(only: str | None = None, device: str | None = None, dry_run: bool = 
 
 
 def main(argv=None) -> int:
-    """``ditaccel bench WHAT [options]``: 0 on success, 2 on bad arguments, 1 if a case of
-    ``all`` failed."""
-    args = _parser().parse_args(argv)
-    try:
-        _check_options(args)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.what == "all":
-            return run_all(args.only, args.device, args.dry_run, args.out_md, args.results_dir)
-        return _run_one(args)
-    except ValueError as e:
-        print(f"ditaccel: error: {e}", file=sys.stderr)
-        return 2
+    """``ditaccel bench WHAT [options]`` (the same parser and errors as ``ditaccel bench``): 0 on
+    success, 2 on bad arguments, 1 if a case of ``all`` failed."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
