@@ -267,7 +267,7 @@ def test_eval_and_testbed_errors(tmp_path, capsys):
     assert cli.main(["eval", "--weights", str(tmp_path / "none")]) == 2
     assert "--weights" in capsys.readouterr().err
     assert cli.main(["testbed", "fit"]) == 2
-    assert "ditaccel testbed train" in capsys.readouterr().err
+    assert "error: COMMAND: invalid choice: 'fit' (choose from 'train')" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2, no work
@@ -386,9 +386,7 @@ def test_generate_plan_step_mismatch_is_refused_before_loading(hand_plan, tmp_pa
 
 # ------------------------------------------------------------------ --version, help
 def test_version(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["--version"])
-    assert e.value.code == 0
+    assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"ditaccel {ditaccel.__version__}"
 
 
@@ -398,27 +396,57 @@ def test_testbed_help(capsys):
     assert "usage: ditaccel testbed" in out and "train" in out
 
 
-def test_help_shows_every_default():
-    """Every option with a default value says it in --help (those without one say what happens instead)."""
+def _leaves(parser, path=()):
+    """(command path, parser) of every runnable subcommand of the tree."""
     import argparse
 
-    parser = cli.build_parser()
-    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from _leaves(child, (*path, name))
+
+
+ALL_COMMANDS = ["demo", "calibrate", "generate", "eval", "plan show", "quality", "worth", "testbed train image",
+                "testbed train video", "testbed train classifiers", *(f"bench {w}" for w in
+                                                                    ("step", "attention", "sweep", "adaspa",
+                                                                     "adaspa-step", "sparsity", "all"))]
+
+
+def test_one_parser_tree_holds_every_command():
+    assert sorted(" ".join(path) for path, _ in _leaves(cli.build_parser())) == sorted(ALL_COMMANDS)
+
+
+def test_help_shows_every_default():
+    """Every option of every subcommand says its default in --help: the value (added by the
+    formatter), or, where it has none (None), what happens instead ("default: the plan's ...")."""
+    import argparse
+
     checked = 0
-    for name in ("demo", "calibrate", "generate", "eval"):
-        p = subs.choices[name]
+    for path, p in _leaves(cli.build_parser()):
+        name = " ".join(path)
         fmt = p._get_formatter()
+        shown = "".join(p.format_help().split())  # argparse wraps lines, also at hyphens
         for action in p._actions:
-            if not action.option_strings or isinstance(action, argparse._HelpAction):
+            if not action.option_strings or isinstance(action, argparse._HelpAction) \
+                    or action.default is False or action.default == argparse.SUPPRESS:  # flags: off unless given
                 continue
             text = fmt._get_help_string(action)
-            if action.default is None or action.default is False:
-                assert action.help, f"{name} {action.option_strings[0]}: no help"
-                continue
-            assert "%(default)s" in text or f"default: {action.default}" in text, f"{name} {action.option_strings}"
+            assert "default" in text, f"{name} {action.option_strings[0]}: the help does not say the default"
+            if action.default is not None and "%(default)s" in text:
+                value = action.default if not isinstance(action.default, tuple) else ",".join(map(str, action.default))
+                assert f"(default:{value})" in shown, (name, action.option_strings[0])
             checked += 1
-        assert "(default: " in p.format_help()
-    assert checked >= 20
+    assert checked >= 100
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS)
+def test_help_of_every_subcommand(command, capsys):
+    assert cli.main([*command.split(), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: ditaccel {command} ") and "--debug" in out
+    assert "(default: " in out or "default:" in out
 
 
 def test_calibrate_prints_the_threshold_used(calibrated):
@@ -471,3 +499,305 @@ def test_demo_uses_the_shipped_plan_without_calibrating(tmp_path, capsys, monkey
     assert Plan.load(out_dir / "plan.json").methods == Plan.load(cli.DEMO_PLAN).methods
     assert re.search(r"PSNR (\S+) dB", out)
     assert_png(out_dir / "samples.png")
+
+
+# ------------------------------------------------------------------ bench, quality, worth, testbed train: the same errors
+@pytest.fixture
+def no_tool_work(monkeypatch):
+    """Every way bench, quality, worth and testbed train start work fails loudly."""
+    import ditaccel.evaluate
+    from ditaccel import bench, quality, worth
+    from ditaccel.testbed import train
+
+    def started(*a, **k):
+        raise AssertionError("work started before the arguments were checked")
+
+    for name in ("bench_step", "bench_attention", "bench_sweep", "bench_adaspa", "bench_adaspa_step",
+                 "bench_sparsity", "run_all"):
+        monkeypatch.setattr(bench, name, started)
+    monkeypatch.setattr(ditaccel.evaluate, "load_trained", started)
+    monkeypatch.setattr(quality, "load_trained", started)
+    monkeypatch.setattr(quality, "run_table", started)
+    monkeypatch.setattr(worth, "run_table", started)
+    for name in ("train_image", "train_video", "train_classifiers"):
+        monkeypatch.setattr(train, name, started)
+    monkeypatch.setattr(cli, "load_pipeline", started)
+
+
+TOOL_BAD_INPUT = [  # (argv with {tmp}, the field the error names, a phrase it says)
+    # bench
+    (["bench", "sparsity", "--only", "sparsity"], "--only", "not an option of `ditaccel bench sparsity` (only of: all)"),
+    (["bench", "step", "--kept", "0.5"], "--kept", "not an option of `ditaccel bench step` (only of: sparsity)"),
+    (["bench", "all", "--dry-run", "--repeats", "3"], "--repeats", "not an option of `ditaccel bench all`"),
+    (["bench", "sparsity", "--kept", "0,0.5"], "--kept", "fractions in (0, 1]"),
+    (["bench", "attention", "--tokens", "-5"], "--tokens", "positive integer"),
+    (["bench", "step", "--model", "sdxl"], "--model", "invalid choice"),
+    (["bench", "step", "--window", "box"], "--window", "invalid choice"),
+    (["bench", "sweep", "--bogus"], "--bogus", "unknown option"),
+    (["bench", "nope"], "WHAT", "invalid choice"),
+    (["bench"], "WHAT", "required"),
+    (["bench", "all", "--dry-run", "--only", "sparsity,nope"], "--only", "unknown case(s) 'nope'"),
+    (["bench", "all", "--dry-run", "--device", "cuda"], "--device", "--dry-run runs on the CPU"),
+    (["bench", "all", "--dry-run", "--out-md", "{tmp}/missing/B.md"], "--out-md", "does not exist"),
+    (["bench", "all", "--dry-run", "--results-dir", "{tmp}/missing/r"], "--results-dir", "does not exist"),
+    (["bench", "sparsity", "--json", "{tmp}/missing/r.json"], "--json", "does not exist"),
+    (["bench", "sparsity", "--plot", "{tmp}/p.notanimage"], "--plot", "extension"),
+    (["bench", "attention", "--device", "tpu9"], "--device", "tpu9"),
+    # quality
+    (["quality", "--only", "audio"], "--only", "invalid choice"),
+    (["quality", "--samples", "3"], "--samples", "ambiguous"),
+    (["quality", "--steps", "0"], "--steps", "positive integer"),
+    (["quality", "--guidance-scale", "-1"], "--guidance-scale", ">= 0"),
+    (["quality", "--samples-image", "1", "--only", "image"], "--samples-image", "at least 2"),
+    (["quality", "--toy", "--weights", "{tmp}/none"], "--weights", "no trained testbed folder"),
+    (["quality", "--out-md", "{tmp}/missing/Q.md"], "--out-md", "does not exist"),
+    (["quality", "--results-dir", "{tmp}/afile"], "--results-dir", "not a folder"),
+    (["quality", "--device", "tpu9"], "--device", "tpu9"),
+    (["quality", "--reference-steps", "5"], "--reference-steps", "not an option of `ditaccel quality` (only of: worth)"),
+    # worth
+    (["worth", "--efficiency", "2"], "--efficiency", "(0.0, 1.0]"),
+    (["worth", "--attention-share-video", "1.5"], "--attention-share-video", "[0.0, 1.0]"),
+    (["worth", "--samples-video", "1"], "--samples-video", "at least 2"),
+    (["worth", "--toy", "--weights", "{tmp}/none"], "--weights", "no trained testbed folder"),
+    (["worth", "--results-dir", "{tmp}/missing/r"], "--results-dir", "does not exist"),
+    (["worth", "--steps", "5"], "--steps", "not an option of `ditaccel worth` (only of: demo, calibrate, generate, "
+                                           "eval, quality)"),
+    # testbed train
+    (["testbed", "train", "classifiers", "--init", "{tmp}"], "--init",
+     "not an option of `ditaccel testbed train classifiers` (only of: image, video)"),
+    (["testbed", "train", "image", "--layers", "3"], "--layers", "(only of: video)"),
+    (["testbed", "train", "image", "--rope"], "--rope", "(only of: video)"),
+    (["testbed", "train", "video", "--only", "image"], "--only", "(only of: classifiers)"),
+    (["testbed", "train", "video", "--prediction-type", "epsilon"], "--prediction-type", "(only of: image)"),
+    (["testbed", "train", "video", "--width", "20"], "--width", "multiple of 16"),
+    (["testbed", "train", "video", "--heads", "0"], "--heads", ">= 1"),
+    (["testbed", "train", "image", "--minutes", "0"], "--minutes", "> 0"),
+    (["testbed", "train", "image", "--init", "{tmp}"], "--init", "no transformer/config.json"),
+    (["testbed", "train", "image", "--probe-every", "1"], "--probe-every", "needs --probe-classifier"),
+    (["testbed", "train", "video", "--probe-every", "1", "--probe-classifier", "{tmp}"], "--probe-classifier",
+     "not a classifier folder"),
+    (["testbed", "train", "image", "--out", "{tmp}/afile/image"], "--out", "is not a writable folder"),
+    (["testbed", "train", "image", "--out", "{tmp}/afile"], "--out", "is not a folder"),
+    (["testbed", "train", "classifiers", "--device", "tpu9"], "--device", "tpu9"),
+    (["testbed", "train", "image", "--compile", "maybe"], "--compile", "invalid choice"),
+    (["testbed", "train"], "WHAT", "required"),
+    (["testbed", "train", "audio"], "WHAT", "invalid choice"),
+    # the shared flags
+    (["generate", "--progress", "sometimes"], "--progress", "invalid choice"),
+    (["plan", "show", "{tmp}/P.json", "--progress", "on"], "--progress", "unknown option"),
+]
+
+
+@pytest.mark.parametrize("argv,field,phrase", TOOL_BAD_INPUT, ids=[" ".join(c[0][:4]) for c in TOOL_BAD_INPUT])
+def test_tool_bad_input_is_one_line_before_any_work(argv, field, phrase, tmp_path, capsys, no_tool_work):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    err = _one_line_error([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert f"error: {field}: " in err, err
+    assert phrase in err, err
+    assert "usage:" not in err
+
+
+@pytest.mark.parametrize("command", ["bench", "quality", "worth", "testbed.train"])
+def test_module_entry_points_are_the_same_command(command, capsys, no_tool_work):
+    """``python -m ditaccel.bench ...`` etc. are thin wrappers over the same tree and errors."""
+    import importlib
+
+    module = importlib.import_module(f"ditaccel.{command}")
+    argv = {"bench": ["sparsity", "--only", "x"], "quality": ["--bogus"], "worth": ["--bogus"],
+            "testbed.train": ["classifiers", "--init", "x"]}[command]
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ditaccel: error: --") and err.count("\n") == 1
+
+
+def test_cuda_without_cuda_is_one_line_for_every_tool(capsys, no_tool_work, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["bench", "sparsity", "--device", "cuda"], ["quality", "--device", "cuda"],
+                 ["worth", "--device", "cuda:1"], ["testbed", "train", "video", "--device", "cuda"]):
+        err = _one_line_error(argv, capsys)
+        assert "CUDA is not available" in err, argv
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, no_work):
+    argv = ["calibrate", "--model", "tiny-dit", "--out", str(tmp_path / "missing" / "P.json")]
+    assert cli.main(argv) == 2
+    with pytest.raises(cli.UsageError, match="--out: folder .* does not exist"):
+        cli.main([*argv, "--debug"])
+    with pytest.raises(cli.UsageError, match="--out"):
+        cli.main(["--debug", *argv])
+    with pytest.raises(cli.UsageError, match="--bogus"):  # even when parsing fails
+        cli.main(["bench", "step", "--bogus", "--debug"])
+
+
+# ------------------------------------------------------------------ generate: the image itself; a grid on request
+def test_generate_writes_the_image_itself(tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from ditaccel.viz import to_uint8
+
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", "--model", "tiny-dit", "--steps", "2", "--class-labels", "3", "--seed", "5",
+                     "--out", str(out)]) == 0
+    assert f"-> {out}" in capsys.readouterr().out
+    pipe = cli.load_pipeline("tiny-dit", "cpu", torch.float32)
+    expected = to_uint8(pipe(class_labels=[3], num_inference_steps=2, generator=cli._generator("cpu", 5),
+                             output_type="np").images)[0]
+    got = np.asarray(Image.open(out).convert("RGB"))
+    assert got.shape == expected.shape == (128, 128, 3)  # the image, no label column, no scaling
+    assert np.array_equal(got, expected)
+    assert not list(tmp_path.glob("x-*.png"))
+
+
+def test_generate_several_images_and_grid_on_request(calibrated, tmp_path, capsys):
+    path, rc, _ = calibrated
+    assert rc == 0
+    out, grid = tmp_path / "x.png", tmp_path / "grid.png"
+    assert cli.main(["generate", "--model", "tiny-dit", "--plan", str(path), "--class-labels", "3", "7",
+                     "--out", str(out), "--grid", str(grid)]) == 0
+    printed = capsys.readouterr().out
+    for i in (0, 1):
+        assert assert_png(tmp_path / f"x-{i}.png") == (128, 128)
+    assert not out.exists()
+    assert f"grid: {grid}" in printed
+    w, h = assert_png(grid)
+    assert h >= 3 * 256 and w >= 2 * 256  # dense, ditfastattn and |diff| rows of two samples, scaled to 256 px
+
+
+# ------------------------------------------------------------------ progress bars
+def _bars(stderr: str) -> bool:
+    return bool(re.search(r"\d+%\|", stderr)) or "it/s]" in stderr or "s/it]" in stderr
+
+
+def test_progress_bars_when_asked_and_not_in_a_pipe(tmp_path, capsys):
+    argv = ["calibrate", "--model", "tiny-dit", "--steps", "2", "--class-labels", "1", "--out", str(tmp_path / "P.json")]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no bars by default
+    assert cli.main([*argv, "--progress", "on"]) == 0
+    err = capsys.readouterr().err
+    assert "ditaccel calibrate" in err and _bars(err)
+    argv = ["generate", "--model", "tiny-dit", "--steps", "2", "--class-labels", "1", "--out", str(tmp_path / "x.png")]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err == ""
+    assert cli.main([*argv, "--progress", "on"]) == 0
+    err = capsys.readouterr().err
+    assert "dense" in err and _bars(err)
+    assert cli.main([*argv, "--progress", "off"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_auto_follows_the_terminal(monkeypatch):
+    import argparse
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    auto = argparse.Namespace(progress="auto")
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert not cli.progress_on(auto) and cli.progress_bar(auto) is None
+    monkeypatch.setattr("sys.stderr", Terminal())
+    assert cli.progress_on(auto) and cli.progress_bar(auto) is not None
+    assert not cli.progress_on(argparse.Namespace(progress="off"))
+
+
+def test_eval_progress_bars(tmp_path, capsys, monkeypatch):
+    """eval: one bar per generated set (dense, then the method), counting samples."""
+    import ditaccel.evaluate
+
+    seen = {}
+
+    def fake(which, method, progress=None, **kw):
+        seen["progress"] = progress
+        from ditaccel.evaluate import _generate
+
+        pipe = cli.load_pipeline("tiny-dit", "cpu", __import__("torch").float32)
+        _generate(pipe, "image", [1, 2, 3], [0, 1, 2], 2, 2, {}, progress=progress, desc="dense")
+        return {"psnr": 1.0}
+
+    monkeypatch.setattr(ditaccel.evaluate, "evaluate_trained", fake)
+    assert cli.main(["eval", "--method", "dense", "--progress", "on"]) == 0
+    err = capsys.readouterr().err
+    assert seen["progress"] is not None and "dense:" in err and "/3 [" in err and "sample/s" in err
+    assert cli.main(["eval", "--method", "dense"]) == 0
+    assert seen["progress"] is None and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command", ["quality", "worth"])
+def test_sweeps_get_a_row_bar_only_when_asked(command, monkeypatch, capsys):
+    import importlib
+
+    module = importlib.import_module(f"ditaccel.{command}")
+    seen = {}
+
+    def fake(only=None, *, progress=None, log=print, **kw):
+        seen["progress"] = progress
+        bar = progress(total=3, desc=f"{command} image", unit="row") if progress else None
+        for _ in range(3):
+            log("a row")
+            if bar:
+                bar.update()
+        return {}
+
+    monkeypatch.setattr(module, f"run_{command}", fake)
+    assert cli.main([command, "--toy", "--progress", "on"]) == 0
+    cap = capsys.readouterr()
+    assert f"{command} image:" in cap.err and "/3 [" in cap.err and "row/s" in cap.err
+    assert cap.out.count("a row") == 3  # the log lines stay on stdout
+    assert cli.main([command, "--toy"]) == 0
+    cap = capsys.readouterr()
+    assert seen["progress"] is None and cap.err == "" and cap.out.count("a row") == 3
+
+
+def test_quality_table_counts_its_rows(toy_weights):
+    """The library side of the sweep bar: run_table advances it once per row (dense first)."""
+    from ditaccel.quality import Setting, run_table
+
+    events = []
+
+    class Bar:
+        def __init__(self, total, desc, unit):
+            events.append(("open", total, desc))
+
+        def update(self, n=1):
+            events.append(("row", n))
+
+        def close(self):
+            events.append(("close",))
+
+    settings = [Setting("s=0.5", "AdaSpa", ("0.5", "yes", "yes"), ditaccel.AdaSpaConfig(sparsity=0.5, block_size=16))]
+    run_table("video", settings, weights_dir=toy_weights, n=2, steps=2, batch_size=2, n_reference=4,
+              log=lambda line: None, progress=Bar)
+    assert events == [("open", 2, "quality video"), ("row", 1), ("row", 1), ("close",)]
+
+
+# ------------------------------------------------------------------ every documented command is valid
+def _documented_commands() -> list[str]:
+    """``ditaccel ...`` commands in the docs (inline code and shell blocks) and the ones the
+    benchmark cases print, placeholders (``[...]``, ``<...>``, ``a|b``, ``...``) left out."""
+    from pathlib import Path
+
+    from ditaccel.bench import CASES
+
+    root = Path(__file__).resolve().parents[1]
+    found = [c.command for c in CASES]
+    for name in ("README.md", "BENCHMARKS.md", "QUALITY.md", *(f"scripts/{p.name}" for p in (root / "scripts").glob("*.sh"))):
+        text = (root / name).read_text()
+        found += re.findall(r"`(ditaccel [^`]+)`", text)
+        found += re.findall(r"^(ditaccel [^#\n]+)", text, re.M)
+    placeholder = re.compile(r"[\[\]<>|{}$]|\.\.\.|\bW\b|COMMAND|NAME")
+    return sorted({" ".join(c.split()) for c in found if not placeholder.search(c) and "-h" not in c.split()})
+
+
+def test_documented_commands_parse():
+    import shlex
+
+    commands = _documented_commands()
+    assert len(commands) >= 25
+    parser = cli.build_parser()
+    for command in commands:
+        args = parser.parse_args(shlex.split(command)[1:])  # a UsageError names the broken one
+        assert callable(args.func), command

@@ -413,8 +413,8 @@ def test_video_depth_and_width_are_options(tmp_path):
         build_video_components(toy=True, width=32, heads=3)
     with pytest.raises(ValueError, match="width must be a multiple of 16"):
         build_video_components(toy=True, width=24, heads=3)
-    with pytest.raises(SystemExit, match="--layers: only for video"):
-        main(["image", "--toy", "--layers", "3", "--out", str(tmp_path / "i")])
+    assert main(["image", "--toy", "--layers", "3", "--out", str(tmp_path / "i")]) == 2  # one line, no training
+    assert not (tmp_path / "i").exists()
     train_video(tmp_path / "v", toy=True, device="cpu", progress=False, layers=2, width=48, heads=3)
     cfg = json.loads((tmp_path / "v/transformer/config.json").read_text())
     assert (cfg["num_layers"], cfg["num_attention_heads"], cfg["attention_head_dim"]) == (2, 3, 16)

@@ -98,6 +98,16 @@ def _check_in_file(field: str, path: str | None) -> None:
         raise UsageError(field, f"no such file {path!r}")
 
 
+def check_weights_arg(weights: str | None, tables: tuple[str, ...]):
+    """``--weights``: the folder of trained testbed models (``quality.check_weights``), as a ``UsageError``."""
+    from .quality import check_weights
+
+    try:
+        return check_weights(weights, tables)
+    except ValueError as e:
+        raise UsageError("--weights", str(e).removeprefix("--weights (weights_dir): ")) from None
+
+
 def _ditfastattn_config(args, **kw):
     """The DiTFastAttn settings, built (and so checked) before any work."""
     import ditaccel
@@ -260,9 +270,10 @@ def _demo_calibrate(pipe, args, device: str):
 
     calib = _inputs(pipe, None, None, args.calibration_inputs)
     extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_params(pipe) else {}
-    plan = ditaccel.calibrate(pipe, ditaccel.DiTFastAttnConfig(threshold=args.threshold, window=args.window),
-                              num_inference_steps=args.steps, generator=_generator(device, DEMO_CALIBRATION_SEED),
-                              **calib, **extra)
+    config = ditaccel.DiTFastAttnConfig(threshold=args.threshold, window=args.window, show_progress=progress_on(args))
+    pipeline_progress(pipe, argparse.Namespace(progress="off"))  # the calibration's own bar counts layers
+    plan = ditaccel.calibrate(pipe, config, num_inference_steps=args.steps,
+                              generator=_generator(device, DEMO_CALIBRATION_SEED), **calib, **extra)
     plan.metadata["demo_settings"] = demo_settings(args)
     if args.model == "testbed":
         plan.metadata["weights_sha256"] = _file_sha256(DEMO_WEIGHTS)
@@ -315,11 +326,15 @@ def cmd_demo(args) -> int:
     print(plan.summary())
 
     run = dict(num_inference_steps=args.steps, output_type="np", **sample, **extra)
+    pipeline_progress(pipe, args, "dense (warm-up)")
     _timed(pipe, device, generator=_generator(device, 0), **run)  # warm-up
+    pipeline_progress(pipe, args, "dense")
     dense, t_dense = _timed(pipe, device, generator=_generator(device, 0), **run)
     ditaccel.apply(pipe, plan)
     try:
+        pipeline_progress(pipe, args, "ditfastattn (warm-up)")
         _timed(pipe, device, generator=_generator(device, 0), **run)  # warm-up
+        pipeline_progress(pipe, args, "ditfastattn")
         fast, t_fast = _timed(pipe, device, generator=_generator(device, 0), **run)
         st = ditaccel.stats(pipe)
     finally:
@@ -349,7 +364,8 @@ def cmd_calibrate(args) -> int:
     dtype = _dtype(args.dtype, device)
     _check_out_file("--out", args.out)
     _check_calibration_steps(args.steps)
-    cfg = _ditfastattn_config(args, window=args.window, window_size=args.window_size, search=args.search)
+    cfg = _ditfastattn_config(args, window=args.window, window_size=args.window_size, search=args.search,
+                              show_progress=progress_on(args))
     print(f"calibrating {args.model}: {args.steps} steps, {_threshold_line(args.threshold, cfg)}, "
           f"search {cfg.search}, window {cfg.window}")
     pipe = load_pipeline(args.model, device, dtype)
@@ -359,6 +375,7 @@ def cmd_calibrate(args) -> int:
         kw["guidance_scale"] = args.guidance_scale
     if "use_resolution_binning" in _call_params(pipe) and args.model in TINY_MODELS:
         kw["use_resolution_binning"] = False
+    pipeline_progress(pipe, argparse.Namespace(progress="off"))  # the calibration's own bar counts layers
     plan = ditaccel.calibrate(pipe, cfg, num_inference_steps=args.steps, generator=_generator(device, args.seed), **kw)
     plan.save(args.out)
     print(plan.summary())
@@ -367,12 +384,15 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from PIL import Image
+
     import ditaccel
-    from ditaccel.viz import side_by_side, to_uint8
+    from ditaccel.viz import abs_diff, side_by_side, to_uint8
 
     device = _device(args.device)  # every check before any work
     dtype = _dtype(args.dtype, device)
     _check_out_file("--out", args.out, image=True)
+    _check_out_file("--grid", args.grid, image=True)
     _check_in_file("--plan", args.plan)
     plan = ditaccel.Plan.load(args.plan) if args.plan else None
     steps = args.steps or (plan.num_steps if plan else 20)
@@ -392,16 +412,38 @@ def cmd_generate(args) -> int:
             ditaccel.apply(pipe, plan)
         except ditaccel.PlanError as e:
             raise UsageError("--plan", f"{args.plan!r} does not fit --model {args.model}: {e}") from None
+    run = dict(num_inference_steps=steps, output_type="np", **kw)
+    label = "ditfastattn" if plan is not None else "dense"
     try:
-        out, seconds = _timed(pipe, device, num_inference_steps=steps, generator=_generator(device, args.seed),
-                              output_type="np", **kw)
-        side_by_side([("ditfastattn" if plan else "dense", to_uint8(out.images))], args.out, scale=1)
-        print(f"generated {len(out.images)} image(s) in {seconds:.2f} s -> {args.out}")
-        if plan is not None:
-            print(ditaccel.stats(pipe))
+        pipeline_progress(pipe, args, label)
+        out, seconds = _timed(pipe, device, generator=_generator(device, args.seed), **run)
+        st = ditaccel.stats(pipe) if plan is not None else None
     finally:
         ditaccel.remove(pipe)
+    images = to_uint8(out.images)
+    paths = image_paths(args.out, len(images))
+    for path, image in zip(paths, images):
+        Image.fromarray(image).save(path)
+    print(f"generated {len(images)} image(s) in {seconds:.2f} s -> {', '.join(paths)}")
+    if st is not None:
+        print(st)
+    if args.grid:  # on request only: it costs a dense generation when a plan was applied
+        rows = [("dense", images)]
+        if plan is not None:
+            pipeline_progress(pipe, args, "dense (for --grid)")
+            dense, _ = _timed(pipe, device, generator=_generator(device, args.seed), **run)
+            rows = [("dense", to_uint8(dense.images)), (label, images), abs_diff(to_uint8(dense.images), images)]
+        side_by_side(rows, args.grid)
+        print(f"grid: {args.grid}")
     return 0
+
+
+def image_paths(out: str, n: int) -> list[str]:
+    """Where ``generate`` writes ``n`` images: ``out`` for one, ``<stem>-<i><ext>`` for several."""
+    if n == 1:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}-{i}{ext}" for i in range(n)]
 
 
 def cmd_plan_show(args) -> int:
@@ -422,14 +464,13 @@ def cmd_plan_show(args) -> int:
 def cmd_eval(args) -> int:
     import ditaccel
     from ditaccel.evaluate import evaluate_trained
-    from ditaccel.quality import check_weights
 
     device = _device(args.device)  # every check before any work
     dtype = _dtype(args.dtype, device)
     _check_out_file("--json", args.json)
     _check_out_file("--samples-png", args.samples_png, image=True)
     _check_in_file("--plan", args.plan)
-    root = check_weights(args.weights, (args.model,))
+    root = check_weights_arg(args.weights, (args.model,))
     if args.method == "adaspa":
         try:
             method = ditaccel.AdaSpaConfig(sparsity=args.sparsity, head_adaptive=not args.no_head_adaptive)
@@ -442,7 +483,7 @@ def cmd_eval(args) -> int:
                                         f"this run runs {args.steps}; pass --steps {method.num_steps}")
     elif args.method == "ditfastattn":
         _check_calibration_steps(args.steps)
-        method = _ditfastattn_config(args, show_progress=False)
+        method = _ditfastattn_config(args, show_progress=progress_on(args))
         print(f"calibrating: {_threshold_line(args.threshold, method)}")
     else:
         method = None
@@ -450,7 +491,7 @@ def cmd_eval(args) -> int:
     if args.samples_png:
         kw["return_samples"] = True
     r = evaluate_trained(args.model, method, weights_dir=root, device=device, n=args.samples, steps=args.steps,
-                         dtype=dtype, **kw)
+                         dtype=dtype, progress=progress_bar(args), **kw)
     if args.samples_png:
         from ditaccel.viz import grid_rows, side_by_side
 
@@ -476,7 +517,13 @@ def cmd_eval(args) -> int:
 
 # ------------------------------------------------------------------------------ parser
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line ``ditaccel: error: <field>: ...`` (exit 2), without the usage block."""
+    """Usage errors as one line ``ditaccel: error: <field>: ...`` (exit 2), without the usage block.
+
+    Every parser of the tree is one of these (subparsers inherit the class). ``siblings`` (set by
+    ``subcommand``) are the other parsers of the same command level, so that an option given to
+    the wrong mode says which modes take it."""
+
+    siblings: dict | None = None
 
     def error(self, message):
         m = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message)
@@ -484,11 +531,30 @@ class _Parser(argparse.ArgumentParser):
             raise UsageError(m.group(1), m.group(2))
         m = re.match(r"unrecognized arguments: (\S+)", message)
         if m:
-            raise UsageError(m.group(1), "unknown option (see `ditaccel COMMAND -h`)")
+            raise self.unknown_argument(m.group(1))
         m = re.match(r"the following arguments are required: (.*)", message)
         if m:
             raise UsageError(m.group(1), f"required (see `{self.prog} -h`)")
+        m = re.match(r"ambiguous option: (\S+?)(?:=\S*)? could match (.*)", message)
+        if m:
+            raise UsageError(m.group(1), f"ambiguous, could be {m.group(2)}")
         raise UsageError(self.prog, message)
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:  # name the subcommand that got them, not the top-level parser
+            raise (getattr(ns, "_leaf", None) or self).unknown_argument(extras[0])
+        return ns
+
+    def unknown_argument(self, arg: str) -> UsageError:
+        option = arg.split("=", 1)[0]
+        if option.startswith("-") and len(option) > 1 and not re.fullmatch(r"-[\d.]+", option):
+            takes = [name for name, p in (self.siblings or {}).items()
+                     if p is not self and option in p._option_string_actions]
+            if takes:
+                return UsageError(option, f"not an option of `{self.prog}` (only of: {', '.join(takes)})")
+            return UsageError(option, f"unknown option (see `{self.prog} -h`)")
+        return UsageError(repr(arg), f"unexpected argument (see `{self.prog} -h`)")
 
 
 class _Help(argparse.HelpFormatter):
@@ -496,13 +562,76 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if "%(default)" in h or "default:" in h or action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or not action.option_strings:
+        if "%(default)" in h or "default:" in h or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS or not action.option_strings:
             return h
         return h + " (default: %(default)s)"
 
 
-def _int_at_least(low: int):
+def subcommand(sub, name: str, *, help: str, description: str | None = None, progress: bool = False,
+               func=None) -> _Parser:
+    """A subcommand parser of the ``ditaccel`` tree under ``sub`` (an ``add_subparsers`` action).
+
+    Every subcommand takes ``--debug`` (a traceback instead of the one-line error); ``progress``:
+    also ``--progress auto|on|off``. ``func(args) -> int`` runs it."""
+    p = sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
+                       formatter_class=_Help)
+    p.siblings = sub.choices
+    p.set_defaults(_leaf=p)
+    if func is not None:
+        p.set_defaults(func=func)
+    if progress:
+        p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                       help="progress bars on stderr; auto: only when stderr is a terminal")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="on an error, show the traceback instead of one line")
+    return p
+
+
+def subcommands(parser: _Parser, dest: str, metavar: str):
+    """The subparsers action of ``parser`` (required, named ``metavar`` in errors)."""
+    return parser.add_subparsers(dest=dest, required=True, metavar=metavar, parser_class=_Parser)
+
+
+def progress_on(args) -> bool:
+    """Whether this run shows progress bars: ``--progress on``, or ``auto`` with stderr a terminal."""
+    mode = getattr(args, "progress", "auto")
+    if mode == "auto":
+        isatty = getattr(sys.stderr, "isatty", None)
+        return bool(isatty and isatty())
+    return mode == "on"
+
+
+def progress_bar(args):
+    """A ``tqdm`` factory for one phase's bar (on stderr), or None when progress is off. The library
+    takes it as its ``progress`` argument (it never imports the command line)."""
+    if not progress_on(args):
+        return None
+    import functools
+
+    from tqdm import tqdm
+
+    return functools.partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def pipeline_progress(pipe, args, desc: str | None = None) -> None:
+    """Show (or hide) the pipeline's own per-step bar (diffusers' ``set_progress_bar_config``)."""
+    if hasattr(pipe, "set_progress_bar_config"):
+        on = progress_on(args)
+        pipe.set_progress_bar_config(disable=not on, file=sys.stderr, leave=False, dynamic_ncols=True,
+                                     **({"desc": desc} if desc else {}))
+
+
+def printer(args):
+    """``print`` for result lines while bars may be on screen (``tqdm.write`` keeps them intact)."""
+    if not progress_on(args):
+        return print
+    from tqdm import tqdm
+
+    return lambda line: tqdm.write(str(line), file=sys.stdout)
+
+
+def int_at_least(low: int):
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -516,7 +645,7 @@ def _int_at_least(low: int):
     return parse
 
 
-def _float_in(low: float, high: float | None = None, *, low_open: bool = False):
+def float_in(low: float, high: float | None = None, *, low_open: bool = False):
     import math
 
     def parse(text: str) -> float:
@@ -526,11 +655,14 @@ def _float_in(low: float, high: float | None = None, *, low_open: bool = False):
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not math.isfinite(v) or (v <= low if low_open else v < low) or (high is not None and v > high):
             span = f"({low}, {high}]" if low_open else (f"[{low}, {high}]" if high is not None else f">= {low}")
+            if high is None and low_open:
+                span = f"> {low}"
             raise argparse.ArgumentTypeError(f"must be {'in ' if high is not None else ''}{span}, got {text}")
         return v
 
     parse.__name__ = "float"
     return parse
+
 
 
 def _threshold(text: str):
@@ -540,15 +672,15 @@ def _threshold(text: str):
     if text in PRESETS:
         return text
     try:
-        return _float_in(0.0)(text)
+        return float_in(0.0)(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a float >= 0 nor a preset "
                                          f"{', '.join(sorted(PRESETS))}") from None
 
 
-POSITIVE = _int_at_least(1)
-SEED = _int_at_least(0)
-GUIDANCE = _float_in(0.0)
+POSITIVE = int_at_least(1)
+SEED = int_at_least(0)
+GUIDANCE = float_in(0.0)
 
 
 def _model_args(p, default="demo-dit"):
@@ -561,17 +693,18 @@ def _model_args(p, default="demo-dit"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    """The whole ``ditaccel`` command tree (every tool module mounts its own options here)."""
+    from . import __version__, bench, quality, worth
+    from .testbed import train
 
     ap = _Parser(prog="ditaccel", description="Faster Diffusion Transformers without retraining.",
                  formatter_class=_Help)
     ap.add_argument("--version", action="version", version=f"ditaccel {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ap.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
+    sub = subcommands(ap, "command", "COMMAND")
 
-    def command(name, **kw):
-        return sub.add_parser(name, formatter_class=_Help, **kw)
-
-    p = command("demo", help="generate dense and compressed side by side with the shipped (or a fresh) plan, report")
+    p = subcommand(sub, "demo", help="generate dense and compressed side by side with the shipped (or a fresh) "
+                   "plan, report", progress=True, func=cmd_demo)
     _model_args(p, default="testbed")
     p.add_argument("--steps", type=POSITIVE, default=10, help="denoising steps (2 or more)")
     p.add_argument("--threshold", type=_threshold, default="D2", help="δ (float) or a preset D1..D6")
@@ -583,14 +716,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=POSITIVE, default=2, help="images generated dense and compressed")
     p.add_argument("--out", default="ditaccel-demo",
                    help="output folder (created if missing; its parent must exist)")
-    p.set_defaults(func=cmd_demo)
 
-    p = command("calibrate", help="search a DiTFastAttn plan and save it as JSON")
+    p = subcommand(sub, "calibrate", help="search a DiTFastAttn plan and save it as JSON", progress=True,
+                   func=cmd_calibrate)
     _model_args(p)
     p.add_argument("--steps", type=POSITIVE, default=20, help="denoising steps the plan is for (2 or more)")
     p.add_argument("--threshold", type=_threshold, default="0.1", help="δ (float) or a preset D1..D6")
     p.add_argument("--window", default="band1d", choices=["band1d", "neighborhood2d"], help="window attention kind")
-    p.add_argument("--window-size", type=_float_in(0.0, 1.0, low_open=True), default=0.25,
+    p.add_argument("--window-size", type=float_in(0.0, 1.0, low_open=True), default=0.25,
                    help="window size, a fraction of the tokens in (0, 1]")
     p.add_argument("--search", default="greedy", choices=["greedy", "local"],
                    help="greedy: the paper's search; local: per-layer scores + end-to-end binary search (faster)")
@@ -599,9 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=GUIDANCE, help="default: the pipeline's")
     p.add_argument("--seed", type=SEED, default=0, help="calibration noise seed")
     p.add_argument("--out", default="plan.json", help="plan file to write (its folder must exist)")
-    p.set_defaults(func=cmd_calibrate)
 
-    p = command("generate", help="generate with (or without) a plan")
+    p = subcommand(sub, "generate", help="generate with (or without) a plan", progress=True, func=cmd_generate)
     _model_args(p)
     p.add_argument("--plan", help="plan file from `ditaccel calibrate` (default: none, dense attention)")
     p.add_argument("--steps", type=POSITIVE, help="default: the plan's step count, or 20 without a plan")
@@ -609,25 +741,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-labels", type=SEED, nargs="+", help="DiT class ids; default: one built-in id")
     p.add_argument("--guidance-scale", type=GUIDANCE, help="default: the pipeline's")
     p.add_argument("--seed", type=SEED, default=0, help="noise seed")
-    p.add_argument("--out", default="image.png", help="image file to write (its folder must exist)")
-    p.set_defaults(func=cmd_generate)
+    p.add_argument("--out", default="image.png",
+                   help="the generated image (its folder must exist); several images: OUT-0.png, OUT-1.png, ...")
+    p.add_argument("--grid", help="also write a labelled grid here: dense and, with --plan, the compressed images "
+                   "and their difference (generates dense too; default: no grid)")
 
-    sub.add_parser("bench", help="speed of full-size architectures (random weights): `ditaccel bench -h`",
-                   add_help=False)
-    sub.add_parser("testbed", help="train the testbed models: `ditaccel testbed train -h`", add_help=False)
-    sub.add_parser("quality", help="the quality tables of QUALITY.md on the trained testbed: `ditaccel quality -h`",
-                   add_help=False)
-    sub.add_parser("worth", help="each method against fewer steps and diffusers' caches at equal cost: "
-                   "`ditaccel worth -h`", add_help=False)
-
-    p = command("eval", help="quality and speed of a method against dense on a trained testbed model")
+    p = subcommand(sub, "eval", help="quality and speed of a method against dense on a trained testbed model",
+                   progress=True, func=cmd_eval)
     p.add_argument("--model", default="image", choices=["image", "video"], help="which trained testbed")
     p.add_argument("--method", default="adaspa", choices=["adaspa", "ditfastattn", "dense"], help="method to evaluate")
-    p.add_argument("--sparsity", type=_float_in(0.0, 1.0), default=0.8,
+    p.add_argument("--sparsity", type=float_in(0.0, 1.0), default=0.8,
                    help="adaspa: fraction of key blocks dropped")
     p.add_argument("--no-head-adaptive", action="store_true", help="adaspa: one sparsity for every head")
     p.add_argument("--threshold", type=_threshold, default="D4", help="ditfastattn: δ (float) or a preset D1..D6")
-    p.add_argument("--plan", help="ditfastattn: a plan file instead of calibrating")
+    p.add_argument("--plan", help="ditfastattn: a plan file instead of calibrating (default: calibrate)")
     p.add_argument("--samples", type=POSITIVE, default=16, help="samples generated per variant")
     p.add_argument("--steps", type=POSITIVE, default=20, help="denoising steps")
     p.add_argument("--guidance-scale", type=GUIDANCE, help="default: the testbed pipeline's")
@@ -635,56 +762,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="generator dtype (the classifier always runs in float32)")
-    p.add_argument("--json", help="also write the metrics here (its folder must exist)")
-    p.add_argument("--samples-png", help="also write a grid of the first samples (dense, then the method) here")
-    p.set_defaults(func=cmd_eval)
+    p.add_argument("--json", help="also write the metrics here (its folder must exist; default: none)")
+    p.add_argument("--samples-png", help="also write a grid of the first samples (dense, then the method) here (default: none)")
 
-    p = command("plan", help="inspect plan files")
-    psub = p.add_subparsers(dest="plan_command", required=True, metavar="PLAN_COMMAND")
-    s = psub.add_parser("show", help="print a summary and write a heat map PNG", formatter_class=_Help)
+    p = subcommand(sub, "plan", help="inspect plan files")
+    s = subcommand(subcommands(p, "plan_command", "COMMAND"), "show",
+                   help="print a summary and write a heat map PNG", func=cmd_plan_show)
     s.add_argument("plan", help="plan file")
     s.add_argument("--png", help="heat map path (default: next to the plan)")
     s.add_argument("--json", action="store_true", help="also print method counts as JSON")
-    s.set_defaults(func=cmd_plan_show)
-    return ap
 
-
-def _testbed_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="ditaccel testbed", description="Train the testbed models (shipped trained in the package).")
-    sub = ap.add_subparsers(dest="testbed_command", required=True, metavar="train")
-    sub.add_parser("train", add_help=False,
-                   help="train image|video|classifiers: `ditaccel testbed train -h` for its options")
+    bench.add_arguments(subcommand(sub, "bench", help="speed of attention kernels and full-size architectures "
+                                   "(random weights)", description=bench.DESCRIPTION))
+    quality.add_arguments(subcommand(sub, "quality", help="the quality tables of QUALITY.md on the trained testbed",
+                                     description=quality.DESCRIPTION, progress=True, func=quality.run))
+    worth.add_arguments(subcommand(sub, "worth", help="each method against fewer steps and diffusers' caches at "
+                                   "equal cost", description=worth.DESCRIPTION, progress=True, func=worth.run))
+    p = subcommand(sub, "testbed", help="train the testbed models (shipped trained in the package)")
+    train.add_arguments(subcommand(subcommands(p, "testbed_command", "COMMAND"), "train",
+                                   help="train a testbed model on procedural data (image, video, classifiers)"))
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``ditaccel ...``: 0 on success (and for --help, --version), 2 on a user error (one line on
+    stderr; ``--debug``: the traceback), other codes as each command says."""
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv[:1] == ["quality"]:
-        from .quality import main as quality_main
-
-        return quality_main(argv[1:])
-    if argv[:1] == ["worth"]:
-        from .worth import main as worth_main
-
-        return worth_main(argv[1:])
-    if argv[:2] == ["testbed", "train"]:
-        from .testbed.train import main as train_main
-
-        return train_main(argv[2:])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = None
     try:
-        if argv[:1] == ["testbed"]:
-            if argv[1:2] in (["-h"], ["--help"]):
-                _testbed_parser().print_help()
-                return 0
-            raise UsageError("testbed", "the subcommand is `ditaccel testbed train image|video|classifiers`")
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version
+            return e.code if isinstance(e.code, int) else 0
         return args.func(args)
     except ValueError as e:  # bad input (UsageError, PlanError): one clear line, no traceback
+        if getattr(args, "debug", "--debug" in argv):
+            raise
         print("ditaccel: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
         return 2
 

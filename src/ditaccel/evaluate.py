@@ -250,9 +250,13 @@ def _default_inputs(pipe, kind: str, n: int, seed: int):
     return VideoCaptions.captions(VideoCaptions().balanced_labels(n, seed))
 
 
-def _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs, on_batch=None):
+def _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs, on_batch=None, progress=None,
+              desc: str = "generate"):
+    """Samples of ``seeds`` in batches, and the seconds the pipeline calls took. ``progress``: a
+    ``tqdm``-like factory for a bar counting samples (the caller's; None: quiet)."""
     key = "class_labels" if kind == "image" else "prompt"
     samples, seconds = [], 0.0
+    bar = progress(total=len(seeds), desc=desc, unit="sample") if progress is not None else None
     for s in range(0, len(seeds), batch_size):
         gens = [torch.Generator().manual_seed(int(x)) for x in seeds[s:s + batch_size]]
         kw = dict(call_kwargs, **{key: list(inputs[s:s + batch_size])}, generator=gens, num_inference_steps=steps,
@@ -265,6 +269,10 @@ def _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs, on_batc
         samples.append(_to_samples(out, kind))
         if on_batch is not None:
             on_batch()
+        if bar is not None:
+            bar.update(len(gens))
+    if bar is not None:
+        bar.close()
     return torch.cat(samples), seconds
 
 
@@ -429,6 +437,7 @@ def evaluate(
     call_kwargs: dict | None = None,
     return_samples: bool = False,
     dense: dict | None = None,
+    progress=None,
 ) -> dict:
     """Generate ``n`` samples dense and with ``method`` (same seeds, same inputs) and compare.
 
@@ -470,6 +479,9 @@ def evaluate(
             the dense set again (a table of methods against one dense set). ``n``, ``seeds``,
             ``steps`` and the reference size are checked; the inputs, the call settings and the
             classifier are the caller's to keep the same.
+        progress: a ``tqdm``-like factory (``progress(total=..., desc=..., unit=...)`` returning an
+            object with ``update``/``close``) for one bar per generated set, counting samples;
+            ``None`` (the default): no bars. Calibration has its own (``DiTFastAttnConfig.show_progress``).
 
     Returns:
         A dict: ``kind``, ``method``, ``n``, ``steps``, ``seeds``; ``psnr``, ``psnr_min``,
@@ -514,7 +526,8 @@ def evaluate(
     else:
         if warmup:
             _generate(pipe, kind, inputs[:batch_size], seeds[:batch_size], steps, batch_size, call_kwargs)
-        dense, t_dense = _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs)
+        dense, t_dense = _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs, progress=progress,
+                                   desc="dense")
     result["time_dense_s"] = t_dense
 
     compressed = None
@@ -544,7 +557,8 @@ def evaluate(
         try:
             if warmup:
                 _generate(pipe, kind, inputs[:batch_size], seeds[:batch_size], steps, batch_size, call_kwargs)
-            compressed, t_comp = _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs, collect)
+            compressed, t_comp = _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs, collect,
+                                           progress=progress, desc=_method_name(method) or "compressed")
         finally:
             ditaccel.remove(pipe)
         result.update(

@@ -24,7 +24,6 @@ FLOPs, and a sample grid to ``docs/results/<date>-<device>-quality-<table>{.json
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
 import os
@@ -171,7 +170,7 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
               dtype: torch.dtype = torch.float32, n: int | None = None, steps: int = FULL_SIZE["steps"],
               batch_size: int = FULL_SIZE["batch_size"], guidance_scale: float | None = None,
               n_reference: int = FULL_SIZE["n_reference"], grid: tuple[str, ...] = (), grid_samples: int = 0,
-              log=print) -> dict:
+              log=print, progress=None) -> dict:
     """Measure every setting of one table against one dense set on a trained testbed model.
 
     Args:
@@ -183,6 +182,7 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
             guidance ``None``: the pipeline's default, recorded in the result).
         grid: labels of settings whose first ``grid_samples`` samples are kept (``"dense"`` too).
         log: called with one line per row.
+        progress: a ``tqdm``-like factory for a bar counting the rows (dense included); None: no bar.
 
     Returns:
         ``{"table", "n", "steps", "guidance_scale", "batch_size", "n_reference", "dtype", "dense",
@@ -199,7 +199,10 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
     guidance = _default_guidance(pipe) if guidance_scale is None else float(guidance_scale)
     kw = dict(n=n, steps=steps, batch_size=batch_size, guidance_scale=guidance, classifier=clf,
               n_reference=n_reference, inputs=_inputs(pipe, which, n), warmup=str(device).startswith("cuda"))
+    bar = progress(total=len(settings) + 1, desc=f"quality {which}", unit="row") if progress is not None else None
     dense = evaluate(pipe, None, return_samples=True, **kw)
+    if bar is not None:
+        bar.update()
     log(f"{which} dense: {dense['time_dense_s']:.2f} s, FD to data {dense['fd_dense']:.4g}, "
         f"accuracy {dense['accuracy_dense']:.3f}")
     samples = {"dense": dense["samples_dense"][:grid_samples]} if "dense" in grid else {}
@@ -210,8 +213,12 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
         rows.append(_row(s, r))
         if s.label in grid:
             samples[s.label] = r["samples_compressed"][:grid_samples]
+        if bar is not None:
+            bar.update()
         log(f"{which} {s.label}: attention FLOPs {100 * r['attention_flops_ratio']:.1f}%, PSNR {r['psnr']:.2f} dB, "
             f"accuracy {r['accuracy_compressed']:.3f}, {r['time_compressed_s'] + r['calibration_s']:.1f} s")
+    if bar is not None:
+        bar.close()
     dense_summary = {k: v for k, v in dense.items() if k == "time_dense_s" or k.startswith(("fd_", "accuracy_"))}
     return {"table": which, "n": n, "steps": steps, "guidance_scale": guidance, "batch_size": batch_size,
             "n_reference": n_reference, "dtype": str(dtype).removeprefix("torch."), "dense": dense_summary,
@@ -394,14 +401,16 @@ def resolve_run(device: str | None, dtype: str | None, out_md: str | None, resul
 def run_quality(only: str | None = None, *, weights_dir=None, device: str | None = None, dtype: str | None = None,
                 samples_image: int | None = None, samples_video: int | None = None, steps: int | None = None,
                 batch_size: int | None = None, guidance_scale: float | None = None, out_md: str | None = None,
-                results_dir: str | None = None, toy: bool = False, log=print) -> dict[str, dict]:
+                results_dir: str | None = None, toy: bool = False, log=print, progress=None) -> dict[str, dict]:
     """Run the selected tables and write their sections, JSON, plots and sample grids.
 
     Defaults (``FULL_SIZE``; ``toy=True``: ``TOY_SIZE``, for CPU smoke runs): 256 image and 64
     video samples, 50 steps, batch 32, 512 reference samples, AdaSpa block size 64. A real run
     writes to ``QUALITY.md`` and ``docs/results`` (relative to the current directory); a toy
     run, unless told otherwise, to a fresh temporary folder. ``dtype``: a name of ``_DTYPES``
-    (default bfloat16 on CUDA, float32 elsewhere). Returns ``{table: run_table result}``.
+    (default bfloat16 on CUDA, float32 elsewhere). ``log``: called with each progress line;
+    ``progress``: a ``tqdm``-like factory for a bar over each table's rows (default: none).
+    Returns ``{table: run_table result}``.
     """
     tables = TABLES if only is None else (only,)
     if any(t not in TABLES for t in tables):
@@ -429,7 +438,7 @@ def run_quality(only: str | None = None, *, weights_dir=None, device: str | None
         result = run_table(which, settings, weights_dir=root, device=device, dtype=_DTYPES[dtype], n=n,
                            steps=size["steps"], batch_size=size["batch_size"], guidance_scale=guidance_scale,
                            n_reference=size["n_reference"], grid=("dense", *GRID_SETTINGS[which]),
-                           grid_samples=GRID_SAMPLES[which], log=log)
+                           grid_samples=GRID_SAMPLES[which], log=log, progress=progress)
         env = environment(device)
         stem = result_stem(results_dir, env, f"quality-{which}")
         files = {"json": stem + ".json", "grid": stem + "-samples.png"}
@@ -452,44 +461,70 @@ def run_quality(only: str | None = None, *, weights_dir=None, device: str | None
     return results
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="ditaccel quality", description="Quality tables on the trained testbed models: DiTFastAttn D1..D6 and "
-        "the residual-sharing ablation (image), AdaSpa sparsity x head-adaptive x LSE cache (video), each against "
-        "dense with the same seeds. Writes QUALITY.md sections, raw JSON, plots and sample grids.")
-    ap.add_argument("--weights", help="folder with image/, video/, image_classifier/, video_classifier/ (default: "
-                    "the shipped weights)")
-    ap.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu; --toy: cpu)")
-    ap.add_argument("--dtype", choices=list(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--samples-image", type=_positive_int, help=f"image samples (default {FULL_SIZE['samples_image']}"
-                    f"; --toy {TOY_SIZE['samples_image']})")
-    ap.add_argument("--samples-video", type=_positive_int, help=f"video samples (default {FULL_SIZE['samples_video']}"
-                    f"; --toy {TOY_SIZE['samples_video']})")
-    ap.add_argument("--steps", type=_positive_int, help=f"denoising steps of both tables (default {FULL_SIZE['steps']}"
-                    f"; --toy {TOY_SIZE['steps']})")
-    ap.add_argument("--batch-size", type=_positive_int, help=f"samples per pipeline call (default "
-                    f"{FULL_SIZE['batch_size']}; --toy {TOY_SIZE['batch_size']})")
-    ap.add_argument("--guidance-scale", type=float, help="CFG scale (default: each pipeline's own)")
-    ap.add_argument("--only", choices=list(TABLES), help="one table (default: both)")
-    ap.add_argument("--out-md", help="the Markdown file to update (default QUALITY.md; --toy: a temporary file)")
-    ap.add_argument("--results-dir", help="where JSON and PNGs go (default docs/results; --toy: next to --out-md)")
-    ap.add_argument("--toy", action="store_true", help="toy sample counts and steps on the CPU, to check the "
-                    "plumbing (with toy weights: `ditaccel testbed train ... --toy`)")
-    return ap
+DESCRIPTION = ("Quality tables on the trained testbed models: DiTFastAttn D1..D6 and the residual-sharing ablation "
+               "(image), AdaSpa sparsity x head-adaptive x LSE cache (video), each against dense with the same "
+               "seeds. Writes QUALITY.md sections, raw JSON, plots and sample grids.")
+
+
+def add_arguments(p) -> None:
+    """``ditaccel quality``'s options, on ``p`` (its parser in the ``ditaccel.cli`` tree)."""
+    from .cli import float_in
+
+    p.add_argument("--weights", help="folder with image/, video/, image_classifier/, video_classifier/ (default: "
+                   "the shipped weights)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu; --toy: cpu)")
+    p.add_argument("--dtype", choices=list(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--samples-image", type=_positive_int, help=f"image samples, 2 or more (default: "
+                   f"{FULL_SIZE['samples_image']}; --toy {TOY_SIZE['samples_image']})")
+    p.add_argument("--samples-video", type=_positive_int, help=f"video samples, 2 or more (default: "
+                   f"{FULL_SIZE['samples_video']}; --toy {TOY_SIZE['samples_video']})")
+    p.add_argument("--steps", type=_positive_int, help=f"denoising steps of both tables (default: "
+                   f"{FULL_SIZE['steps']}; --toy {TOY_SIZE['steps']})")
+    p.add_argument("--batch-size", type=_positive_int, help=f"samples per pipeline call (default: "
+                   f"{FULL_SIZE['batch_size']}; --toy {TOY_SIZE['batch_size']})")
+    p.add_argument("--guidance-scale", type=float_in(0.0), help="CFG scale (default: each pipeline's own)")
+    p.add_argument("--only", choices=list(TABLES), help="one table (default: both)")
+    p.add_argument("--out-md", help="the Markdown file to update (default: QUALITY.md; --toy: a temporary file)")
+    p.add_argument("--results-dir", help="where JSON and PNGs go (default: docs/results; --toy: next to --out-md)")
+    p.add_argument("--toy", action="store_true", help="toy sample counts and steps on the CPU, to check the "
+                   "plumbing (with toy weights: `ditaccel testbed train ... --toy`)")
+
+
+def check_run_args(args) -> None:
+    """The checks ``quality`` and ``worth`` share, before any model is loaded: device, output paths,
+    at least 2 samples (the Fréchet distances)."""
+    from .cli import UsageError, _check_out_dir, _check_out_file, _device, check_weights_arg
+
+    check_weights_arg(args.weights, TABLES if args.only is None else (args.only,))
+    if args.device is not None:
+        _device(args.device)
+    _check_out_file("--out-md", args.out_md)
+    if args.results_dir is not None:
+        _check_out_dir("--results-dir", args.results_dir)
+    for which in ("image", "video"):
+        n = getattr(args, f"samples_{which}")
+        if n is not None and n < 2 and args.only in (None, which):
+            raise UsageError(f"--samples-{which}", f"the Fréchet distances need at least 2 samples, got {n}")
+
+
+def run(args) -> int:
+    """``ditaccel quality`` (parsed by ``add_arguments``): 0 on success; bad arguments raise
+    ``ValueError`` before any model is loaded."""
+    from .cli import printer, progress_bar
+
+    check_run_args(args)
+    run_quality(args.only, weights_dir=args.weights, device=args.device, dtype=args.dtype,
+                samples_image=args.samples_image, samples_video=args.samples_video, steps=args.steps,
+                batch_size=args.batch_size, guidance_scale=args.guidance_scale, out_md=args.out_md,
+                results_dir=args.results_dir, toy=args.toy, log=printer(args), progress=progress_bar(args))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ditaccel quality [options]``: 0 on success, 2 on bad arguments."""
-    args = _parser().parse_args(argv)
-    try:
-        run_quality(args.only, weights_dir=args.weights, device=args.device, dtype=args.dtype,
-                    samples_image=args.samples_image, samples_video=args.samples_video, steps=args.steps,
-                    batch_size=args.batch_size, guidance_scale=args.guidance_scale, out_md=args.out_md,
-                    results_dir=args.results_dir, toy=args.toy)
-    except ValueError as e:
-        print(f"ditaccel: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """``ditaccel quality [options]`` (the same parser and errors): 0 on success, 2 on bad arguments."""
+    from .cli import main as cli_main
+
+    return cli_main(["quality", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -615,12 +615,13 @@ def _labels(kind: str, inputs: list):
 def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=None, device: str = "cpu",
               dtype: torch.dtype = torch.float32, n: int = 64, batch_size: int = 32, reference_steps: int = 50,
               guidance_scale: float | None = None, n_reference: int = 512, share: float = 1.0,
-              efficiency: float = 1.0, settings_kwargs: dict | None = None, log=print) -> dict:
+              efficiency: float = 1.0, settings_kwargs: dict | None = None, log=print, progress=None) -> dict:
     """Measure every setting of one testbed against its ``reference_steps``-step dense samples.
 
     ``settings`` default: ``image_settings(pipe)`` / ``video_settings(pipe)`` (with
     ``settings_kwargs``). ``share`` / ``efficiency``: the time model's attention share at full size
-    and compressed-kernel efficiency (``projected_time``). Returns ``{"table", "n", ..., "reference",
+    and compressed-kernel efficiency (``projected_time``). ``progress``: a ``tqdm``-like factory for
+    a bar counting the rows (the dense reference first); None: no bar. Returns ``{"table", "n", ..., "reference",
     "profile", "rows", "verdict", "caches_not_applicable"}``.
     """
     from .evaluate import _pipe_kind, _reference_batches, classifier_features, load_trained
@@ -641,6 +642,7 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
                call_kwargs={"guidance_scale": guidance}, classifier=clf, reference=None, reference_time=0.0,
                reference_steps=reference_steps, profile=None, labels=_labels(kind, inputs), features_reference=None,
                warmup=str(device).startswith("cuda"), share=share, efficiency=efficiency)
+    bar = progress(total=len(settings) + 1, desc=f"worth {which}", unit="row") if progress is not None else None
     if run.warmup:
         _generate(run, reference_steps, n=min(batch_size, n))
     run.reference, run.reference_time = _generate(run, reference_steps)
@@ -649,6 +651,8 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
         for chunk in _reference_batches(kind, run.reference, run.labels, n_reference, 1_000_003, batch_size)])
     run.profile = call_profile(pipe, _call_kwargs(run, 1, 1))
     reference = {"steps": reference_steps, "time_s": run.reference_time, **_quality(run, run.reference)}
+    if bar is not None:
+        bar.update()
     log(f"{which} reference: dense {reference_steps} steps, {run.reference_time:.2f} s, accuracy "
         f"{reference.get('accuracy', math.nan):.3f}; one sample's call: attention {run.profile.attention / 1e9:.3g} "
         f"GFLOP, other {run.profile.other / 1e9:.3g} GFLOP")
@@ -656,9 +660,13 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
     for s in settings:
         r = _measure(run, s)
         rows.append(r)
+        if bar is not None:
+            bar.update()
         log(f"{which} {s.label}: FLOPs {100 * r['total_flops']:.1f}% (attention {100 * r['attention_flops']:.1f}%), "
             f"projected {100 * r['projected_time']:.1f}%, PSNR {r['psnr']:.2f} dB, accuracy "
             f"{r.get('accuracy', math.nan):.3f}")
+    if bar is not None:
+        bar.close()
     from . import baselines
 
     native, glued = baselines.applicability(pipe), baselines.applicability(pipe, glue=True)
@@ -827,10 +835,11 @@ def run_worth(only: str | None = None, *, weights_dir=None, device: str | None =
               samples_image: int | None = None, samples_video: int | None = None,
               reference_steps: int | None = None, batch_size: int | None = None, share_image: float | None = None,
               share_video: float | None = None, efficiency: float = 1.0, out_md: str | None = None,
-              results_dir: str | None = None, toy: bool = False, log=print) -> dict[str, dict]:
+              results_dir: str | None = None, toy: bool = False, log=print, progress=None) -> dict[str, dict]:
     """Run the worth comparison on the selected testbeds; write QUALITY.md sections, raw JSON and
     Pareto plots (``docs/results/<date>-<device>-worth-<testbed>{.json,.png}``). Everything is checked
-    before any model is loaded."""
+    before any model is loaded. ``log``: called with each progress line; ``progress``: a
+    ``tqdm``-like factory for a bar over each testbed's rows (default: none)."""
     from .bench import _DTYPES
     from .bench_report import environment, jsonable, missing_matplotlib, result_stem, update_markdown, write_json
     from .quality import check_weights, resolve_run
@@ -866,7 +875,7 @@ def run_worth(only: str | None = None, *, weights_dir=None, device: str | None =
         result = run_table(which, weights_dir=root, device=device, dtype=_DTYPES[dtype], n=n,
                            batch_size=size["batch_size"], reference_steps=size["reference_steps"],
                            n_reference=size["n_reference"], share=shares[which], efficiency=efficiency,
-                           settings_kwargs=TOY_SETTINGS[which] if toy else None, log=log)
+                           settings_kwargs=TOY_SETTINGS[which] if toy else None, log=log, progress=progress)
         env = environment(device)
         stem = result_stem(results_dir, env, f"worth-{which}")
         files = {"json": stem + ".json"}
@@ -886,49 +895,63 @@ def run_worth(only: str | None = None, *, weights_dir=None, device: str | None =
     return results
 
 
-def _parser():
-    import argparse
+DESCRIPTION = ("Each method against what a user would do instead at equal cost: dense with fewer steps, diffusers' "
+               "caches, a static window, an oracle mask; DiTFastAttn and AdaSpa at several step counts; all against "
+               "the dense sample of the same seed at --reference-steps. Writes QUALITY.md sections, raw JSON and "
+               "Pareto plots.")
 
+
+def add_arguments(p) -> None:
+    """``ditaccel worth``'s options, on ``p`` (its parser in the ``ditaccel.cli`` tree)."""
     from .bench import _DTYPES, _positive_int
+    from .cli import float_in
 
-    ap = argparse.ArgumentParser(
-        prog="ditaccel worth", description="Each method against what a user would do instead at equal cost: dense "
-        "with fewer steps, diffusers' caches, a static window, an oracle mask; DiTFastAttn and AdaSpa at several step "
-        "counts; all against the dense sample of the same seed at --reference-steps. Writes QUALITY.md sections, "
-        "raw JSON and Pareto plots.")
-    ap.add_argument("--only", choices=["image", "video"], help="one testbed (default: both)")
-    ap.add_argument("--weights", help="folder with image/, video/ and the classifiers (default: shipped)")
-    ap.add_argument("--device", help="cuda, cpu, ... (default: cuda if available; --toy: cpu)")
-    ap.add_argument("--dtype", choices=list(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--samples-image", type=_positive_int, help=f"default {FULL_SIZE['samples_image']}")
-    ap.add_argument("--samples-video", type=_positive_int, help=f"default {FULL_SIZE['samples_video']}")
-    ap.add_argument("--reference-steps", type=_positive_int, help=f"default {FULL_SIZE['reference_steps']}")
-    ap.add_argument("--batch-size", type=_positive_int, help=f"default {FULL_SIZE['batch_size']}")
-    ap.add_argument("--attention-share-image", type=float, help="attention share of a dense PixArt-Sigma 2K step "
-                    f"(measure: `ditaccel bench all --only attention-share-pixart-sigma-2k`; default {DEFAULT_SHARE['image']})")
-    ap.add_argument("--attention-share-video", type=float, help="attention share of a dense HunyuanVideo 720p step "
-                    f"(default {DEFAULT_SHARE['video']})")
-    ap.add_argument("--efficiency", type=float, default=1.0, help="today's compressed attention's rate relative to "
-                    "the dense kernel's (η), for the second time model (default 1: only the hardware limit); measure "
-                    "it with `ditaccel bench sparsity` (effective over dense TFLOP/s)")
-    ap.add_argument("--out-md", help="default QUALITY.md (--toy: a temporary file)")
-    ap.add_argument("--results-dir", help="default docs/results (--toy: next to --out-md)")
-    ap.add_argument("--toy", action="store_true", help="toy sizes on the CPU, to check the plumbing")
-    return ap
+    p.add_argument("--only", choices=["image", "video"], help="one testbed (default: both)")
+    p.add_argument("--weights", help="folder with image/, video/ and the classifiers (default: shipped)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available; --toy: cpu)")
+    p.add_argument("--dtype", choices=list(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--samples-image", type=_positive_int, help=f"2 or more (default: {FULL_SIZE['samples_image']}; "
+                   f"--toy {TOY_SIZE['samples_image']})")
+    p.add_argument("--samples-video", type=_positive_int, help=f"2 or more (default: {FULL_SIZE['samples_video']}; "
+                   f"--toy {TOY_SIZE['samples_video']})")
+    p.add_argument("--reference-steps", type=_positive_int, help=f"steps of the dense reference (default: "
+                   f"{FULL_SIZE['reference_steps']}; --toy {TOY_SIZE['reference_steps']})")
+    p.add_argument("--batch-size", type=_positive_int, help=f"samples per pipeline call (default: "
+                   f"{FULL_SIZE['batch_size']}; --toy {TOY_SIZE['batch_size']})")
+    p.add_argument("--attention-share-image", type=float_in(0.0, 1.0), help="attention share of a dense PixArt-Sigma "
+                   "2K step (measure: `ditaccel bench all --only attention-share-pixart-sigma-2k`; default: "
+                   f"{DEFAULT_SHARE['image']})")
+    p.add_argument("--attention-share-video", type=float_in(0.0, 1.0), help="attention share of a dense HunyuanVideo "
+                   f"720p step (default: {DEFAULT_SHARE['video']})")
+    p.add_argument("--efficiency", type=float_in(0.0, 1.0, low_open=True), default=1.0,
+                   help="today's compressed attention's rate relative to the dense kernel's (η), for the second time "
+                   "model (1: only the hardware limit); measure it with `ditaccel bench sparsity` (effective over "
+                   "dense TFLOP/s)")
+    p.add_argument("--out-md", help="the Markdown file to update (default: QUALITY.md; --toy: a temporary file)")
+    p.add_argument("--results-dir", help="where JSON and PNGs go (default: docs/results; --toy: next to --out-md)")
+    p.add_argument("--toy", action="store_true", help="toy sizes on the CPU, to check the plumbing")
+
+
+def run(args) -> int:
+    """``ditaccel worth`` (parsed by ``add_arguments``): 0 on success; bad arguments raise
+    ``ValueError`` before any model is loaded."""
+    from .cli import printer, progress_bar
+    from .quality import check_run_args
+
+    check_run_args(args)
+    run_worth(args.only, weights_dir=args.weights, device=args.device, dtype=args.dtype,
+              samples_image=args.samples_image, samples_video=args.samples_video,
+              reference_steps=args.reference_steps, batch_size=args.batch_size,
+              share_image=args.attention_share_image, share_video=args.attention_share_video,
+              efficiency=args.efficiency, out_md=args.out_md, results_dir=args.results_dir, toy=args.toy,
+              log=printer(args), progress=progress_bar(args))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ditaccel worth [options]``: 0 on success, 2 on bad arguments."""
+    """``ditaccel worth [options]`` (the same parser and errors): 0 on success, 2 on bad arguments."""
     import sys
 
-    args = _parser().parse_args(argv)
-    try:
-        run_worth(args.only, weights_dir=args.weights, device=args.device, dtype=args.dtype,
-                  samples_image=args.samples_image, samples_video=args.samples_video,
-                  reference_steps=args.reference_steps, batch_size=args.batch_size,
-                  share_image=args.attention_share_image, share_video=args.attention_share_video,
-                  efficiency=args.efficiency, out_md=args.out_md, results_dir=args.results_dir, toy=args.toy)
-    except ValueError as e:
-        print(f"ditaccel: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from .cli import main as cli_main
+
+    return cli_main(["worth", *(sys.argv[1:] if argv is None else argv)])
