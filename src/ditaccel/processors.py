@@ -16,6 +16,7 @@ module's original processor and exposes the call to the method through ``Attenti
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import sys
 from typing import TYPE_CHECKING
@@ -105,6 +106,8 @@ def _key_padding(attn_mask, batch: int, length: int):
 
 def _make_dispatch(original):
     def dispatch_attention_fn(query, key, value, attn_mask=None, *args, **kwargs):
+        if torch.compiler.is_compiling():  # compiled code never runs a ditaccel core (_run is eager)
+            return original(query, key, value, attn_mask, *args, **kwargs)
         core = _CORE.get()
         if core is None or key.shape[1] != query.shape[1]:  # not ours, or a cross-attention call
             return original(query, key, value, attn_mask, *args, **kwargs)
@@ -133,6 +136,9 @@ class _FunctionalProxy:
 
     def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, **kwargs):
+        if torch.compiler.is_compiling():  # compiled code never runs a ditaccel core (_run is eager)
+            return self._F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                        is_causal=is_causal, scale=scale, **kwargs)
         core = _CORE.get()
         if key.shape[-2] != query.shape[-2] or dropout_p or is_causal or scale is not None or kwargs:
             core = None  # not a call a ditaccel core takes over
@@ -253,20 +259,24 @@ CALL_KINDS = {"sdpa_self": SdpaSelfAttentionCall, "dispatch": DispatchAttentionC
 
 
 class DiTAccelAttnProcessor:
-    """Replaces one self-attention module's processor while ditaccel is applied."""
+    """Replaces one self-attention module's processor while ditaccel is applied.
+
+    ``DiTAccelAttnProcessor(runtime, layer, original, call_kind)`` makes an instance of a subclass
+    per original processor class (:func:`_processor_class`) whose class-level ``__call__`` shows
+    the original's signature: diffusers' ``Attention.forward`` drops keyword arguments the
+    processor's signature does not name (e.g. HunyuanVideo's ``image_rotary_emb``), and under
+    ``torch.compile`` a class-level ``__call__`` is one object for every layer (a per-instance one
+    made Dynamo recompile ``Attention.forward`` once per layer).
+    """
+
+    def __new__(cls, runtime: Runtime, layer: int, original, call_kind: str):
+        if cls is DiTAccelAttnProcessor:
+            cls = _processor_class(type(original))
+        return super().__new__(cls)
 
     def __init__(self, runtime: Runtime, layer: int, original, call_kind: str):
         self.runtime, self.layer, self.original = runtime, layer, original
         self.call_cls = CALL_KINDS[call_kind]
-        # diffusers' Attention.forward drops keyword arguments the processor's signature does not
-        # name (e.g. HunyuanVideo's image_rotary_emb): show it the original processor's signature.
-        this = self
-
-        def call(*args, **kwargs):
-            return type(this).__call__(this, *args, **kwargs)
-
-        call.__signature__ = inspect.signature(original.__call__)
-        self.__call__ = call
 
     # diffusers' enable_parallelism / set_attention_backend set these on every processor: they
     # belong to the original processor, which runs every call ditaccel leaves alone.
@@ -287,6 +297,13 @@ class DiTAccelAttnProcessor:
         self.original._attention_backend = value
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+    # Opaque to torch.compile: the method's per-step choice, its caches and the stats run eagerly
+    # (traced, they would make Dynamo guard on the step and recompile at every step); the kernels
+    # launch as in eager mode. Dynamo breaks the graph here and compiles the rest of the model.
+    @torch.compiler.disable
+    def _run(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if not self.call_cls.handles(encoder_hidden_states):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         call = self.call_cls(self.original, attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs)
@@ -299,6 +316,19 @@ class DiTAccelAttnProcessor:
         tokens *= sequence_shards(self.runtime.transformer)
         inner = attn.heads * (attn.to_q.out_features // attn.heads)
         return self.runtime.attention(self.layer, call, dense_flops(call.batch_size, tokens, inner))
+
+
+@functools.lru_cache(maxsize=None)
+def _processor_class(original_cls: type) -> type:
+    """The ``DiTAccelAttnProcessor`` subclass for processors of ``original_cls``: its ``__call__``
+    carries the original ``__call__``'s signature."""
+
+    def __call__(self, *args, **kwargs):
+        return self._run(*args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(original_cls.__call__)
+    return type(f"DiTAccel{original_cls.__name__}", (DiTAccelAttnProcessor,),
+                {"__call__": __call__, "__module__": __name__, "__qualname__": f"DiTAccel{original_cls.__name__}"})
 
 
 def dense_flops(batch: int, tokens: int, inner_dim: int) -> float:

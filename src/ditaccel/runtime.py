@@ -5,6 +5,14 @@ each call, maps it to the denoising step and detects the CFG layout; per-layer p
 (``ditaccel.processors``) hand each self-attention call to the method. State lives in a
 ``StateManager`` (one state per CFG branch context), is reset whenever the pipeline starts a
 generation (``scheduler.set_timesteps``), and belongs to one transformer only.
+
+Under ``torch.compile`` (of the transformer, or ``transformer.compile()``): everything that
+decides per call (the timestep's step, the CFG layout, the state and its caches, the method's
+choice for a layer) runs outside the compiled code, as in diffusers' own cache hooks: the hook's
+``begin_call`` / ``end_call`` and each ditaccel attention processor call are
+``torch.compiler.disable``-d, so Dynamo breaks the graph around them and compiles the rest of the
+transformer (norms, MLPs, cross-attention, embeddings) once; no compiled code reads the step, so
+no step recompiles it (``tests/test_compile.py`` counts).
 """
 
 from __future__ import annotations
@@ -125,6 +133,7 @@ class Runtime:
         self.schedule = timesteps.detach().to("cpu", torch.float64).flatten()
         self.method.check_num_steps(len(self.schedule))
 
+    @torch.compiler.disable
     def begin_call(self, args, kwargs):
         bound = self._sig.bind_partial(self.transformer, *args, **kwargs).arguments
         t, hs = bound.get(self.adapter.timestep_arg), bound.get("hidden_states")
@@ -151,6 +160,7 @@ class Runtime:
         self.last_ctx = st.ctx
         self.method.begin_call(st.ctx)
 
+    @torch.compiler.disable
     def end_call(self, output):
         st = self.state
         dev = next(self.transformer.parameters()).device
@@ -329,15 +339,24 @@ def _unlisten(scheduler, runtime: Runtime):
 
 
 # ---------------------------------------------------------------------- public entry points
+def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``torch.compile(module)`` wrapper (``OptimizedModule``) compiles: ditaccel hooks
+    the original, whose forward the compiled wrapper calls (so apply / remove work before or after
+    compiling)."""
+    while isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        module = module._orig_mod
+    return module
+
+
 def split_target(target) -> tuple[object | None, torch.nn.Module]:
-    """(pipeline or None, transformer) from a pipeline or a bare transformer."""
+    """(pipeline or None, transformer) from a pipeline or a bare transformer (compiled or not)."""
     if isinstance(target, torch.nn.Module):
-        return None, target
+        return None, _uncompiled(target)
     transformer = getattr(target, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(f"pipe_or_transformer must be a diffusers pipeline with a .transformer or a transformer "
                         f"module, got {type(target).__name__}")
-    return target, transformer
+    return target, _uncompiled(transformer)
 
 
 def get_runtime(target) -> Runtime | None:
