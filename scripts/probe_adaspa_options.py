@@ -38,7 +38,7 @@ from ditaccel.evaluate import psnr
 from ditaccel.kernels.block_mass import attention_with_lse, block_mass
 from ditaccel.kernels.block_sparse import block_sparse_attention
 from ditaccel.methods import adaspa
-from ditaccel.methods.adaspa import AdaSpaConfig, head_sparsity, select_mask, text_blocks
+from ditaccel.methods.adaspa import AdaSpaConfig, head_sparsity, search_mask, select_mask, text_blocks
 from ditaccel.runtime import get_runtime
 from ditaccel.testbed.pixel import load_video_pipeline
 
@@ -77,21 +77,26 @@ RUNS = {
 def masked_sdpa_sparse():
     """A stand-in for ``block_sparse_attention`` on the CPU: dense SDPA with the block mask expanded
     to tokens (the same attention up to rounding, ~1.5x faster than the CPU gather path here). The
-    token mask is built once per searched mask (keyed on the cache's kv_counts tensor)."""
+    token mask is built once per searched mask (keyed on the lists' contents: the method decodes
+    fresh lists from its packed cache at every call)."""
     memo = {}
 
-    def attend(q, k, v, kv_indices, kv_counts, *, block_size, key_padding_mask=None, validate=True):
+    def attend(q, k, v, kv_indices, kv_counts, *, block_size, key_padding_mask=None, validate=True,
+               dense_query_blocks=None):
         if key_padding_mask is not None:
             raise ValueError("masked_sdpa_sparse: no key padding mask on the video testbed")
-        key = id(kv_counts)
+        key = (tuple(kv_indices.shape), hash(kv_counts.cpu().numpy().tobytes()),
+               hash(kv_indices.cpu().numpy().tobytes()), dense_query_blocks)
         if key not in memo:
             L = q.shape[2]
             blocks = indices_to_mask(kv_indices, kv_counts, -(-L // block_size))
+            if dense_query_blocks is not None:  # rows the kernel runs densely (the text rows)
+                blocks[:, :, dense_query_blocks[0]:dense_query_blocks[1]] = True
             tok = blocks.repeat_interleave(block_size, -1).repeat_interleave(block_size, -2)[..., :L, :L]
             if len(memo) >= 6:  # first in, first out: one live mask per layer of the testbed
                 memo.pop(next(iter(memo)))
-            memo[key] = (kv_counts, tok)  # holding kv_counts keeps its id from being reused
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=memo[key][1])
+            memo[key] = tok
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=memo[key])
 
     return attend
 
@@ -110,7 +115,7 @@ def instrument(pipe, special, records):
         return attention(ctx, layer, call, cache)
 
     def spy_search(what, ctx, q, k, v, kpm, cache, heads=None):
-        first_mask = None if cache.kv_indices is None else (cache.kv_indices.clone(), cache.kv_counts.clone())
+        first_mask = None if cache.mask is None else cache.mask.to_mask()
         out = search(what, ctx, q, k, v, kpm, cache, heads)
         bs = method.config.block_size
         rec = {"step": ctx.step, "layer": layer_now[0], "what": what, "cond": ctx.cond,
@@ -133,7 +138,10 @@ def instrument(pipe, special, records):
     elif special == "dense_research":
         method._core = dense_core
     elif special == "per_half":
-        adaspa.select_mask = lambda W, config, always, heads=None, cfg_pairs=False: select_mask(W, config, always, heads)
+        def per_half(mass_of, shape, config, video, heads=None, cfg_pairs=False, **kw):
+            return search_mask(mass_of, shape, config, video, heads, False, **kw)
+
+        adaspa.search_mask = per_half
     elif special and special.startswith("tiers_"):  # ablations of the paper's tiers
         part, _, layers = special[len("tiers_"):].partition(":")
         layers = {int(x) for x in layers.split(",")} if layers else None
@@ -151,7 +159,7 @@ def instrument(pipe, special, records):
         adaspa.head_sparsity = tiers
 
     def undo():
-        adaspa.select_mask, adaspa.head_sparsity = select_mask, head_sparsity
+        adaspa.search_mask, adaspa.head_sparsity = search_mask, head_sparsity
 
     return undo
 
@@ -194,7 +202,7 @@ def analyse(records, s):
             cfg = AdaSpaConfig(sparsity=s)
             m_cached, _, _ = select_mask(W, cfg, always, cfg_pairs=pairs)
             m_fresh, _, _ = select_mask(Wf, cfg, always, cfg_pairs=pairs)
-            m_first = indices_to_mask(*r["first_mask"], W.shape[-1])
+            m_first = r["first_mask"]
             if always is not None:
                 m_first |= always
             e["lse"] = {"recall_cached_lse_mask": adaspa.recall(Wf, m_cached).tolist(),
