@@ -752,12 +752,8 @@ def test_sweeps_get_a_row_bar_only_when_asked(command, monkeypatch, capsys):
     assert seen["progress"] is None and cap.err == "" and cap.out.count("a row") == 3
 
 
-def test_quality_table_counts_its_rows(toy_weights):
-    """The library side of the sweep bar: run_table advances it once per row (dense first)."""
-    from ditaccel.quality import Setting, run_table
-
-    events = []
-
+def _recording_bar(events: list):
+    """A tqdm-like factory that records what the library does with its bars."""
     class Bar:
         def __init__(self, total, desc, unit):
             events.append(("open", total, desc))
@@ -768,6 +764,37 @@ def test_quality_table_counts_its_rows(toy_weights):
         def close(self):
             events.append(("close",))
 
+    return Bar
+
+
+def test_evaluate_counts_its_samples(dit):
+    from ditaccel.evaluate import evaluate
+
+    events = []
+    evaluate(dit, ditaccel.AdaSpaConfig(sparsity=0.5, block_size=16), n=3, steps=2, batch_size=2,
+             progress=_recording_bar(events))
+    assert events == [("open", 3, "dense"), ("row", 2), ("row", 1), ("close",),
+                      ("open", 3, "AdaSpaConfig"), ("row", 2), ("row", 1), ("close",)]
+    events.clear()
+    evaluate(dit, None, n=2, steps=2, batch_size=2)  # quiet by default: no bar, nothing on stderr
+    assert events == []
+
+
+def test_worth_table_counts_its_rows(toy_weights):
+    from ditaccel.worth import Setting, run_table
+
+    events = []
+    run_table("image", [Setting("dense 2", "dense (fewer steps)", 2)], weights_dir=toy_weights, n=2, batch_size=2,
+              reference_steps=2, n_reference=4, log=lambda line: None, progress=_recording_bar(events))
+    assert events == [("open", 2, "worth image"), ("row", 1), ("row", 1), ("close",)]
+
+
+def test_quality_table_counts_its_rows(toy_weights):
+    """The library side of the sweep bar: run_table advances it once per row (dense first)."""
+    from ditaccel.quality import Setting, run_table
+
+    events = []
+    Bar = _recording_bar(events)
     settings = [Setting("s=0.5", "AdaSpa", ("0.5", "yes", "yes"), ditaccel.AdaSpaConfig(sparsity=0.5, block_size=16))]
     run_table("video", settings, weights_dir=toy_weights, n=2, steps=2, batch_size=2, n_reference=4,
               log=lambda line: None, progress=Bar)
