@@ -1,0 +1,98 @@
+"""Plan behaviour that mutation testing (docs/MUTATION.md) found untested: the exact summary text,
+to_dict's independence from the plan, the defaults of a plan document, derived-plan metadata."""
+
+import copy
+import json
+
+import pytest
+
+from ditaccel.plan import FORMAT, VERSION, Plan, PlanError
+
+METHODS = [["full", "wars", "ast"], ["asc", "full", "wars+asc"]]  # 2 layers x 3 steps
+
+
+def _md(**extra):
+    md = {"model_class": "DiTTransformer2DModel", "config_fingerprint": "0123456789abcdef", "num_layers": 2,
+          "num_steps": 3, "cfg": True, "window": "band1d", "window_size": 0.25}
+    md.update(extra)
+    return md
+
+
+def test_summary_exact_with_every_informative_key():
+    p = Plan(copy.deepcopy(METHODS), _md(scheduler="DDIMScheduler", tokens=256, grid=[16, 16], threshold=0.05,
+                                         calibration_seconds=12.345, calibration_inputs=8))
+    assert p.summary().split("\n") == [
+        "ditaccel plan (ditfastattn, format 1)",
+        "  model      DiTTransformer2DModel [0123456789abcdef], 2 layers",
+        "  steps      3 (DDIMScheduler), cfg=True",
+        "  tokens     256 (grid [16, 16])",
+        "  window     band1d, size 0.25",
+        "  threshold  0.05",
+        "  calibrated in 12.3 s on 8 inputs",
+        # 6 (layer, step) pairs: percentages are of layers x steps
+        "  full          2   33.3%",
+        "  wars          1   16.7%",
+        "  ast           1   16.7%",
+        "  asc           1   16.7%",
+        "  wars+asc      1   16.7%",
+    ]
+
+
+def test_summary_exact_with_only_the_required_keys():
+    p = Plan([["full"] * 3, ["full", "full", "ast"]], _md(cfg=False, window="neighborhood2d", window_size=0.5))
+    assert p.summary().split("\n") == [
+        "ditaccel plan (ditfastattn, format 1)",
+        "  model      DiTTransformer2DModel [0123456789abcdef], 2 layers",
+        "  steps      3 (?), cfg=False",
+        "  tokens     ? (grid ?)",
+        "  window     neighborhood2d, size 0.5",
+        "  threshold  ?",  # no "calibrated in" line without calibration_seconds
+        "  full          5   83.3%",
+        "  wars          0    0.0%",
+        "  ast           1   16.7%",
+        "  asc           0    0.0%",
+        "  wars+asc      0    0.0%",
+    ]
+    # calibration_seconds that is not a number is not printed as one
+    assert "calibrated" not in Plan(p.methods, dict(p.metadata, calibration_seconds="?")).summary()
+    assert "  calibrated in 2.0 s on ? inputs" in Plan(p.methods, dict(p.metadata, calibration_seconds=2)).summary()
+
+
+def test_to_dict_is_independent_of_the_plan():
+    p = Plan(copy.deepcopy(METHODS), _md(grid=[4, 4]))
+    d = p.to_dict()
+    assert d == {"format": FORMAT, "version": VERSION, "method": "ditfastattn", "metadata": p.metadata,
+                 "methods": METHODS}
+    d["methods"][0][0] = "wars"
+    d["metadata"]["grid"][0] = 99
+    d["metadata"]["cfg"] = False
+    assert p.methods == METHODS
+    assert p.metadata["grid"] == [4, 4] and p.metadata["cfg"] is True
+
+
+def test_a_document_without_method_is_a_ditfastattn_plan():
+    d = Plan(copy.deepcopy(METHODS), _md()).to_dict()
+    del d["method"]
+    p = Plan.from_dict(d)
+    assert p.method == "ditfastattn"
+    d["method"] = "adaspa"
+    with pytest.raises(PlanError, match="method"):
+        Plan.from_dict(d)
+
+
+def test_without_asc_records_its_origin_and_keeps_the_method():
+    p = Plan(copy.deepcopy(METHODS), _md(threshold=0.1))
+    w = p.without_asc()
+    assert w.metadata == dict(p.metadata, cfg=False, derived_from="without_asc")
+    assert w.methods == [["full", "wars", "ast"], ["full", "full", "wars"]]
+    assert w.method == "ditfastattn"
+    assert p.metadata["cfg"] is True and "derived_from" not in p.metadata  # the original is untouched
+
+
+def test_saved_file_is_one_space_indented_json(tmp_path):
+    """The file layout is part of what ``plan show`` users and diffs see: stable, one-space indent."""
+    p = Plan(copy.deepcopy(METHODS), _md())
+    p.save(tmp_path / "p.json")
+    text = (tmp_path / "p.json").read_text()
+    assert text == json.dumps(p.to_dict(), indent=1) + "\n"
+    assert text.startswith('{\n "format": "ditaccel.plan",\n "version": 1,\n')
