@@ -270,9 +270,7 @@ class DiTAccelAttnProcessor:
     """
 
     def __new__(cls, runtime: Runtime, layer: int, original, call_kind: str):
-        if cls is DiTAccelAttnProcessor:
-            cls = _processor_class(type(original))
-        return super().__new__(cls)
+        return super().__new__(_processor_class(type(original)) if cls is DiTAccelAttnProcessor else cls)
 
     def __init__(self, runtime: Runtime, layer: int, original, call_kind: str):
         self.runtime, self.layer, self.original = runtime, layer, original
@@ -318,7 +316,7 @@ class DiTAccelAttnProcessor:
         return self.runtime.attention(self.layer, call, dense_flops(call.batch_size, tokens, inner))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _processor_class(original_cls: type) -> type:
     """The ``DiTAccelAttnProcessor`` subclass for processors of ``original_cls``: its ``__call__``
     carries the original ``__call__``'s signature."""

@@ -39,8 +39,8 @@ from .window import WindowSpec
 from .window import window_attention as _window_attention
 from .window_residual import full_and_window_attention as _full_and_window_attention
 
-__all__ = ["window_attention", "full_and_window_attention", "block_sparse_attention", "attention_with_lse",
-           "block_mass", "spec_to_ints", "spec_from_ints"]
+__all__ = ["attention_with_lse", "block_mass", "block_sparse_attention", "full_and_window_attention", "spec_from_ints",
+           "spec_to_ints", "window_attention"]
 
 _KIND_CODES = {"band1d": 0, "neighborhood2d": 1}
 
