@@ -620,6 +620,18 @@ def test_cuda_without_cuda_is_one_line_for_every_tool(capsys, no_tool_work, monk
         assert "CUDA is not available" in err, argv
 
 
+def test_device_auto_is_resolved_for_the_tools(monkeypatch):
+    from ditaccel import bench, quality
+
+    seen = {}
+    monkeypatch.setattr(bench, "bench_adaspa_step", lambda **kw: seen.setdefault("bench", kw["device"]) and {})
+    monkeypatch.setattr(bench, "format_adaspa_step", lambda r: "")
+    monkeypatch.setattr(quality, "run_quality", lambda only, **kw: seen.setdefault("quality", kw["device"]))
+    assert cli.main(["bench", "adaspa-step", "--device", "auto"]) == 0
+    assert cli.main(["quality", "--device", "auto"]) == 0
+    assert seen == {"bench": cli._device("auto"), "quality": cli._device("auto")} and "auto" not in seen.values()
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys, no_work):
     argv = ["calibrate", "--model", "tiny-dit", "--out", str(tmp_path / "missing" / "P.json")]
     assert cli.main(argv) == 2

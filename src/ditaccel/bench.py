@@ -1204,8 +1204,9 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _check_args(args) -> None:
-    """Everything ``run`` can check before any work: one-line ``UsageError``s."""
+def _check_args(args) -> str | None:
+    """Everything ``run`` can check before any work (one-line ``UsageError``s); the device
+    (``auto`` resolved; None: the case's default)."""
     from .cli import UsageError, _check_out_dir, _check_out_file, _device
 
     if args.what == "all":
@@ -1219,19 +1220,18 @@ def _check_args(args) -> None:
         _check_out_file("--json", args.json)
         if args.what == "sparsity":
             _check_out_file("--plot", args.plot, image=True)
-    if args.device is not None:
-        _device(args.device)
+    return None if args.device is None else _device(args.device)
 
 
 def run(args) -> int:
     """``ditaccel bench WHAT [options]`` (parsed by ``add_arguments``): 0 on success, 1 if a case of
     ``all`` failed; bad arguments raise ``ValueError`` (the command line's one-line error)."""
-    _check_args(args)
+    device = _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "all":
-        return run_all(args.only, args.device, args.dry_run, args.out_md, args.results_dir)
-    device = args.device or _default_device()
+        return run_all(args.only, device, args.dry_run, args.out_md, args.results_dir)
+    device = device or _default_device()
     dtype = getattr(args, "dtype", None)
     dtype = _DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.what == "step":

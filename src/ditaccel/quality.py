@@ -472,7 +472,7 @@ def add_arguments(p) -> None:
 
     p.add_argument("--weights", help="folder with image/, video/, image_classifier/, video_classifier/ (default: "
                    "the shipped weights)")
-    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu; --toy: cpu)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu, auto, ... (default: cuda if available, else cpu; --toy: cpu)")
     p.add_argument("--dtype", choices=list(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--samples-image", type=_positive_int, help=f"image samples, 2 or more (default: "
                    f"{FULL_SIZE['samples_image']}; --toy {TOY_SIZE['samples_image']})")
@@ -497,7 +497,7 @@ def check_run_args(args) -> None:
 
     check_weights_arg(args.weights, TABLES if args.only is None else (args.only,))
     if args.device is not None:
-        _device(args.device)
+        args.device = _device(args.device)  # auto: resolved here
     _check_out_file("--out-md", args.out_md)
     if args.results_dir is not None:
         _check_out_dir("--results-dir", args.results_dir)
