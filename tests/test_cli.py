@@ -497,8 +497,16 @@ def test_demo_uses_the_shipped_plan_without_calibrating(tmp_path, capsys, monkey
     out = capsys.readouterr().out
     assert "plan: the shipped testbed plan" in out and "threshold δ = 0.05 (preset D2)" in out
     assert Plan.load(out_dir / "plan.json").methods == Plan.load(cli.DEMO_PLAN).methods
-    assert re.search(r"PSNR (\S+) dB", out)
+    m = re.search(r"PSNR (\S+) dB", out)
+    assert m
     assert_png(out_dir / "samples.png")
+    # result.json holds the printed numbers (what docs/results keeps of a demo run)
+    res = json.loads((out_dir / "result.json").read_text())
+    assert res["plan"] == "shipped" and res["settings"] == cli.demo_settings(cli.build_parser().parse_args(["demo"]))
+    assert f"{res['psnr_db']:.2f}" == m.group(1)
+    assert f"{100 * res['attention_flops_ratio']:.1f}% of dense" in out
+    assert res["speedup"] == pytest.approx(res["dense_s"] / res["ditfastattn_s"])
+    assert sum(res["method_counts"].values()) == 6 * 10 and res["device"] == "cpu"
 
 
 # ------------------------------------------------------------------ bench, quality, worth, testbed train: the same errors

@@ -217,6 +217,11 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
 
 
+def _finite_or_str(x: float):
+    """A float for strict JSON: identical images give PSNR "inf"."""
+    return x if x == x and abs(x) != float("inf") else str(x)
+
+
 # ------------------------------------------------------------------------------ demo plan
 #: the testbed's calibrated demo plan, shipped so that ``ditaccel demo`` need not calibrate (minutes on CPU)
 DEMO_PLAN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testbed", "weights", "image", "demo_plan.json")
@@ -303,6 +308,7 @@ def cmd_demo(args) -> int:
     _check_calibration_steps(args.steps)
     cfg = _ditfastattn_config(args, window=args.window)
     plan, why = (None, "--calibrate") if args.calibrate else shipped_demo_plan(args)
+    plan_is_new = plan is None
     print(f"ditaccel demo: model {args.model} on {device} ({str(dtype).replace('torch.', '')}), "
           f"{args.steps} steps, {_threshold_line(args.threshold, cfg)}")
     if not os.path.isdir(args.out):
@@ -348,7 +354,15 @@ def cmd_demo(args) -> int:
     print(f"  attention FLOPs  {100 * st.attention_flops_ratio:.1f}% of dense")
     print(f"  methods      {st.method_counts}")
     print(f"  difference   PSNR {psnr(a, b):.2f} dB, mean |diff| {np.abs(a.astype(int) - b).mean():.2f}/255")
-    print(f"  wrote {grid_path}, {plan_path}, {os.path.join(args.out, 'plan.png')}")
+    result_path = os.path.join(args.out, "result.json")
+    with open(result_path, "w") as f:  # the numbers above, for docs/results (scripts/measure_demo.sh)
+        json.dump({"settings": demo_settings(args), "plan": f"calibrated ({why})" if plan_is_new else "shipped", "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                   "date": time.strftime("%Y-%m-%d"), "dense_s": t_dense, "ditfastattn_s": t_fast,
+                   "speedup": t_dense / t_fast, "attention_flops_ratio": st.attention_flops_ratio,
+                   "method_counts": st.method_counts, "psnr_db": _finite_or_str(psnr(a, b)),
+                   "mean_abs_diff_255": float(np.abs(a.astype(int) - b).mean())}, f, indent=1)
+    print(f"  wrote {grid_path}, {plan_path}, {os.path.join(args.out, 'plan.png')}, {result_path}")
     if args.model in TRAINED_MODELS:
         print("  note: the testbed is a small pixel-space DiT trained on procedural shapes (ditaccel.testbed); "
               "its quality tables are in QUALITY.md")
