@@ -213,3 +213,11 @@ def test_local_level_ties_are_inclusive():
     hook._run = lambda col, write, a, k: SimpleNamespace(sample=0.0)  # everything within budget
     scores = {0: {"ast": 0.5, "wars": 0.5}, 1: {"ast": 0.5, "wars": 0.25}}
     assert hook._local(None, ["ast", "wars"], scores, (), {}) == ["ast", "ast"]
+
+
+def test_non_square_grid_and_candidates_are_recorded(pixart):
+    plan = ditaccel.calibrate(pixart, DiTFastAttnConfig(show_progress=False, candidates=("wars", "ast")),
+                              num_inference_steps=2, prompt=["a cat"], height=128, width=64, generator=gen(),
+                              max_sequence_length=16, use_resolution_binning=False, clean_caption=False)
+    assert plan.metadata["grid"] == [8, 4] and plan.metadata["tokens"] == 32
+    assert plan.metadata["candidates"] == ["wars", "ast"]

@@ -152,3 +152,20 @@ def test_fused_branch_half_residual_with_a_reference_kernel(monkeypatch, cond):
     assert cache.res_rows == "cond"
     torch.testing.assert_close(cache.res, dense[half] - window_attention(q[half], k[half], v[half], window))
     assert cost.fraction == 1.0 and cost.extra_window == pytest.approx(dfa._mixed_fraction(window) * 0.5)
+
+
+def test_scoring_candidates_leaves_the_caches_alone():
+    """Calibration's local search scores every candidate on the layer's own output during the
+    reference pass: the scores are the search loss against the full output, and no candidate run
+    may write the layer's caches (the trial and final passes of the step still read them)."""
+    q, k, v = _qkv(b=2, seed=5)
+    prev, res = torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    cache = LayerCache(out=prev, res=res, res_rows="all")
+    m = DiTFastAttn([["full", "full"]])
+    m.trial, m.write, m.scoring = ["full"], False, ("ast", "wars", "asc")
+    out, frac, name = m.attention(SimpleNamespace(step=1, grid=(4, 4), cond=None), 0, Call(q, k, v), cache)
+    assert cache.out is prev and cache.res is res and cache.res_rows == "all"
+    window = m.window((4, 4))
+    assert m.scores == {0: {"ast": dfa.relative_l1(out, prev),
+                            "wars": dfa.relative_l1(out, window_attention(q, k, v, window) + res)}}  # no asc: no CFG
+    assert (frac, name) == (1.0, "full")

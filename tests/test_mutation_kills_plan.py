@@ -96,3 +96,52 @@ def test_saved_file_is_one_space_indented_json(tmp_path):
     text = (tmp_path / "p.json").read_text()
     assert text == json.dumps(p.to_dict(), indent=1) + "\n"
     assert text.startswith('{\n "format": "ditaccel.plan",\n "version": 1,\n')
+
+
+def test_from_methods_metadata(dit):
+    import datetime
+
+    import ditaccel
+
+    p = Plan.from_methods(dit, [["full"] * 2] * 3, cfg=False)
+    md = p.metadata
+    assert md["scheduler"] == type(dit.scheduler).__name__ and md["source"] == "hand-made"
+    assert md["library_version"] == ditaccel.__version__
+    created = datetime.datetime.fromisoformat(md["created"])
+    assert created.utcoffset() == datetime.timedelta(0) and created.microsecond == 0  # UTC, to the second
+    assert Plan.from_methods(dit, [["full"] * 2] * 3, cfg=False, scheduler="Mine").metadata["scheduler"] == "Mine"
+    assert "scheduler" not in Plan.from_methods(dit.transformer, [["full"] * 2] * 3, cfg=False).metadata
+    empty = Plan.from_methods(dit.transformer, [], cfg=False)
+    assert (empty.num_layers, empty.num_steps, empty.metadata["num_steps"]) == (0, 0, 0)
+
+
+def test_config_fingerprint_is_order_free_and_takes_any_value():
+    from types import SimpleNamespace
+
+    import torch
+
+    from ditaccel.plan import config_fingerprint
+
+    a = SimpleNamespace(config={"b": 1, "a": [2, 3], "dtype": torch.float16, "_name_or_path": "x"})
+    b = SimpleNamespace(config={"dtype": torch.float16, "a": [2, 3], "b": 1})
+    assert config_fingerprint(a) == config_fingerprint(b)
+    assert len(config_fingerprint(a)) == 16
+    assert config_fingerprint(SimpleNamespace(config={"b": 2, "a": [2, 3], "dtype": torch.float16})) != \
+        config_fingerprint(a)
+
+
+def test_counts_list_an_ablation_method_only_when_used():
+    with_wa = Plan([["full", "wa", "wars"], ["wa", "ast", "full"]], _md(cfg=False))
+    assert with_wa.counts() == {"full": 2, "wars": 1, "ast": 1, "asc": 0, "wars+asc": 0, "wa": 2}
+    assert "wa" not in Plan([["full"] * 3] * 2, _md()).counts()
+
+
+def test_window_size_one_is_valid():
+    assert Plan([["full"] * 3] * 2, _md(window_size=1.0)).metadata["window_size"] == 1.0
+    with pytest.raises(PlanError, match="window_size"):
+        Plan([["full"] * 3] * 2, _md(window_size=1.5))
+
+
+def test_summary_of_a_one_pair_plan_is_100_percent():
+    p = Plan([["full"]], _md(num_layers=1, num_steps=1))
+    assert "  full          1  100.0%" in p.summary().split("\n")
