@@ -23,8 +23,8 @@ MAIN_PY="$ROOT/.venv/bin/python"
 [ -x "$MAIN_PY" ] || MAIN_PY="$(command -v python3)"
 
 FILES=("$@")
-[ ${#FILES[@]} -gt 0 ] || FILES=(src/ditaccel/plan.py src/ditaccel/calibrate.py src/ditaccel/methods/ditfastattn.py
-                                 src/ditaccel/methods/adaspa.py src/ditaccel/runtime.py)
+[ ${#FILES[@]} -gt 0 ] || FILES=(src/ditaccel/methods/adaspa.py src/ditaccel/runtime.py src/ditaccel/plan.py
+                                 src/ditaccel/calibrate.py src/ditaccel/methods/ditfastattn.py)
 
 # the tests each file is mutated against (mutmut then runs, per mutant, only those of them that call
 # the mutated function); slow multi-process and CLI suites are left out (docs/MUTATION.md)
@@ -75,6 +75,8 @@ for f in "${FILES[@]}"; do
     echo "pytest_add_cli_args_test_selection ="
     for t in $(tests_for "$f"); do echo "    $t"; done
     echo "use_git_change_detection = false"
+    # files some tests read from the repository root (mutmut runs the tests inside mutants/)
+    printf 'also_copy =\n    README.md\n    BENCHMARKS.md\n    QUALITY.md\n    docs\n    scripts\n'
   } > setup.cfg
   rm -rf mutants
   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 15 "$WT/.venv-mut/bin/mutmut" run --max-children "$JOBS" \
