@@ -60,3 +60,24 @@ def pixart_call(pipe, prompts=("a red circle", "a blue square"), steps=STEPS, se
     kw.setdefault("use_resolution_binning", False)
     return pipe(prompt=list(prompts), num_inference_steps=steps, generator=gen(seed), output_type="pt",
                 clean_caption=False, **kw).images
+
+
+def tiny_clip():
+    """A tiny random CLIP model and its processor, built offline (torchmetrics' CLIPScore contract)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from ditaccel.testbed.video import build_clip_tokenizer
+
+    tok = build_clip_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    return model, CLIPProcessor(image_processor=images, tokenizer=tok)

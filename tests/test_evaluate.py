@@ -6,7 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler
+from conftest import tiny_clip
+from diffusers import (
+    CogVideoXDDIMScheduler,
+    DDIMScheduler,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+)
 
 import ditaccel
 from ditaccel.evaluate import (
@@ -222,32 +228,12 @@ class _TinyFeatures(torch.nn.Module):
         return self.proj(pooled)
 
 
-def _tiny_clip():
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from ditaccel.testbed.video import build_clip_tokenizer
-
-    tok = build_clip_tokenizer()
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        projection_dim=8,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    return model, CLIPProcessor(image_processor=images, tokenizer=tok)
-
-
 @pytest.mark.skipif(not HAS_TORCHMETRICS, reason="torchmetrics not installed (optional: pip install ditaccel[eval])")
 def test_torchmetrics_paths_with_offline_extractors(toy_image_pipe):
     lpips_like = lambda a, b: (a - b).abs().flatten(1).mean(1)  # noqa: E731
     r = evaluate(toy_image_pipe, ditaccel.AdaSpaConfig(sparsity=0.75, block_size=16), n=4, steps=5, batch_size=4,
                  n_reference=8, torchmetrics=["fid", "is", "clip", "lpips"],
-                 feature_extractors={"fid": _TinyFeatures(), "is": _TinyFeatures(5), "clip": _tiny_clip,
+                 feature_extractors={"fid": _TinyFeatures(), "is": _TinyFeatures(5), "clip": tiny_clip,
                                      "lpips": lpips_like},
                  return_samples=True)
     for k in ("fid_dense", "fid_compressed", "is_dense", "is_compressed", "clip_score_dense",

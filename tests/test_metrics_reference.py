@@ -18,9 +18,15 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_clip
 
 import ditaccel.evaluate as ev
-from ditaccel.evaluate import frechet_distance, frechet_distance_from_stats, inception_splits, ssim
+from ditaccel.evaluate import (
+    frechet_distance,
+    frechet_distance_from_stats,
+    inception_splits,
+    ssim,
+)
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 scipy_linalg = pytest.importorskip("scipy.linalg")
@@ -76,26 +82,6 @@ class _Features(torch.nn.Module):
         return pooled @ self.w
 
 
-def _tiny_clip():
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from ditaccel.testbed.video import build_clip_tokenizer
-
-    tok = build_clip_tokenizer()
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        projection_dim=8,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    return model, CLIPProcessor(image_processor=images, tokenizer=tok)
-
-
 def _inception_score(logits: torch.Tensor) -> float:
     """One split: exp(mean_x KL(p(y|x) || p(y)))."""
     p = logits.double().softmax(-1)
@@ -121,7 +107,7 @@ def test_torchmetrics_numbers_equal_direct_computations(kind):
         return (a - b).abs().flatten(1).mean(1)
 
     out = ev._torchmetrics(["fid", "is", "clip", "lpips"],
-                           {"fid": fid_net, "is": is_net, "clip": _tiny_clip, "lpips": lpips_like},
+                           {"fid": fid_net, "is": is_net, "clip": tiny_clip, "lpips": lpips_like},
                            kind, dense, compressed, lambda: iter(ref), texts, batch_size=4)
     u8 = lambda x: ev._uint8(ev._as_images(x))  # noqa: E731
     real = fid_net(torch.cat([u8(r) for r in ref]))
@@ -131,7 +117,7 @@ def test_torchmetrics_numbers_equal_direct_computations(kind):
         assert out[f"is_{name}_std"] is None  # one split of 6 frames: no spread to report
     assert out["fid_compressed"] != pytest.approx(out["fid_dense"])  # the two sets are really scored apart
     # CLIP score: 100 x cosine of the image and caption embeddings, mean over frames, floored at 0
-    model, processor = _tiny_clip()
+    model, processor = tiny_clip()
     frames = ev._as_images(dense)
     frame_texts = [t for t in texts for _ in range(frames.shape[0] // len(texts))]
     with torch.no_grad():
