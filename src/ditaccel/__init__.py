@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .calibrate import calibrate
 from .methods.adaspa import AdaSpa, AdaSpaConfig
 from .methods.ditfastattn import PRESETS, DiTFastAttn, DiTFastAttnConfig
+from .models import adapter_for
 from .plan import Plan, PlanError
-from .runtime import Stats, install, remove, reset, stats
+from .processors import CALL_KINDS
+from .runtime import Stats, install, remove, reset, split_target, stats
 
 
 def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None,
@@ -35,8 +36,6 @@ def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None,
             (a pipeline's scheduler tells it at every generation).
     Nothing is changed if this raises.
     """
-    from .runtime import split_target
-
     plan = plan_or_config
     if isinstance(plan, AdaSpaConfig):
         pipe, _ = split_target(pipe_or_transformer)
@@ -57,9 +56,6 @@ def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None,
         raise TypeError(f"plan_or_config must be a Plan or a plan file path, got {type(plan).__name__}")
     _, transformer = split_target(pipe_or_transformer)
     plan.check_model(transformer)
-    from .models import adapter_for
-    from .processors import CALL_KINDS
-
     kind = adapter_for(transformer).attention_call
     unsupported = sorted(m for m, c in plan.counts().items() if c and m not in CALL_KINDS[kind].methods)
     if unsupported:

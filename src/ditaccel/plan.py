@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
+from ._version import __version__
 from .methods.ditfastattn import ALL_METHODS, ASC, FULL, METHODS, WA, WARS, WARS_ASC, WINDOW_KINDS
+from .runtime import split_target
 
 FORMAT = "ditaccel.plan"
 VERSION = 1
@@ -47,8 +49,6 @@ def config_fingerprint(transformer: torch.nn.Module) -> str:
 
 
 def library_version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -136,8 +136,6 @@ class Plan:
     def from_methods(cls, pipe_or_transformer, methods: list[list[str]], *, cfg: bool,
                      window: str = "band1d", window_size: float = 0.25, **metadata) -> Plan:
         """A hand-made plan for this model: ``methods[layer][step]``, validated like a loaded one."""
-        from .runtime import split_target
-
         pipe, transformer = split_target(pipe_or_transformer)
         if pipe is not None:
             metadata.setdefault("scheduler", type(pipe.scheduler).__name__)

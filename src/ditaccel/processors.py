@@ -19,14 +19,10 @@ import contextvars
 import functools
 import inspect
 import sys
-from typing import TYPE_CHECKING
 
 import torch
 
-from .parallel import SDPA_PARALLEL, context_parallel_core, sequence_shards
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
+from .ulysses import SDPA_PARALLEL, context_parallel_core, sequence_shards
 
 
 def _rows(x, rows):
@@ -267,12 +263,15 @@ class DiTAccelAttnProcessor:
     processor's signature does not name (e.g. HunyuanVideo's ``image_rotary_emb``), and under
     ``torch.compile`` a class-level ``__call__`` is one object for every layer (a per-instance one
     made Dynamo recompile ``Attention.forward`` once per layer).
+
+    ``runtime`` is the ``ditaccel.runtime.Runtime`` that installed it (duck-typed here: the runtime
+    sits above the processors and imports them, never the other way round).
     """
 
-    def __new__(cls, runtime: Runtime, layer: int, original, call_kind: str):
+    def __new__(cls, runtime, layer: int, original, call_kind: str):
         return super().__new__(_processor_class(type(original)) if cls is DiTAccelAttnProcessor else cls)
 
-    def __init__(self, runtime: Runtime, layer: int, original, call_kind: str):
+    def __init__(self, runtime, layer: int, original, call_kind: str):
         self.runtime, self.layer, self.original = runtime, layer, original
         self.call_cls = CALL_KINDS[call_kind]
 

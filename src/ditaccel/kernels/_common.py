@@ -1,7 +1,9 @@
-"""Input checks shared by the kernels: (B, H, L, D) tensors, key-padding masks, softmax scale."""
+"""Shared by the kernels: input checks ((B, H, L, D) tensors, key-padding masks, softmax scale),
+head-dim padding, the Triton interpreter switch and the one compiled FlexAttention."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -73,3 +75,12 @@ def triton_interpreting() -> bool:
     if knobs is not None:
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_flex_attention():
+    """``torch.compile``'d FlexAttention (static shapes), built once on first use and shared by
+    every kernel's flex path (dynamo keys its cache on flex_attention's code either way)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)

@@ -31,9 +31,9 @@ import math
 import warnings
 
 import torch
-
-from ._common import check_qkv, split_head_dim, triton_interpreting
 import torch.nn.functional as F
+
+from ._common import check_qkv, compiled_flex_attention, split_head_dim, triton_interpreting
 
 try:  # optional: only the "triton" block_mass backend needs it
     import triton
@@ -164,13 +164,6 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 def _flex_lse(q, k, v, scale, mask):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -182,7 +175,7 @@ def _flex_lse(q, k, v, scale, mask):
             return mask[b, kv_idx]
 
         block_mask = create_block_mask(mask_mod, B, None, L, L, device=q.device)
-    fn = _compiled_flex() if q.is_cuda else flex_attention
+    fn = compiled_flex_attention() if q.is_cuda else flex_attention
     with warnings.catch_warnings():  # eager flex warns it is unfused off CUDA: expected
         warnings.simplefilter("ignore", UserWarning)
         try:

@@ -50,7 +50,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._common import check_qkv, pad_head_dim, triton_interpreting
+from ._common import check_qkv, compiled_flex_attention, pad_head_dim, triton_interpreting
 from .tiles import SKIP_BOTTOM, SKIP_TOP, TileList, compact_columns, tile_attention
 
 try:  # Triton is optional: without it only "flex" and "reference" run.
@@ -426,13 +426,6 @@ def _triton_attention(q, k, v, kv_indices, kv_counts, block_size, scale, key_pad
 # --------------------------------------------------------------------------- flex
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 @functools.lru_cache(maxsize=64)
 def _ragged_mask_mod(L: int):
     def mask_mod(b, h, q_idx, kv_idx):
@@ -486,7 +479,7 @@ def _flex_forward(q, k, v, block_mask, scale: float, return_lse: bool, compiled:
             F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask, scale, return_lse, compiled, block_size
         )
         return (res[0][..., :d], res[1]) if return_lse else res[..., :d]
-    fn = _compiled_flex() if compiled else fa.flex_attention
+    fn = compiled_flex_attention() if compiled else fa.flex_attention
     kw = {}
     if compiled and block_size < 128:  # flex's default tiles (BLOCK_M up to 128) must divide the sparse block
         kw["kernel_options"] = {"BLOCK_M": block_size, "BLOCK_N": block_size}

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import pad_head_dim, split_head_dim, triton_interpreting
+from .window_mask import window_dense_mask
 
 try:  # Triton is optional: callers fall back to their other backends without it.
     import triton
@@ -442,8 +443,6 @@ def tile_attention(
 
 def tile_token_mask(tiles: TileList, B: int, H: int, L: int, window=None, device=None) -> torch.Tensor:
     """The dense ``(B, H, L, L)`` bool mask (True = attend) that a :class:`TileList` encodes."""
-    from .window import window_dense_mask
-
     device = device or tiles.indices.device
     nqt, nkt = -(-L // tiles.block_m), -(-L // tiles.block_n)
     G, _, K = tiles.indices.shape

@@ -1,0 +1,1 @@
+"""The methods: per-layer decisions and caches over the kernels (DiTFastAttn, AdaSpa); no model knowledge."""
