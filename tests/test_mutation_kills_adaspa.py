@@ -96,8 +96,8 @@ def qkv(B, H, L, D, seed, sharp=1.0):
 
 
 # ------------------------------------------------------------------ one layer, a whole cycle
-@pytest.mark.parametrize("text_sink", [True, False])
-def test_one_layer_search_sparse_research_by_brute_force(text_sink, monkeypatch):
+@pytest.mark.parametrize("text_sink, chunked", [(True, False), (False, False), (True, True)])
+def test_one_layer_search_sparse_research_by_brute_force(text_sink, chunked, monkeypatch):
     """5 steps [dense, search, sparse, research, sparse]; L = 100 (a ragged last block), 16-token
     blocks, 20 prefix text tokens, padded keys in the second batch row, a CFG pair."""
     clock = iter(range(1000))
@@ -107,6 +107,8 @@ def test_one_layer_search_sparse_research_by_brute_force(text_sink, monkeypatch)
 
     def search_mask(mass_of, shape, config, video, heads=None, cfg_pairs=False, **kw):
         seen.append((heads, cfg_pairs))
+        if chunked:  # W one head at a time (what a long sequence gets): the same decisions
+            kw["chunk_elems"] = 1
         return real_search(mass_of, shape, config, video, heads, cfg_pairs, **kw)
 
     monkeypatch.setattr(A, "search_mask", search_mask)
@@ -139,7 +141,7 @@ def test_one_layer_search_sparse_research_by_brute_force(text_sink, monkeypatch)
     torch.testing.assert_close(cache.lse, lse1.float(), atol=1e-5, rtol=1e-5)
     W = ref_block_sum((s - lse1[..., None]).exp(), bs)
     mask = ref_topk(W, k_keep, always)
-    assert torch.equal(cache.mask.to_mask(), mask)
+    assert cache.mask.to_mask().dtype == torch.bool and torch.equal(cache.mask.to_mask(), mask)
     assert cache.nbytes() == cache_bytes_per_layer(H, L, bs, text_tokens=text if text_sink else 0, batch=B)
     allowed = tokens_of(mask, L, bs)
     assert cache.kept == pytest.approx(float(allowed.double().mean()), rel=1e-12)  # exact kept (q, k) pairs
@@ -314,8 +316,8 @@ def test_cache_bound_exact_values(text, position):
     nv = 7 - -(-text // 16)
     assert cache_bytes_per_layer(3, 100, 16, text_tokens=text) == 3 * (400 + nv * -(-nv // 8))
     assert cache_bytes_per_layer(3, 100, 16, text_tokens=text, batch=2, lse=False) == 2 * 3 * nv * -(-nv // 8)
-    # defaults: 64-token blocks, no text, batch 1, with the LSE
-    assert cache_bytes_per_layer(2, 1000) == 2 * (4000 + 16 * 2)
+    # defaults: 64-token blocks (1025 tokens: 17 blocks), no text, batch 1, with the LSE
+    assert cache_bytes_per_layer(2, 1025) == 2 * (4100 + 17 * 3)
     # video blocks as the cache stores them (the blocks no text token touches)
     v0, v1 = video_blocks(100, 16, text, position)
     if position == "suffix":
@@ -375,3 +377,25 @@ def test_begin_call_needs_the_step_count_and_refuses_steps_past_it():
     m.begin_call(ctx(9))
     with pytest.raises(ValueError, match="step 10 is past the 10 steps"):
         m.begin_call(ctx(10))
+
+
+@pytest.mark.parametrize("kw, name", [({"heads": 0}, "heads"), ({"tokens": 0}, "tokens"), ({"block_size": 0}, "block_size"),
+                                      ({"batch": 0}, "batch"), ({"heads": 2.0}, "heads"), ({"heads": True}, "heads"),
+                                      ({"text_tokens": True}, "text_tokens"), ({"text_tokens": 101}, "text_tokens"),
+                                      ({"text_tokens": -1}, "text_tokens")])
+def test_cache_bound_refuses_bad_sizes_naming_them(kw, name):
+    args = dict(heads=2, tokens=100, block_size=16)
+    args.update(kw)
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        cache_bytes_per_layer(**args)
+
+
+def test_a_lone_search_drops_its_lse_at_once():
+    """No re-search follows (one search step): the LSE is not kept past its search."""
+    m = AdaSpa(AdaSpaConfig(sparsity=0.5, block_size=16, warmup=0.0, search_at=(0.0,)))
+    m.check_num_steps(4)
+    assert m.plan == ["search", "sparse", "sparse", "sparse"]
+    cache = m.new_cache()
+    q, k, v = qkv(1, 2, 64, 8, 0)
+    m.attention(ctx(0), 0, FakeCall(q, k, v), cache)
+    assert cache.lse is None and cache.mask is not None
