@@ -166,7 +166,7 @@ def check_wan_adaspa(args, device: str, dtype) -> dict:
     from diffusers import WanTransformer3DModel
 
     import ditaccel
-    from ditaccel.bench import TOY_WAN, WAN_1_3B
+    from ditaccel.bench.model_cases import TOY_WAN, WAN_1_3B
 
     config = {**WAN_1_3B, **(TOY_WAN if args.toy else {})}
     frames, height, width = (2, 8, 8) if args.toy else (args.wan_frames, 60, 104)

@@ -1,9 +1,9 @@
 """Peak memory of AdaSpa over dense on the whole HunyuanVideo transformer (issue 16 §2).
 
-What it runs (the inputs of ``bench_models.bench_hunyuan_adaspa``): the full-size HunyuanVideo
-transformer (``bench_models.HUNYUAN_VIDEO``: 24 heads x 128, 20 dual- + 40 single-stream blocks =
+What it runs (the inputs of ``bench.model_cases.bench_hunyuan_adaspa``): the full-size HunyuanVideo
+transformer (``bench.model_cases.HUNYUAN_VIDEO``: 24 heads x 128, 20 dual- + 40 single-stream blocks =
 60 attention layers, random weights), bf16, 720p 129 frames = latent 33 x 90 x 160 (33 x 45 x 80
-= 118,800 video tokens) + 256 text tokens (``bench_models.hunyuan_inputs``), AdaSpa s = 0.8,
+= 118,800 video tokens) + 256 text tokens (``bench.model_cases.hunyuan_inputs``), AdaSpa s = 0.8,
 64-token blocks, paper tiers. One dense call, then a 5-step AdaSpa schedule (warm-up 0.2, searches
 at 0.4 and 0.8: dense, dense, first search, sparse, cached-LSE search), which visits every kind of
 step once; a 50-step generation holds the same caches between its steps (searched masks of all 60
@@ -66,8 +66,8 @@ def measure(device: str = "cuda", toy: bool = False, sparsity: float = 0.8, bloc
     from diffusers import HunyuanVideoTransformer3DModel
 
     import ditaccel
-    from ditaccel.bench import _cuda_time, dense_sdpa_context
-    from ditaccel.bench_models import HUNYUAN_VIDEO, TOY_HUNYUAN, hunyuan_inputs
+    from ditaccel.bench.harness import _cuda_time, dense_sdpa_context
+    from ditaccel.bench.model_cases import HUNYUAN_VIDEO, TOY_HUNYUAN, hunyuan_inputs
     from ditaccel.methods.adaspa import cache_bytes_per_layer
 
     frames, height, width, text_tokens = (TOY["frames"], TOY["height"], TOY["width"], TOY["text_tokens"]) if toy \

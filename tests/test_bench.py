@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from ditaccel import bench, cli
-from ditaccel.bench import (CASES, CheckFailed, attention_rows_reference, block_mass_rows_reference,
-                            random_block_mask, rotation_copies, rows_reference, sample_rows, time_fn)
-from ditaccel.bench_report import device_slug, plot_sparsity, replace_section, update_markdown
+from ditaccel.bench import CASES, CheckFailed, random_block_mask, time_fn
+from ditaccel.bench import cases, kernel_cases
+from ditaccel.bench.harness import (attention_rows_reference, block_mass_rows_reference, rotation_copies,
+                                    rows_reference, sample_rows)
+from ditaccel.bench.report import device_slug, missing_matplotlib, plot_sparsity, replace_section, update_markdown
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -168,7 +170,7 @@ def test_row_references_match_the_full_references():
     mask = random_block_mask(1, 2, 3, 0.5, generator=torch.Generator().manual_seed(1))
     idx, cnt = mask_to_indices(mask)
     full, lse = block_sparse_attention_reference(q, k, v, idx, cnt, block_size=16)
-    ours = rows_reference(bench._block_allowed(mask, 16, 40))(rows, q, k, v)
+    ours = rows_reference(kernel_cases._block_allowed(mask, 16, 40))(rows, q, k, v)
     torch.testing.assert_close(ours, full[:, :, rows].float(), rtol=1e-5, atol=1e-6)
     _, dense_lse = attention_rows_reference(q, k, v, torch.arange(40), return_lse=True)
     blocks = torch.tensor([0, 2])  # the last block is ragged (40 = 2 x 16 + 8)
@@ -236,7 +238,7 @@ def test_bench_all_dry_run_end_to_end(tmp_path, capsys):
         assert payload["environment"]["device"] == "cpu" and payload["kwargs"]["device"] == "cpu"
         assert f"`results/{path.name}`" in text
     assert "**Dry run**" in text and "| kept (target) |" in text
-    if bench.missing_matplotlib() is None:
+    if missing_matplotlib() is None:
         (png,) = results.glob("*-cpu-sparsity.png")
         assert png.read_bytes()[:8] == PNG_SIGNATURE
 
@@ -250,7 +252,7 @@ def test_bench_all_dry_run_end_to_end(tmp_path, capsys):
 
 
 def test_dry_run_falls_back_to_the_references_where_triton_cannot_interpret(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "_interpreter_problem", lambda: "no interpreter in this test")
+    monkeypatch.setattr(cases, "_interpreter_problem", lambda: "no interpreter in this test")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     seen = []
     real = bench.bench_sparsity
@@ -259,7 +261,7 @@ def test_dry_run_falls_back_to_the_references_where_triton_cannot_interpret(tmp_
         seen.append(os.environ.get("TRITON_INTERPRET"))
         return real(**kw)
 
-    monkeypatch.setattr(bench, "CASES", [dataclasses.replace(c, run=spy) for c in CASES if c.name == "sparsity"])
+    monkeypatch.setattr(cases, "CASES", [dataclasses.replace(c, run=spy) for c in CASES if c.name == "sparsity"])
     assert bench.main(["all", "--dry-run", "--out-md", str(tmp_path / "B.md")]) == 0
     assert seen == [None]
     assert "no interpreter in this test: the dry run uses the PyTorch reference kernels" in capsys.readouterr().err
@@ -292,7 +294,7 @@ def test_attention_share_skips_exactly_the_self_attention_cores(monkeypatch):
     """The no-core step of ``bench_attention_share`` is the model with attention replaced by ``v``:
     the same output as patching SDPA itself to return ``v`` (the tiny DiT has self-attention only)."""
     from ditaccel import stats
-    from ditaccel.bench_models import _NoCore
+    from ditaccel.bench.model_cases import _NoCore
     from ditaccel.runtime import install, remove
     from ditaccel.testbed import tiny_dit_pipeline
 

@@ -514,7 +514,8 @@ def test_demo_uses_the_shipped_plan_without_calibrating(tmp_path, capsys, monkey
 def no_tool_work(monkeypatch):
     """Every way bench, quality, worth and testbed train start work fails loudly."""
     import ditaccel.evaluate
-    from ditaccel import bench, quality, worth
+    from ditaccel import quality, worth
+    from ditaccel.bench import command as bench  # where `ditaccel bench` looks its cases up
     from ditaccel.testbed import train
 
     def started(*a, **k):
@@ -629,7 +630,8 @@ def test_cuda_without_cuda_is_one_line_for_every_tool(capsys, no_tool_work, monk
 
 
 def test_device_auto_is_resolved_for_the_tools(monkeypatch):
-    from ditaccel import bench, quality
+    from ditaccel import quality
+    from ditaccel.bench import command as bench
 
     seen = {}
     monkeypatch.setattr(bench, "bench_adaspa_step", lambda **kw: seen.setdefault("bench", kw["device"]) and {})

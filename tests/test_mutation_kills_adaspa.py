@@ -399,3 +399,19 @@ def test_a_lone_search_drops_its_lse_at_once():
     q, k, v = qkv(1, 2, 64, 8, 0)
     m.attention(ctx(0), 0, FakeCall(q, k, v), cache)
     assert cache.lse is None and cache.mask is not None
+
+
+@pytest.mark.parametrize("rule, s, heads, expect", [
+    ("tiers", 0.8, 4, 5),  # the densest tier (3s - 1) / 2 = 0.7 keeps ceil(0.3 * 16) = 5
+    ("tiers", 0.5, 4, 12),  # tiers 0.5 / 0.75 / 0.25: ceil(0.75 * 16)
+    ("tiers", 0.0, 4, 16),
+    (None, 0.8, 4, 4),  # uniform: ceil(0.2 * 16)
+    ("mass", 0.8, 4, 13),  # one head may take every other head's extra blocks: 1 + 4 * (4 - 1)
+    ("mass", 0.8, 8, 16),  # capped at the budget
+    ("top_p", 0.8, 4, 16),
+])
+def test_candidate_width_is_the_most_blocks_a_head_can_keep(rule, s, heads, expect):
+    """The search remembers each row's best ``width`` blocks: the tightest bound on what any head
+    keeps under the rule (less would lose blocks, more costs memory)."""
+    cfg = AdaSpaConfig(sparsity=s, head_rule=rule or "tiers", head_adaptive=rule is not None)
+    assert A._candidate_width(cfg, rule, 16, heads) == expect

@@ -6,6 +6,10 @@
     image = pipe(...).images[0]
     print(ditaccel.stats(pipe))
     ditaccel.remove(pipe)
+
+The package root is the core (this API, runtime, processors, parallel, plan, calibrate, methods/,
+kernels/, models/); the tools beside it (cli, bench/, evaluate, quality, worth, baselines, viz,
+testbed/) import the core and never the other way round (tests/test_layering.py).
 """
 
 from __future__ import annotations

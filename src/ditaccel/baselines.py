@@ -74,6 +74,9 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .testbed.data import VideoCaptions
+from .testbed.pixel import PixelCogVideoXPipeline
+
 __all__ = [
     "CACHE_NAMES",
     "CALIBRATION_SEED",
@@ -556,11 +559,7 @@ def calibration_kwargs(pipe, batch: int = 2) -> dict[str, Any]:
     if isinstance(pipe, DiTPipeline):
         k = pipe.transformer.config.num_embeds_ada_norm or 1000
         return dict(class_labels=[(5 * i) % k for i in range(batch)], generator=gen)
-    from .testbed.pixel import PixelCogVideoXPipeline
-
     if isinstance(pipe, PixelCogVideoXPipeline):
-        from .testbed.data import VideoCaptions
-
         prompts = VideoCaptions.captions(VideoCaptions().balanced_labels(batch, CALIBRATION_SEED))
     else:
         prompts = ["a small boat drifting on a calm lake at dawn"] * batch

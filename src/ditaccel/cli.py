@@ -6,112 +6,53 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 
 import torch
 
-TINY_MODELS = ("testbed", "tiny-dit", "tiny-pixart", "demo-dit", "demo-pixart")
-#: the trained built-ins (real weights, shipped in the package); the others have random weights
-TRAINED_MODELS = ("testbed",)
+import ditaccel
 
-
-class UsageError(ValueError):
-    """A user error: printed as one line ``ditaccel: error: <field>: <message>``, exit status 2."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _device(name: str) -> str:
-    """The device ``--device`` names, checked before any work: a parseable name that this build can use."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError("--device", f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device", f"{name!r}: CUDA is not available here (torch {torch.__version__}, "
-                                         f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError("--device", f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise UsageError("--device", f"{name!r}: MPS is not available here; use --device cpu or auto")
-    elif dev.type != "cpu":
-        raise UsageError("--device", f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return name
-
-
-def _dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise UsageError("--dtype", f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}") from None
-
-
-def _check_out_file(field: str, path: str | None, image: bool = False) -> None:
-    """An output file: its folder must exist (ditaccel creates the file, never the folders above it)."""
-    if path is None:
-        return
-    if os.path.isdir(path):
-        raise UsageError(field, f"{path!r} is a folder; name a file")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(field, f"folder {parent!r} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(field, f"folder {parent!r} is not writable")
-    if image:
-        from PIL import Image
-
-        ext = os.path.splitext(path)[1].lower()
-        if ext not in Image.registered_extensions():
-            raise UsageError(field, f"{path!r}: unknown image extension {ext or '(none)'!r}; use .png")
-
-
-def _check_out_dir(field: str, path: str) -> None:
-    """An output folder: created if missing, but its parent must exist (no surprise folder trees)."""
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise UsageError(field, f"{path!r} exists and is not a folder")
-        if not os.access(path, os.W_OK):
-            raise UsageError(field, f"folder {path!r} is not writable")
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(field, f"folder {parent!r} (the parent of {path!r}) does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(field, f"folder {parent!r} is not writable")
-
-
-def _check_in_file(field: str, path: str | None) -> None:
-    if path is not None and not os.path.isfile(path):
-        raise UsageError(field, f"no such file {path!r}")
-
-
-def check_weights_arg(weights: str | None, tables: tuple[str, ...]):
-    """``--weights``: the folder of trained testbed models (``quality.check_weights``), as a ``UsageError``."""
-    from .quality import check_weights
-
-    try:
-        return check_weights(weights, tables)
-    except ValueError as e:
-        raise UsageError("--weights", str(e).removeprefix("--weights (weights_dir): ")) from None
+from . import bench, evaluate, quality, worth
+from ._version import __version__
+from .bench.report import environment
+from .cli_support import (
+    DTYPES,
+    GUIDANCE,
+    POSITIVE,
+    SEED,
+    TINY_MODELS,
+    TRAINED_MODELS,
+    UsageError,
+    _call_params,
+    _check_in_file,
+    _check_out_dir,
+    _check_out_file,
+    _device,
+    _dtype,
+    _Help,
+    _inputs,
+    _is_dit,
+    _Parser,
+    float_in,
+    load_pipeline,
+    pipeline_progress,
+    progress_bar,
+    progress_on,
+    psnr,
+    run_parser,
+    subcommand,
+    subcommands,
+)
+from .methods.ditfastattn import PRESETS
+from .plan import Plan
+from .quality import check_weights_arg
+from .testbed import train
+from .viz import abs_diff, grid_rows, plot_plan, side_by_side, to_uint8
 
 
 def _ditfastattn_config(args, **kw):
     """The DiTFastAttn settings, built (and so checked) before any work."""
-    import ditaccel
-
     return ditaccel.DiTFastAttnConfig(threshold=args.threshold, **kw)
 
 
@@ -138,63 +79,6 @@ def _check_class_labels(pipe, labels: list[int] | None) -> None:
         raise UsageError("--class-labels", f"{bad} outside this model's {classes} classes (0..{classes - 1})")
 
 
-def load_pipeline(model: str, device: str, dtype: torch.dtype):
-    """A built-in offline model (``tiny-dit``, ``demo-pixart``, ...) or ``DiffusionPipeline.from_pretrained``."""
-    from . import testbed
-
-    builders = {"tiny-dit": testbed.tiny_dit_pipeline, "tiny-pixart": testbed.tiny_pixart_sigma_pipeline,
-                "demo-dit": testbed.demo_dit_pipeline, "demo-pixart": testbed.demo_pixart_sigma_pipeline}
-    if model in builders:
-        return builders[model](dtype=dtype, device=device)
-    if model == "testbed":
-        from .testbed.pixel import load_image_pipeline
-
-        return load_image_pipeline(dtype=dtype, device=device)
-    from diffusers import DiffusionPipeline
-
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise UsageError("--model", f"cannot load {model!r} ({e}). Offline built-ins: {', '.join(TINY_MODELS)}") \
-            from None
-    return pipe.to(device)
-
-
-def _is_dit(pipe) -> bool:
-    return "class_labels" in _call_params(pipe)
-
-
-def _call_params(pipe):
-    import inspect
-
-    return inspect.signature(type(pipe).__call__).parameters
-
-
-def _inputs(pipe, prompts: list[str] | None, labels: list[int] | None, default_n: int) -> dict:
-    if _is_dit(pipe):
-        if labels is None and prompts:
-            try:
-                labels = pipe.get_label_ids(prompts)
-            except ValueError as e:  # an unknown class name: diffusers lists the known ones
-                raise UsageError("--prompt", f"this class-conditional model takes class names: {e}") from None
-        classes = pipe.transformer.config.num_embeds_ada_norm or 1000
-        spread = 97 if classes == 1000 else 5  # distinct classes, spread over the label space
-        return {"class_labels": labels or [i * spread % classes for i in range(1, default_n + 1)]}
-    prompts = prompts or DEFAULT_CAPTIONS[:default_n]
-    kw = {"prompt": prompts}
-    params = _call_params(pipe)
-    if "clean_caption" in params:
-        kw["clean_caption"] = False
-    return kw
-
-
-DEFAULT_CAPTIONS = [
-    "a red circle on a blue background", "a green square next to a yellow triangle",
-    "a white cat sitting on a wooden table", "a sunset over the sea with orange clouds",
-    "a city street at night with neon lights", "a bowl of fruit on a kitchen counter",
-]
-
-
 def _generator(device: str, seed: int):
     return torch.Generator(device="cpu" if device == "mps" else device).manual_seed(seed)
 
@@ -207,14 +91,6 @@ def _timed(pipe, device, **kw):
     if device == "cuda":
         torch.cuda.synchronize()
     return out, time.perf_counter() - t0
-
-
-def psnr(a, b) -> float:
-    """PSNR (dB) between two uint8 image arrays."""
-    import numpy as np
-
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
 
 
 def _finite_or_str(x: float):
@@ -243,8 +119,6 @@ def _file_sha256(path: str) -> str:
 
 def demo_settings(args) -> dict:
     """What a demo plan depends on (besides the weights): recorded in the shipped plan's metadata."""
-    from .methods.ditfastattn import PRESETS
-
     threshold = PRESETS.get(args.threshold, args.threshold) if isinstance(args.threshold, str) else args.threshold
     return {"model": args.model, "steps": args.steps, "threshold": float(threshold), "window": args.window,
             "calibration_inputs": args.calibration_inputs, "seed": DEMO_CALIBRATION_SEED}
@@ -252,8 +126,6 @@ def demo_settings(args) -> dict:
 
 def shipped_demo_plan(args):
     """``(plan, None)`` if the shipped plan fits ``args``, else ``(None, why)``."""
-    from .plan import Plan
-
     if args.model != "testbed":
         return None, f"the shipped plan is for the testbed, not {args.model!r}"
     if not os.path.exists(DEMO_PLAN):
@@ -271,8 +143,6 @@ def shipped_demo_plan(args):
 
 def _demo_calibrate(pipe, args, device: str):
     """The demo's calibration (also what made the shipped plan: ``write_demo_plan``)."""
-    import ditaccel
-
     calib = _inputs(pipe, None, None, args.calibration_inputs)
     extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_params(pipe) else {}
     config = ditaccel.DiTFastAttnConfig(threshold=args.threshold, window=args.window, show_progress=progress_on(args))
@@ -298,9 +168,6 @@ def write_demo_plan(path: str = DEMO_PLAN) -> None:
 # ------------------------------------------------------------------------------ commands
 def cmd_demo(args) -> int:
     import numpy as np
-
-    import ditaccel
-    from ditaccel.viz import abs_diff, plot_plan, side_by_side, to_uint8
 
     device = _device(args.device)  # every check before any work
     dtype = _dtype(args.dtype, device)
@@ -372,8 +239,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import ditaccel
-
     device = _device(args.device)  # every check before any work
     dtype = _dtype(args.dtype, device)
     _check_out_file("--out", args.out)
@@ -399,9 +264,6 @@ def cmd_calibrate(args) -> int:
 
 def cmd_generate(args) -> int:
     from PIL import Image
-
-    import ditaccel
-    from ditaccel.viz import abs_diff, side_by_side, to_uint8
 
     device = _device(args.device)  # every check before any work
     dtype = _dtype(args.dtype, device)
@@ -461,9 +323,6 @@ def image_paths(out: str, n: int) -> list[str]:
 
 
 def cmd_plan_show(args) -> int:
-    from ditaccel.plan import Plan
-    from ditaccel.viz import plot_plan
-
     png = args.png or os.path.splitext(args.plan)[0] + ".png"
     _check_out_file("--png", png, image=True)
     plan = Plan.load(args.plan)
@@ -476,9 +335,6 @@ def cmd_plan_show(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import ditaccel
-    from ditaccel.evaluate import evaluate_trained
-
     device = _device(args.device)  # every check before any work
     dtype = _dtype(args.dtype, device)
     _check_out_file("--json", args.json)
@@ -504,11 +360,9 @@ def cmd_eval(args) -> int:
     kw = {"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {}
     if args.samples_png:
         kw["return_samples"] = True
-    r = evaluate_trained(args.model, method, weights_dir=root, device=device, n=args.samples, steps=args.steps,
+    r = evaluate.evaluate_trained(args.model, method, weights_dir=root, device=device, n=args.samples, steps=args.steps,
                          dtype=dtype, progress=progress_bar(args), **kw)
     if args.samples_png:
-        from ditaccel.viz import grid_rows, side_by_side
-
         show = 24 if args.model == "image" else 4
         rows = grid_rows(r.pop("samples_dense")[:show], "dense")
         if "samples_compressed" in r:
@@ -520,8 +374,6 @@ def cmd_eval(args) -> int:
     for k, v in shown.items():
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     if args.json:
-        from ditaccel.bench_report import environment
-
         out = {k: v for k, v in r.items() if not torch.is_tensor(v)}  # no samples/features
         out.update(model=args.model, dtype=args.dtype, weights=str(root), env=environment(str(device)))
         with open(args.json, "w") as f:
@@ -530,159 +382,10 @@ def cmd_eval(args) -> int:
 
 
 # ------------------------------------------------------------------------------ parser
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line ``ditaccel: error: <field>: ...`` (exit 2), without the usage block.
-
-    Every parser of the tree is one of these (subparsers inherit the class). ``siblings`` (set by
-    ``subcommand``) are the other parsers of the same command level, so that an option given to
-    the wrong mode says which modes take it."""
-
-    siblings: dict | None = None
-
-    def error(self, message):
-        m = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message)
-        if m:
-            raise UsageError(m.group(1), m.group(2))
-        m = re.match(r"unrecognized arguments: (\S+)", message)
-        if m:
-            raise self.unknown_argument(m.group(1))
-        m = re.match(r"the following arguments are required: (.*)", message)
-        if m:
-            raise UsageError(m.group(1), f"required (see `{self.prog} -h`)")
-        m = re.match(r"ambiguous option: (\S+?)(?:=\S*)? could match (.*)", message)
-        if m:
-            raise UsageError(m.group(1), f"ambiguous, could be {m.group(2)}")
-        raise UsageError(self.prog, message)
-
-    def parse_args(self, args=None, namespace=None):
-        ns, extras = self.parse_known_args(args, namespace)
-        if extras:  # name the subcommand that got them, not the top-level parser
-            raise (getattr(ns, "_leaf", None) or self).unknown_argument(extras[0])
-        return ns
-
-    def unknown_argument(self, arg: str) -> UsageError:
-        option = arg.split("=", 1)[0]
-        if option.startswith("-") and len(option) > 1 and not re.fullmatch(r"-[\d.]+", option):
-            takes = [name for name, p in (self.siblings or {}).items()
-                     if p is not self and option in p._option_string_actions]
-            if takes:
-                return UsageError(option, f"not an option of `{self.prog}` (only of: {', '.join(takes)})")
-            return UsageError(option, f"unknown option (see `{self.prog} -h`)")
-        return UsageError(repr(arg), f"unexpected argument (see `{self.prog} -h`)")
-
-
-class _Help(argparse.HelpFormatter):
-    """Every option's default in ``--help`` (options whose default is None say what happens in their help)."""
-
-    def _get_help_string(self, action):
-        h = action.help or ""
-        if "%(default)" in h or "default:" in h or action.default is None or action.default is False \
-                or action.default == argparse.SUPPRESS or not action.option_strings:
-            return h
-        return h + " (default: %(default)s)"
-
-
-def subcommand(sub, name: str, *, help: str, description: str | None = None, progress: bool = False,
-               func=None) -> _Parser:
-    """A subcommand parser of the ``ditaccel`` tree under ``sub`` (an ``add_subparsers`` action).
-
-    Every subcommand takes ``--debug`` (a traceback instead of the one-line error); ``progress``:
-    also ``--progress auto|on|off``. ``func(args) -> int`` runs it."""
-    p = sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
-                       formatter_class=_Help)
-    p.siblings = sub.choices
-    p.set_defaults(_leaf=p)
-    if func is not None:
-        p.set_defaults(func=func)
-    if progress:
-        p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
-                       help="progress bars on stderr; auto: only when stderr is a terminal")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="on an error, show the traceback instead of one line")
-    return p
-
-
-def subcommands(parser: _Parser, dest: str, metavar: str):
-    """The subparsers action of ``parser`` (required, named ``metavar`` in errors)."""
-    return parser.add_subparsers(dest=dest, required=True, metavar=metavar, parser_class=_Parser)
-
-
-def progress_on(args) -> bool:
-    """Whether this run shows progress bars: ``--progress on``, or ``auto`` with stderr a terminal."""
-    mode = getattr(args, "progress", "auto")
-    if mode == "auto":
-        isatty = getattr(sys.stderr, "isatty", None)
-        return bool(isatty and isatty())
-    return mode == "on"
-
-
-def progress_bar(args):
-    """A ``tqdm`` factory for one phase's bar (on stderr), or None when progress is off. The library
-    takes it as its ``progress`` argument (it never imports the command line)."""
-    if not progress_on(args):
-        return None
-    import functools
-
-    from tqdm import tqdm
-
-    return functools.partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=False)
-
-
-def pipeline_progress(pipe, args, desc: str | None = None) -> None:
-    """Show (or hide) the pipeline's own per-step bar (diffusers' ``set_progress_bar_config``)."""
-    if hasattr(pipe, "set_progress_bar_config"):
-        on = progress_on(args)
-        pipe.set_progress_bar_config(disable=not on, file=sys.stderr, leave=False, dynamic_ncols=True,
-                                     **({"desc": desc} if desc else {}))
-
-
-def printer(args):
-    """``print`` for result lines while bars may be on screen (``tqdm.write`` keeps them intact)."""
-    if not progress_on(args):
-        return print
-    from tqdm import tqdm
-
-    return lambda line: tqdm.write(str(line), file=sys.stdout)
-
-
-def int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
-        return v
-
-    parse.__name__ = "int"
-    return parse
-
-
-def float_in(low: float, high: float | None = None, *, low_open: bool = False):
-    import math
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(v) or (v <= low if low_open else v < low) or (high is not None and v > high):
-            span = f"({low}, {high}]" if low_open else (f"[{low}, {high}]" if high is not None else f">= {low}")
-            if high is None and low_open:
-                span = f"> {low}"
-            raise argparse.ArgumentTypeError(f"must be {'in ' if high is not None else ''}{span}, got {text}")
-        return v
-
-    parse.__name__ = "float"
-    return parse
-
 
 
 def _threshold(text: str):
     """δ: a float >= 0 or a preset D1..D6."""
-    from .methods.ditfastattn import PRESETS
-
     if text in PRESETS:
         return text
     try:
@@ -690,11 +393,6 @@ def _threshold(text: str):
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a float >= 0 nor a preset "
                                          f"{', '.join(sorted(PRESETS))}") from None
-
-
-POSITIVE = int_at_least(1)
-SEED = int_at_least(0)
-GUIDANCE = float_in(0.0)
 
 
 def _model_args(p, default="demo-dit"):
@@ -708,9 +406,6 @@ def _model_args(p, default="demo-dit"):
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``ditaccel`` command tree (every tool module mounts its own options here)."""
-    from . import __version__, bench, quality, worth
-    from .testbed import train
-
     ap = _Parser(prog="ditaccel", description="Faster Diffusion Transformers without retraining.",
                  formatter_class=_Help)
     ap.add_argument("--version", action="version", version=f"ditaccel {__version__}")
@@ -794,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "equal cost", description=worth.DESCRIPTION, progress=True, func=worth.run))
     p = subcommand(sub, "testbed", help="train the testbed models (shipped trained in the package)")
     train.add_arguments(subcommand(subcommands(p, "testbed_command", "COMMAND"), "train",
-                                   help="train a testbed model on procedural data (image, video, classifiers)"))
+                                   help=train.HELP))
     return ap
 
 
@@ -802,19 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     """``ditaccel ...``: 0 on success (and for --help, --version), 2 on a user error (one line on
     stderr; ``--debug``: the traceback), other codes as each command says."""
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = None
-    try:
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as e:  # --help, --version
-            return e.code if isinstance(e.code, int) else 0
-        return args.func(args)
-    except ValueError as e:  # bad input (UsageError, PlanError): one clear line, no traceback
-        if getattr(args, "debug", "--debug" in argv):
-            raise
-        print("ditaccel: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
-        return 2
+    return run_parser(build_parser(), sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+import ditaccel
+
+from .testbed.classifier import ImageClassifier, VideoClassifier
+from .testbed.data import ImageClasses, VideoCaptions
+from .testbed.pixel import WEIGHTS_DIR, load_image_pipeline, load_video_pipeline
+
 __all__ = [
     "classifier_accuracy",
     "classifier_features",
@@ -172,10 +178,6 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 
 
 # ============================================================================ classifier metrics
-def _kind_of_classifier(classifier) -> str:
-    return "video" if hasattr(classifier, "outputs") else "image"
-
-
 @torch.no_grad()
 def classifier_features(classifier, samples: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
     """``classifier.features`` of samples in [0, 1] (mapped to the classifier's [-1, 1]), float64 CPU."""
@@ -245,8 +247,6 @@ def _default_inputs(pipe, kind: str, n: int, seed: int):
         k = pipe.transformer.config.num_embeds_ada_norm
         k = k if k is not None and k < 1000 else len(getattr(pipe, "labels", {}) or range(8))
         return [i % k for i in range(n)]
-    from .testbed.data import VideoCaptions
-
     return VideoCaptions.captions(VideoCaptions().balanced_labels(n, seed))
 
 
@@ -288,8 +288,6 @@ def _uint8(x: torch.Tensor) -> torch.Tensor:
 def _reference_batches(kind, samples, labels, n_ref, seed, batch_size):
     """Procedural data with the conditioning distribution of the generated set (labels cycled),
     in [0, 1], ``batch_size`` at a time from one generator (deterministic, bounded memory)."""
-    from .testbed.data import ImageClasses, VideoCaptions
-
     g = torch.Generator().manual_seed(seed)
     idx = torch.arange(n_ref) % len(samples)
     data = (ImageClasses(size=samples.shape[-1]) if kind == "image"
@@ -495,8 +493,6 @@ def evaluate(
         ``fid_compressed``, ``is_dense``, ``is_compressed``, ``clip_score_dense``,
         ``clip_score_compressed``, ``lpips``).
     """
-    import ditaccel
-
     if not hasattr(pipe, "transformer") and callable(pipe):
         pipe = pipe()
     kind = _pipe_kind(pipe)
@@ -581,8 +577,6 @@ def evaluate(
         if kind == "image":
             labels = torch.as_tensor([int(x) for x in inputs])
         else:
-            from .testbed.data import VideoCaptions
-
             parsed = [VideoCaptions.parse(p) for p in inputs]
             labels = {k: torch.as_tensor([p[k] for p in parsed]) for k in VideoCaptions.FACTORS}
     if classifier is not None:
@@ -660,9 +654,6 @@ def load_trained(which: str = "image", *, weights_dir=None, device: str = "cpu",
     eval mode), from ``weights_dir`` (the folder holding ``image/``, ``video/``,
     ``image_classifier/``, ``video_classifier/``; default: the shipped weights)."""
     from pathlib import Path
-
-    from .testbed.classifier import ImageClassifier, VideoClassifier
-    from .testbed.pixel import WEIGHTS_DIR, load_image_pipeline, load_video_pipeline
 
     root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     if which == "image":

@@ -17,7 +17,7 @@ PSNR against dense (mean and the worst sample), SSIM, Fréchet distance of the c
 features to the procedural data and to the dense set, classifier accuracy (video: object and
 motion both right), generation time and speed-up, and which methods ran.
 
-``run_quality`` writes each table as a section of ``QUALITY.md`` (between ``bench_report``
+``run_quality`` writes each table as a section of ``QUALITY.md`` (between ``bench.report``
 markers, replaced on a re-run), its raw JSON, a plot of PSNR and accuracy against attention
 FLOPs, and a sample grid to ``docs/results/<date>-<device>-quality-<table>{.json,.png,-samples.png}``.
 """
@@ -36,11 +36,28 @@ from typing import Any
 
 import torch
 
-from .bench import _DTYPES, _default_device, _positive_int
-from .bench_report import environment, jsonable, missing_matplotlib, result_stem, update_markdown, write_json
+from .bench.report import environment, jsonable, missing_matplotlib, result_stem, update_markdown, write_json
+from .cli_support import (
+    _DTYPES,
+    UsageError,
+    _check_out_dir,
+    _check_out_file,
+    _default_device,
+    _device,
+    _positive_int,
+    float_in,
+    printer,
+    progress_bar,
+    tool_main,
+)
 from .evaluate import evaluate, load_trained
 from .methods.adaspa import AdaSpaConfig
 from .methods.ditfastattn import FULL, PRESETS, DiTFastAttnConfig
+from .models import adapter_for
+from .plan import Plan
+from .testbed.data import VideoCaptions
+from .testbed.pixel import WEIGHTS_DIR
+from .viz import side_by_side, to_uint8, video_frames
 
 __all__ = [
     "ABLATION_THRESHOLDS",
@@ -133,9 +150,6 @@ def video_settings(sparsities: tuple[float, ...] = SPARSITIES,
 
 # ------------------------------------------------------------------------------ measuring
 def _all_full_plan(pipe, steps: int):
-    from .models import adapter_for
-    from .plan import Plan
-
     n_layers = len(adapter_for(pipe.transformer).attention_modules(pipe.transformer))
     return Plan.from_methods(pipe, [[FULL] * steps for _ in range(n_layers)], cfg=True)
 
@@ -148,8 +162,6 @@ def _inputs(pipe, which: str, n: int) -> list:
     """Class ids ``i % classes`` (image) or balanced captions (video), as ``evaluate``'s defaults."""
     if which == "image":
         return [i % pipe.transformer.config.num_embeds_ada_norm for i in range(n)]
-    from .testbed.data import VideoCaptions
-
     return VideoCaptions.captions(VideoCaptions().balanced_labels(n, 0))
 
 
@@ -337,8 +349,6 @@ def plot_table(result: dict, path: str | os.PathLike, min_psnr: float = MIN_PSNR
 def save_grid(result: dict, path: str | os.PathLike) -> None:
     """PNG of the kept samples: image, one row per setting (one column per sample); video, for
     each sample one row per setting (``GRID_FRAMES`` frames spread over the clip)."""
-    from .viz import side_by_side, to_uint8, video_frames
-
     samples = result["samples"]
     first = next(iter(samples.values()))
     if result["table"] == "image":
@@ -353,8 +363,6 @@ def save_grid(result: dict, path: str | os.PathLike) -> None:
 # ------------------------------------------------------------------------------ the command
 def check_weights(weights_dir, tables: tuple[str, ...]) -> Path:
     """The weights folder, or a ``ValueError`` naming ``--weights`` and the missing folder."""
-    from .testbed.pixel import WEIGHTS_DIR
-
     root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     for which in tables:
         for part in (which, f"{which}_classifier"):
@@ -363,6 +371,15 @@ def check_weights(weights_dir, tables: tuple[str, ...]) -> Path:
                 raise ValueError(f"--weights (weights_dir): no trained testbed folder {root / part}; train it with "
                                  f"`ditaccel testbed train {what}` or pass the folder that holds {part}/")
     return root
+
+
+
+def check_weights_arg(weights: str | None, tables: tuple[str, ...]):
+    """``--weights``: the folder of trained testbed models (``quality.check_weights``), as a ``UsageError``."""
+    try:
+        return check_weights(weights, tables)
+    except ValueError as e:
+        raise UsageError("--weights", str(e).removeprefix("--weights (weights_dir): ")) from None
 
 
 def _command(which: str, *, weights_dir, device: str, dtype: str, n: int, steps: int, batch_size: int,
@@ -468,8 +485,6 @@ DESCRIPTION = ("Quality tables on the trained testbed models: DiTFastAttn D1..D6
 
 def add_arguments(p) -> None:
     """``ditaccel quality``'s options, on ``p`` (its parser in the ``ditaccel.cli`` tree)."""
-    from .cli import float_in
-
     p.add_argument("--weights", help="folder with image/, video/, image_classifier/, video_classifier/ (default: "
                    "the shipped weights)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, auto, ... (default: cuda if available, else cpu; --toy: cpu)")
@@ -493,8 +508,6 @@ def add_arguments(p) -> None:
 def check_run_args(args) -> None:
     """The checks ``quality`` and ``worth`` share, before any model is loaded: device, output paths,
     at least 2 samples (the Fréchet distances)."""
-    from .cli import UsageError, _check_out_dir, _check_out_file, _device, check_weights_arg
-
     check_weights_arg(args.weights, TABLES if args.only is None else (args.only,))
     if args.device is not None:
         args.device = _device(args.device)  # auto: resolved here
@@ -510,8 +523,6 @@ def check_run_args(args) -> None:
 def run(args) -> int:
     """``ditaccel quality`` (parsed by ``add_arguments``): 0 on success; bad arguments raise
     ``ValueError`` before any model is loaded."""
-    from .cli import printer, progress_bar
-
     check_run_args(args)
     run_quality(args.only, weights_dir=args.weights, device=args.device, dtype=args.dtype,
                 samples_image=args.samples_image, samples_video=args.samples_video, steps=args.steps,
@@ -522,9 +533,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``ditaccel quality [options]`` (the same parser and errors): 0 on success, 2 on bad arguments."""
-    from .cli import main as cli_main
-
-    return cli_main(["quality", *(sys.argv[1:] if argv is None else argv)])
+    return tool_main("quality", add_arguments, argv, description=DESCRIPTION, progress=True, func=run)
 
 
 if __name__ == "__main__":

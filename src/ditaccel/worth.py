@@ -44,16 +44,39 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+import ditaccel
+
+from . import baselines
+from .baselines import measure_flops
+from .bench.report import environment, jsonable, missing_matplotlib, result_stem, update_markdown, write_json
+from .cli_support import _DTYPES, _positive_int, float_in, printer, progress_bar, tool_main
+from .evaluate import (
+    _default_inputs,
+    _pipe_kind,
+    _reference_batches,
+    classifier_accuracy,
+    classifier_features,
+    frechet_distance,
+    load_trained,
+    psnr,
+    ssim,
+)
+from .evaluate import _generate as generate
 from .kernels.block_mass import attention_with_lse, block_mass
 from .kernels.block_sparse import block_sparse_attention, block_sparse_flops, mask_to_indices
 from .methods.adaspa import AdaSpaConfig, keep_counts, text_blocks, topk_blocks
 from .methods.ditfastattn import PRESETS, DiTFastAttnConfig
+from .models import adapter_for
+from .quality import _default_guidance, _inputs, check_run_args, check_weights, resolve_run
+from .runtime import install
+from .testbed.data import VideoCaptions
 
 __all__ = [
     "COST_LEVELS",
@@ -281,8 +304,6 @@ def _mask_rows(kept: tuple[float, ...], steps: tuple[int, ...], block_size: int,
 def _cache_rows(pipe, steps: int, call_kwargs: dict | None) -> list[Setting]:
     """diffusers' caches at ``steps``: through diffusers' own API where the model supports it, else
     through ``baselines``' glue (labelled ``[glue]``); MagCache calibrated with ``call_kwargs``."""
-    from . import baselines
-
     return [Setting(c.label, "diffusers cache", steps, c, cache=True)
             for c in baselines.cache_settings(pipe, steps, glue=True, call_kwargs=call_kwargs)]
 
@@ -391,16 +412,12 @@ class _Projections:
 
 
 def _attention_modules(pipe):
-    from .models import adapter_for
-
     return adapter_for(pipe.transformer).attention_modules(pipe.transformer)
 
 
 def call_profile(pipe, call_kwargs: dict) -> CallProfile:
     """Count one sample's dense transformer call: ``call_kwargs`` run the pipeline for one sample
     and one step (FLOPs do not depend on the timestep), counted by ``baselines.measure_flops``."""
-    from .baselines import measure_flops
-
     projections = _Projections(_attention_modules(pipe))
     try:
         counted = measure_flops(pipe, dict(call_kwargs, num_inference_steps=1))
@@ -486,16 +503,12 @@ def _call_kwargs(run: _Run, steps: int, n: int) -> dict:
 
 
 def _generate(run: _Run, steps: int, on_batch=None, n: int | None = None):
-    from .evaluate import _generate as generate
-
     n = len(run.seeds) if n is None else n
     return generate(run.pipe, run.kind, run.inputs[:n], run.seeds[:n], steps, run.batch_size, run.call_kwargs,
                     on_batch)
 
 
 def _quality(run: _Run, samples: torch.Tensor) -> dict:
-    from .evaluate import classifier_accuracy, classifier_features, frechet_distance, psnr, ssim
-
     per_psnr = psnr(samples, run.reference, reduction="none")
     per_ssim = ssim(samples, run.reference, reduction="none")
     out = {"psnr": float(per_psnr.mean()), "psnr_min": float(per_psnr.min()), "ssim": float(per_ssim.mean())}
@@ -512,9 +525,6 @@ def _quality(run: _Run, samples: torch.Tensor) -> dict:
 
 
 def _calibrate(run: _Run, config: DiTFastAttnConfig, steps: int):
-    import ditaccel
-    from .evaluate import _default_inputs
-
     key = "class_labels" if run.kind == "image" else "prompt"
     cal = _default_inputs(run.pipe, run.kind, 8, 1)
     return ditaccel.calibrate(run.pipe, config, num_inference_steps=steps, **{key: cal},
@@ -523,9 +533,6 @@ def _calibrate(run: _Run, config: DiTFastAttnConfig, steps: int):
 
 def _measure(run: _Run, setting: Setting) -> dict:
     """Generate every sample with ``setting`` and return its row: costs and quality."""
-    import ditaccel
-    from .runtime import install
-
     pipe, prof, n = run.pipe, run.profile, len(run.seeds)
     ref_calls = run.reference_steps * n
     row = {"label": setting.label, "family": setting.family, "steps": setting.steps}
@@ -534,8 +541,6 @@ def _measure(run: _Run, setting: Setting) -> dict:
     counts: dict[str, int] = {}
 
     if setting.cache:
-        from . import baselines
-
         counted = min(run.batch_size, n)
         baselines.enable(pipe, setting.method)  # (MagCache calibrates here, uncounted)
         try:
@@ -606,8 +611,6 @@ def _measure(run: _Run, setting: Setting) -> dict:
 def _labels(kind: str, inputs: list):
     if kind == "image":
         return torch.as_tensor([int(x) for x in inputs])
-    from .testbed.data import VideoCaptions
-
     parsed = [VideoCaptions.parse(p) for p in inputs]
     return {k: torch.as_tensor([p[k] for p in parsed]) for k in VideoCaptions.FACTORS}
 
@@ -624,9 +627,6 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
     a bar counting the rows (the dense reference first); None: no bar. Returns ``{"table", "n", ..., "reference",
     "profile", "rows", "verdict", "caches_not_applicable"}``.
     """
-    from .evaluate import _pipe_kind, _reference_batches, classifier_features, load_trained
-    from .quality import _default_guidance, _inputs
-
     if which not in ("image", "video"):
         raise ValueError(f"which must be 'image' or 'video', got {which!r}")
     t0 = time.perf_counter()
@@ -667,8 +667,6 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
             f"{r.get('accuracy', math.nan):.3f}")
     if bar is not None:
         bar.close()
-    from . import baselines
-
     native, glued = baselines.applicability(pipe), baselines.applicability(pipe, glue=True)
     not_applicable = {k: v for k, v in native.items() if v is not None}
     not_even_glued = {k: v for k, v in glued.items() if v is not None}
@@ -840,10 +838,6 @@ def run_worth(only: str | None = None, *, weights_dir=None, device: str | None =
     Pareto plots (``docs/results/<date>-<device>-worth-<testbed>{.json,.png}``). Everything is checked
     before any model is loaded. ``log``: called with each progress line; ``progress``: a
     ``tqdm``-like factory for a bar over each testbed's rows (default: none)."""
-    from .bench import _DTYPES
-    from .bench_report import environment, jsonable, missing_matplotlib, result_stem, update_markdown, write_json
-    from .quality import check_weights, resolve_run
-
     tables = ("image", "video") if only is None else (only,)
     if any(t not in ("image", "video") for t in tables):
         raise ValueError(f"--only: expected 'image' or 'video', got {only!r}")
@@ -903,9 +897,6 @@ DESCRIPTION = ("Each method against what a user would do instead at equal cost: 
 
 def add_arguments(p) -> None:
     """``ditaccel worth``'s options, on ``p`` (its parser in the ``ditaccel.cli`` tree)."""
-    from .bench import _DTYPES, _positive_int
-    from .cli import float_in
-
     p.add_argument("--only", choices=["image", "video"], help="one testbed (default: both)")
     p.add_argument("--weights", help="folder with image/, video/ and the classifiers (default: shipped)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available; --toy: cpu)")
@@ -935,9 +926,6 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     """``ditaccel worth`` (parsed by ``add_arguments``): 0 on success; bad arguments raise
     ``ValueError`` before any model is loaded."""
-    from .cli import printer, progress_bar
-    from .quality import check_run_args
-
     check_run_args(args)
     run_worth(args.only, weights_dir=args.weights, device=args.device, dtype=args.dtype,
               samples_image=args.samples_image, samples_video=args.samples_video,
@@ -950,8 +938,9 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``ditaccel worth [options]`` (the same parser and errors): 0 on success, 2 on bad arguments."""
-    import sys
 
-    from .cli import main as cli_main
+    return tool_main("worth", add_arguments, argv, description=DESCRIPTION, progress=True, func=run)
 
-    return cli_main(["worth", *(sys.argv[1:] if argv is None else argv)])
+
+if __name__ == "__main__":
+    sys.exit(main())

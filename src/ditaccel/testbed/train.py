@@ -64,6 +64,9 @@ from diffusers import (
 from tqdm.auto import tqdm
 from transformers import T5Config, T5EncoderModel
 
+from ..cli_support import POSITIVE, SEED, UsageError, float_in, progress_on, subcommand, subcommands, tool_main
+from ..cli_support import _device as _check_device
+from ..evaluate import evaluate
 from .classifier import ImageClassifier, VideoClassifier
 from .data import ImageClasses, VideoCaptions, make_generator
 from .pixel import (
@@ -72,6 +75,7 @@ from .pixel import (
     VIDEO_MODEL_CONFIG,
     VIDEO_SCHEDULER_CONFIG,
     VIDEO_TEXT_ENCODER_CONFIG,
+    WEIGHTS_DIR,
     PixelCogVideoXPipeline,
     PixelDiTPipeline,
     build_caption_tokenizer,
@@ -348,8 +352,6 @@ class _Probe:
 
     def _classifier(self):
         if self._clf is None:
-            from .classifier import ImageClassifier, VideoClassifier
-
             folder = Path(self.classifier_dir)
             kind = json.loads((folder / "config.json").read_text()).get("_class_name", "")
             cls = VideoClassifier if kind == "VideoClassifier" else ImageClassifier
@@ -360,8 +362,6 @@ class _Probe:
     def maybe(self, step: int, elapsed: float, final: bool = False):
         if not self.enabled or (not final and time.perf_counter() < self.next):
             return
-        from ..evaluate import evaluate
-
         for m in self.modules:
             m.eval()
         point = {"step": step, "minutes": round(elapsed / 60, 2)}
@@ -988,11 +988,13 @@ def train_classifiers(
 # --------------------------------------------------------------------------------------------
 # command line (python -m ditaccel.testbed.train ...)
 # --------------------------------------------------------------------------------------------
+#: the ``ditaccel testbed train`` line of ``ditaccel testbed --help``
+HELP = "train a testbed model on procedural data (image, video, classifiers)"
+
+
 def add_arguments(parser) -> None:
     """Mount ``image``, ``video`` and ``classifiers`` as subcommands of ``parser`` (the ``ditaccel
     testbed train`` parser of ``ditaccel.cli``), each with only the options it takes."""
-    from ..cli import POSITIVE, SEED, float_in, subcommand, subcommands
-
     sub = subcommands(parser, "what", "WHAT")
     minutes = float_in(0.0, low_open=True)
 
@@ -1043,9 +1045,7 @@ def add_arguments(parser) -> None:
 
 def _check_args(a) -> None:
     """Paths and option combinations, before any model is built: one-line ``UsageError``s."""
-    from ..cli import UsageError, _device
-
-    _device(a.device)
+    _check_device(a.device)
     if a.out is not None:  # created with its parents (a weights tree), so only: a folder, somewhere writable
         out = Path(a.out).absolute()
         if out.exists() and not out.is_dir():
@@ -1075,12 +1075,8 @@ def _check_args(a) -> None:
 def run(a) -> int:
     """``ditaccel testbed train image|video|classifiers`` (parsed by ``add_arguments``): prints the
     training info as JSON; bad arguments raise ``ValueError`` before any model is built."""
-    from ..cli import progress_on
-
     _check_args(a)
     kw = dict(seed=a.seed, device=a.device, toy=a.toy, steps=a.steps, progress=progress_on(a))
-    from .pixel import WEIGHTS_DIR
-
     out = a.out or (WEIGHTS_DIR if a.what == "classifiers" else WEIGHTS_DIR / a.what)
     if a.what != "classifiers":
         kw.update(compile={"auto": None, "on": True, "off": False}[a.compile], init_from=a.init,
@@ -1100,11 +1096,7 @@ def run(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``ditaccel testbed train ...`` (the same parser and errors): 0 on success, 2 on bad arguments."""
-    import sys
-
-    from ..cli import main as cli_main
-
-    return cli_main(["testbed", "train", *(sys.argv[1:] if argv is None else argv)])
+    return tool_main("testbed train", add_arguments, argv, help=HELP)
 
 
 if __name__ == "__main__":

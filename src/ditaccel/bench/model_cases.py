@@ -1,0 +1,423 @@
+"""Model cases of ``ditaccel bench``: full-size architectures with random weights (no downloads):
+per-step time under a DiTFastAttn plan (``step``) or AdaSpa (``adaspa-step``), a 50-step PixArt
+plan, HunyuanVideo 720p under AdaSpa, the attention share of a step, and the calibration sweep
+on a tiny model (``sweep``)."""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import time
+
+import ditaccel  # the public API
+import numpy as np
+import torch
+from diffusers import (
+    DiTTransformer2DModel,
+    HunyuanVideoTransformer3DModel,
+    PixArtTransformer2DModel,
+    WanTransformer3DModel,
+)
+
+from ..cli_support import _call_params, _inputs, load_pipeline, psnr
+from ..plan import Plan
+from ..runtime import install, remove
+from ..viz import to_uint8
+from .harness import _cuda_time, _dtype_name, _meta, _peak, _peak_reset, dense_sdpa_context
+from .report import device_name
+
+#: PixArt-Sigma-XL-2-2K-MS transformer architecture (diffusers config), random weights
+PIXART_SIGMA_2K = dict(
+    sample_size=256, patch_size=2, in_channels=4, out_channels=8, num_layers=28, num_attention_heads=16,
+    attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+    norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate", attention_bias=True,
+    num_embeds_ada_norm=1000, upcast_attention=False, use_additional_conditions=False, interpolation_scale=None,
+    dropout=0.0, attention_type="default", norm_num_groups=32,
+)
+
+
+#: DiT-XL-2-512 transformer architecture
+DIT_XL_2_512 = dict(
+    sample_size=64, patch_size=2, in_channels=4, out_channels=8, num_layers=28, num_attention_heads=16,
+    attention_head_dim=72, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", activation_fn="gelu-approximate",
+    attention_bias=True, norm_elementwise_affine=False, upcast_attention=False,
+)
+
+
+MODELS = {"pixart-sigma-2k": PIXART_SIGMA_2K, "dit-xl-2-512": DIT_XL_2_512}
+
+
+#: the hand-made plan's columns: one method per step for all layers
+STEP_METHODS = ["full", "wars", "wars+asc", "asc", "ast", "full", "ast", "asc"]
+
+
+#: toy sizes of the same architectures, for ``ditaccel bench all --dry-run`` on the CPU
+TOY_PIXART = dict(sample_size=16, num_layers=1, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                  caption_channels=32)
+
+
+TOY_WAN = dict(num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=16, ffn_dim=64, num_layers=1,
+               rope_max_seq_len=32)
+
+
+#: Wan2.1-T2V-1.3B transformer architecture (diffusers config), random weights
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def build_transformer(model: str, device: str, dtype: torch.dtype, seed: int = 0, overrides: dict | None = None):
+    """The random-weight transformer of ``MODELS[model]``, config entries replaced by ``overrides``
+    (toy sizes for dry runs)."""
+    cls = PixArtTransformer2DModel if model.startswith("pixart") else DiTTransformer2DModel
+    torch.manual_seed(seed)
+    with torch.device(device):
+        tr = cls(**{**MODELS[model], **(overrides or {})})
+    return tr.to(dtype).eval().requires_grad_(False)
+
+
+def model_inputs(model: str, transformer, batch: int, device: str, dtype: torch.dtype):
+    cfg = transformer.config
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device, dtype=dtype, generator=g)
+    x = x.expand(batch, -1, -1, -1).contiguous()  # CFG: identical halves, as pipelines pass them
+    if model.startswith("pixart"):
+        ctx = torch.randn(batch, 300, cfg.caption_channels, device=device, dtype=dtype, generator=g)
+        return {"hidden_states": x, "encoder_hidden_states": ctx,
+                "encoder_attention_mask": torch.ones(batch, 300, device=device)}
+    labels = torch.tensor([207] * (batch // 2) + [1000] * (batch - batch // 2), device=device)
+    return {"hidden_states": x, "class_labels": labels}
+
+
+def bench_step(model: str = "pixart-sigma-2k", device: str = "cuda", dtype=torch.bfloat16, batch: int = 2,
+               repeats: int = 5, window: str = "band1d", overrides: dict | None = None) -> dict:
+    """Per-step transformer time: dense vs. each DiTFastAttn method (a hand-made plan), median of
+    ``repeats`` generations per step. ``overrides`` replaces config entries (toy sizes)."""
+    tr = build_transformer(model, device, dtype, overrides=overrides)
+    inputs = model_inputs(model, tr, batch, device, dtype)
+    n_layers = len(tr.transformer_blocks)
+    steps = len(STEP_METHODS)
+    timesteps = torch.linspace(999, 1, steps).round()
+    grid = tr.config.sample_size // tr.config.patch_size
+
+    def generation():
+        times = []
+        for t in timesteps:
+            ts = torch.full((batch,), float(t), device=device)
+            times.append(_cuda_time(lambda: tr(timestep=ts, **inputs), device))
+        return times
+
+    results = {"model": model, "layers": n_layers, "tokens": grid * grid, "batch": batch,
+               "heads": tr.config.num_attention_heads, "head_dim": tr.config.attention_head_dim,
+               "dtype": _dtype_name(dtype), "device": device_name(device), "torch": torch.__version__,
+               "window": window, "repeats": repeats, "date": datetime.date.today().isoformat()}
+    with torch.no_grad(), dense_sdpa_context():
+        generation()  # warm-up
+        dense = [generation() for _ in range(repeats)]
+        plan = Plan.from_methods(tr, [list(STEP_METHODS) for _ in range(n_layers)], cfg=True, window=window)
+        ditaccel.apply(tr, plan)
+        try:
+            generation()  # warm-up (compiles the window kernel)
+            fast = [generation() for _ in range(repeats)]
+            st = ditaccel.stats(tr)
+        finally:
+            ditaccel.remove(tr)
+    dense_step = statistics.median(x for run in dense for x in run)
+    per_step = [statistics.median(run[s] for run in fast) for s in range(steps)]
+    results.update(
+        dense_step_ms=dense_step,
+        steps=[{"step": s, "method": STEP_METHODS[s], "ms": per_step[s], "speedup": dense_step / per_step[s]}
+               for s in range(steps)],
+        plan_total_ms=sum(per_step), dense_total_ms=dense_step * steps,
+        attention_flops_ratio=st.attention_flops_ratio, cache_bytes_peak=st.cache_bytes_peak,
+    )
+    return results
+
+
+def bench_sweep(model: str = "tiny-dit", steps: int = 20, device: str = "cpu", thresholds=None,
+                window: str = "band1d", search: str = "greedy") -> dict:
+    """Calibrate at each threshold (default D1..D6) on a built-in offline model; report calibration
+    time, attention-FLOPs ratio of a generation with the plan, and its PSNR against dense."""
+    from ditaccel.methods.ditfastattn import PRESETS
+    thresholds = thresholds or list(PRESETS)
+    pipe = load_pipeline(model, device, torch.float32 if device == "cpu" else torch.bfloat16)
+    is_dit = "class_labels" in _call_params(pipe)
+    calib = _inputs(pipe, None, None, 8 if is_dit else 6)  # the paper: 8 labels / 6 captions
+    sample = _inputs(pipe, None, [3, 404] if is_dit else None, 2)
+    if not is_dit:
+        sample = {**_inputs(pipe, ["a small house by a lake", "two dogs playing in the snow"], None, 2)}
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_params(pipe) else {}
+
+    def generate():
+        g = torch.Generator(device).manual_seed(0)
+        return to_uint8(pipe(num_inference_steps=steps, generator=g, output_type="np", **sample, **extra).images)
+
+    dense = generate()
+    rows = []
+    for th in thresholds:
+        cfg = ditaccel.DiTFastAttnConfig(threshold=th, window=window, search=search, show_progress=False)
+        t0 = time.perf_counter()
+        plan = ditaccel.calibrate(pipe, cfg, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(1),
+                                  **calib, **extra)
+        seconds = time.perf_counter() - t0
+        ditaccel.apply(pipe, plan)
+        try:
+            img = generate()
+            st = ditaccel.stats(pipe)
+        finally:
+            ditaccel.remove(pipe)
+        rows.append({"threshold": th, "delta": cfg.threshold, "calibration_s": seconds,
+                     "attention_flops_ratio": st.attention_flops_ratio, "plan_counts": plan.counts(),
+                     "psnr_vs_dense": psnr(dense, img), "mean_abs_diff": float(np.abs(dense.astype(int) - img).mean())})
+    tr = pipe.transformer
+    return {"model": model, "class": type(tr).__name__, "layers": len(tr.transformer_blocks),
+            "tokens": plan.metadata.get("tokens"), "steps": steps, "device": device, "window": window,
+            "search": search, "torch_threads": torch.get_num_threads(),
+            "calibration_inputs": len(next(iter(calib.values()))), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "rows": rows}
+
+
+def bench_adaspa_step(frames: int = 21, height: int = 60, width: int = 104, steps: int = 10, sparsities=(0.8, 0.9),
+                      device: str = "cuda", dtype=torch.bfloat16, repeats: int = 2,
+                      overrides: dict | None = None) -> dict:
+    """Per-step time of the full-size Wan2.1-1.3B transformer (random weights; default latent
+    21 x 60 x 104 = 480p, 81 frames: 32,760 tokens), dense vs AdaSpa over a whole schedule, median
+    of ``repeats`` generations per step. ``overrides`` replaces config entries (toy sizes)."""
+    config = {**WAN_1_3B, **(overrides or {})}
+    torch.manual_seed(0)
+    with torch.device(device):
+        tr = WanTransformer3DModel(**config)
+    tr = tr.to(dtype).eval().requires_grad_(False)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, 16, frames, height, width, device=device, dtype=dtype, generator=g)
+    ctx = torch.randn(1, 512, config["text_dim"], device=device, dtype=dtype, generator=g)
+    timesteps = torch.linspace(999, 1, steps).round()
+
+    def generation():
+        return [_cuda_time(lambda: tr(x, timestep=torch.tensor([float(t)], device=device), encoder_hidden_states=ctx),
+                           device) for t in timesteps]
+
+    res = {"model": "wan2.1-t2v-1.3b", "layers": config["num_layers"],
+           "tokens": frames * (height // 2) * (width // 2), "steps": steps, "repeats": repeats,
+           "dtype": _dtype_name(dtype), "date": datetime.date.today().isoformat(), "device": device_name(device),
+           "torch": torch.__version__}
+    with torch.no_grad(), dense_sdpa_context():
+        generation()
+        dense = [generation() for _ in range(repeats)]
+        res["dense_step_ms"] = statistics.median(v for run in dense for v in run)
+        res["runs"] = []
+        for s in sparsities:
+            ditaccel.apply(tr, ditaccel.AdaSpaConfig(sparsity=s), num_inference_steps=steps)
+            try:
+                generation()  # warm-up (compiles the kernels)
+                runs = [generation() for _ in range(repeats)]
+                st = ditaccel.stats(tr)
+            finally:
+                ditaccel.remove(tr)
+            plan = ditaccel.AdaSpaConfig(sparsity=s).schedule(steps)
+            per_step = [statistics.median(run[i] for run in runs) for i in range(steps)]
+            res["runs"].append({"sparsity": s, "schedule": plan, "step_ms": per_step, "total_ms": sum(per_step),
+                                "attention_flops_ratio": st.attention_flops_ratio,
+                                "mean_density": statistics.mean(st.details["density_per_layer"]),
+                                "mean_recall": [statistics.mean(r[i] for r in st.details["recall_per_search"])
+                                                for i in range(len(st.details["recall_per_search"][0]))],
+                                "search_seconds": st.details["search_seconds"]})
+    return res
+
+
+#: HunyuanVideo (13B) transformer architecture, diffusers config
+HUNYUAN_VIDEO = dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56),
+)
+
+
+#: the plan's per-layer cycle between its full (residual-refreshing) steps
+PLAN_CYCLE = ("ast", "wars+asc", "wars", "ast")
+
+
+def paper_like_plan(num_layers: int, steps: int = 50, refresh: int = 10) -> list[list[str]]:
+    """``methods[layer][step]``: ``full`` at step 0 and every ``refresh`` steps (each refreshes the
+    window residual), otherwise the layers cycle through :data:`PLAN_CYCLE`, shifted per layer so
+    that every step mixes methods: the mix of sharing and window steps of the paper's D4-D6
+    plans. Its attention-FLOPs ratio is measured by the benchmark (``ditaccel.stats``)."""
+    return [["full" if s % refresh == 0 else PLAN_CYCLE[(layer + s) % len(PLAN_CYCLE)] for s in range(steps)]
+            for layer in range(num_layers)]
+
+
+def bench_pixart_plan(device: str = "cuda", dtype=torch.bfloat16, steps: int = 50, model: str = "pixart-sigma-2k",
+                      dense_repeats: int = 1, overrides: dict | None = None) -> dict:
+    """50 transformer calls dense vs. the same 50 with :func:`paper_like_plan` applied.
+    ``overrides`` replaces config entries (toy sizes for dry runs)."""
+    tr = build_transformer(model, device, dtype, overrides=overrides)
+    inputs = model_inputs(model, tr, 2, device, dtype)
+    n_layers = len(tr.transformer_blocks)
+    timesteps = torch.linspace(999, 1, steps).round()
+
+    def generation():
+        return [_cuda_time(lambda: tr(timestep=torch.full((2,), float(t), device=device), **inputs), device)
+                for t in timesteps]
+
+    res = {"model": model, "steps": steps, "batch": 2, "layers": n_layers, **_meta(device, dtype)}
+    with torch.no_grad(), dense_sdpa_context():
+        generation()  # warm-up
+        base = _peak_reset(device)
+        dense = [sum(generation()) for _ in range(dense_repeats)]
+        res["dense_ms"] = statistics.median(dense)
+        res["dense_peak_bytes"] = _peak(device, base)
+        plan = Plan.from_methods(tr, paper_like_plan(n_layers, steps), cfg=True)
+        ditaccel.apply(tr, plan)
+        try:
+            generation()  # warm-up: compiles the window kernel
+            base = _peak_reset(device)
+            per_step = generation()
+            res["plan_peak_bytes"] = _peak(device, base)
+            st = ditaccel.stats(tr)
+        finally:
+            ditaccel.remove(tr)
+    res.update(plan_ms=sum(per_step), plan_step_ms=per_step, speedup=res["dense_ms"] / sum(per_step),
+               attention_flops_ratio=st.attention_flops_ratio, cache_bytes_peak=st.cache_bytes_peak,
+               plan_counts=plan.counts(), extra_peak_bytes=res["plan_peak_bytes"] - res["dense_peak_bytes"])
+    return res
+
+
+def hunyuan_inputs(frames: int, height: int, width: int, text_tokens: int, device: str, dtype) -> dict:
+    """Latent and conditioning of one HunyuanVideo call (``frames x height x width`` latent)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    return {"hidden_states": torch.randn(1, 16, frames, height, width, device=device, dtype=dtype, generator=g),
+            "encoder_hidden_states": torch.randn(1, text_tokens, 4096, device=device, dtype=dtype, generator=g),
+            "encoder_attention_mask": torch.ones(1, text_tokens, device=device, dtype=torch.bool),
+            "pooled_projections": torch.randn(1, 768, device=device, dtype=dtype, generator=g),
+            "guidance": torch.full((1,), 6000.0, device=device, dtype=dtype)}
+
+
+def bench_hunyuan_adaspa(frames: int = 33, height: int = 90, width: int = 160, text_tokens: int = 256,
+                         sparsity: float = 0.8, device: str = "cuda", dtype=torch.bfloat16, overrides: dict | None = None,
+                         block_size: int = 64) -> dict:
+    """One step of each AdaSpa kind on the full-size HunyuanVideo transformer, and dense.
+
+    A 5-step bare-transformer schedule (warm-up 0.2, searches at 0.4 and 0.8) visits dense,
+    dense, search, sparse, research: run once to compile, then timed. The 50-step total is
+    ``10 dense + search + research + 38 sparse`` of these per-step times.
+    """
+    torch.manual_seed(0)
+    with torch.device(device):
+        tr = HunyuanVideoTransformer3DModel(**{**HUNYUAN_VIDEO, **(overrides or {})})
+    tr = tr.to(dtype).eval().requires_grad_(False)
+    inputs = hunyuan_inputs(frames, height, width, text_tokens, device, dtype)
+    p = tr.config.patch_size
+    res = {"model": "hunyuan-video", "latent": [frames, height, width], "video_tokens": frames * (height // p) *
+           (width // p), "text_tokens": text_tokens, "sparsity": sparsity, "block_size": block_size,
+           "layers": len(tr.transformer_blocks) + len(tr.single_transformer_blocks), **_meta(device, dtype)}
+    times = [999.0, 800.0, 600.0, 400.0, 200.0]
+
+    def call(t):
+        return _cuda_time(lambda: tr(timestep=torch.tensor([t], device=device), **inputs), device)
+
+    cfg = ditaccel.AdaSpaConfig(sparsity=sparsity, block_size=block_size, warmup=0.2, search_at=(0.4, 0.8))
+    with torch.no_grad(), dense_sdpa_context():
+        call(999.0)  # warm-up
+        base = _peak_reset(device)
+        res["dense_ms"] = call(999.0)
+        res["dense_peak_bytes"] = _peak(device, base)
+        ditaccel.apply(tr, cfg, num_inference_steps=len(times))
+        try:
+            for t in times:  # warm-up generation: compiles and autotunes
+                call(t)
+            base = _peak_reset(device)
+            per_step = [call(t) for t in times]
+            res["adaspa_peak_bytes"] = _peak(device, base)
+            st = ditaccel.stats(tr)
+        finally:
+            ditaccel.remove(tr)
+    kinds = cfg.schedule(len(times))
+    res["steps"] = [{"kind": k, "ms": ms} for k, ms in zip(kinds, per_step)]
+    by = {k: ms for k, ms in zip(kinds, per_step)}
+    res.update(search_ms=by["search"], sparse_ms=by["sparse"], research_ms=by["research"],
+               adaspa_dense_step_ms=per_step[1], density=statistics.mean(st.details["density_per_layer"]))
+    full = ditaccel.AdaSpaConfig(sparsity=sparsity).schedule(50)
+    count = {k: full.count(k) for k in set(full)}
+    res["schedule_50"] = count
+    res["total_50_ms"] = (count["dense"] * res["dense_ms"] + count["search"] * res["search_ms"]
+                          + count["research"] * res["research_ms"] + count["sparse"] * res["sparse_ms"])
+    res["dense_50_ms"] = 50 * res["dense_ms"]
+    res["speedup_50"] = res["dense_50_ms"] / res["total_50_ms"]
+    return res
+
+
+#: toy configs for ``ditaccel bench all --dry-run``
+TOY_HUNYUAN = dict(num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
+                   num_refiner_layers=1, rope_axes_dim=(8, 12, 12))
+
+
+class _NoCore:
+    """A runtime method whose self-attention core returns ``v`` unchanged: the step without the
+    attention core's work (projections, norms, MLPs and cross-attention still run)."""
+
+    name = "no-core"
+
+    def check_num_layers(self, n):
+        pass
+
+    def check_num_steps(self, n):
+        pass
+
+    def begin_call(self, ctx):
+        pass
+
+    def new_cache(self):
+        return _NoCache()
+
+    def attention(self, ctx, layer, call, cache):
+        return call.core(lambda q, k, v, key_padding_mask=None, heads=None: v), 0.0, self.name
+
+
+class _NoCache:
+    def nbytes(self) -> int:
+        return 0
+
+    def release(self) -> None:
+        pass
+
+
+def bench_attention_share(model: str = "pixart-sigma-2k", device: str = "cuda", dtype=torch.bfloat16,
+                          repeats: int = 5, overrides: dict | None = None, video_latent=(33, 90, 160),
+                          text_tokens: int = 256) -> dict:
+    """The self-attention cores' share of a dense transformer step at full size: the median step
+    time dense (cuDNN SDPA first) and with every self-attention core replaced by a no-op (``v``
+    returned), share = 1 − no-core / dense. ``model``: ``"pixart-sigma-2k"`` (CFG batch 2, 16,384
+    tokens) or ``"hunyuan-video-720p"`` (``video_latent`` frames × height × width, ``text_tokens``).
+    This is the ``a`` of ``ditaccel worth``'s full-size time model."""
+    if model == "hunyuan-video-720p":
+        torch.manual_seed(0)
+        with torch.device(device):
+            tr = HunyuanVideoTransformer3DModel(**{**HUNYUAN_VIDEO, **(overrides or {})})
+        tr = tr.to(dtype).eval().requires_grad_(False)
+        inputs = hunyuan_inputs(*video_latent, text_tokens, device, dtype)
+        batch, shape = 1, {"latent": list(video_latent), "text_tokens": text_tokens}
+    elif model == "pixart-sigma-2k":
+        tr = build_transformer(model, device, dtype, overrides=overrides)
+        batch = 2
+        inputs = model_inputs(model, tr, batch, device, dtype)
+        shape = {"tokens": (tr.config.sample_size // tr.config.patch_size) ** 2}
+    else:
+        raise ValueError(f"model must be 'pixart-sigma-2k' or 'hunyuan-video-720p', got {model!r}")
+    t = torch.full((batch,), 500.0, device=device)
+
+    def step():
+        return _cuda_time(lambda: tr(timestep=t, **inputs), device)
+
+    with torch.no_grad(), dense_sdpa_context():
+        step()  # warm-up
+        dense = [step() for _ in range(repeats)]
+        install(tr, _NoCore())
+        try:
+            step()
+            no_core = [step() for _ in range(repeats)]
+        finally:
+            remove(tr)
+    d, o = statistics.median(dense), statistics.median(no_core)
+    return {"model": model, "batch": batch, **shape, "repeats": repeats, **_meta(device, dtype),
+            "dense_ms": d, "no_core_ms": o, "share": 1.0 - o / d}
