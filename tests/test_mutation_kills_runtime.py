@@ -187,3 +187,26 @@ def test_two_pipelines_sharing_one_scheduler():
 
     rt_mod._unlisten(sched, ra)  # never listening: nothing to do, nothing raised
     assert "set_timesteps" not in sched.__dict__
+
+
+def test_cfg_override_is_passed_on_and_warned_about_only_where_ignored(dit):
+    import warnings
+
+    from ditaccel.methods.adaspa import AdaSpaConfig
+    from ditaccel.testbed.video import tiny_wan_pipeline
+
+    # cfg=False on a CFG-batched pipeline: no call is CFG, so a plan that shares across the halves is refused
+    ditaccel.apply(dit, Plan.from_methods(dit, [["full", "asc"]] * 3, cfg=True), cfg=False)
+    try:
+        assert get_runtime(dit).cfg is False
+        with pytest.raises(ValueError, match="plan uses asc"):
+            dit_call(dit, steps=2)
+    finally:
+        ditaccel.remove(dit)
+    wan = tiny_wan_pipeline()
+    for target, cfg, warns in ((dit, True, False), (dit, None, False), (wan, None, False), (wan, True, True)):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            ditaccel.apply(target, AdaSpaConfig(), cfg=cfg)
+        ditaccel.remove(target)
+        assert any("is ignored" in str(x.message) for x in w) is warns, (target, cfg)
