@@ -415,3 +415,39 @@ def test_candidate_width_is_the_most_blocks_a_head_can_keep(rule, s, heads, expe
     keeps under the rule (less would lose blocks, more costs memory)."""
     cfg = AdaSpaConfig(sparsity=s, head_rule=rule or "tiers", head_adaptive=rule is not None)
     assert A._candidate_width(cfg, rule, 16, heads) == expect
+
+
+@pytest.mark.parametrize("rule", ["tiers", "mass", "top_p"])
+def test_select_mask_on_head_shards_equals_one_device(rule):
+    """The reference selection (``select_mask``) on each rank's heads, with the head rules seeing
+    every head through the shard's gather, gives that rank's slice of the one-device result."""
+    g = torch.Generator().manual_seed(11)
+    B, H, nb, ranks = 2, 4, 6, 2
+    W = torch.rand(B, H, nb, nb, generator=g) ** 4
+    W[:, 0] += torch.eye(nb) * 3  # a concentrated head
+    W[:, 1] = 0.1  # a flat one: the rules give the heads different budgets
+    always = ref_text(6 * 16, 16, 20, "prefix")
+    cfg = AdaSpaConfig(sparsity=0.6, block_size=16, head_rule=rule, target_recall=0.7, recall_threshold=0.6)
+    mask1, s1, rec1 = A.select_mask(W, cfg, always, None, True)
+    assert len({int(mask1[0, h].sum()) for h in range(H)}) > 1
+    board, results, errors = _Board(ranks), [None] * ranks, []
+
+    def rank(r):
+        try:
+            sl = slice(r * 2, r * 2 + 2)
+            results[r] = A.select_mask(W[:, sl], cfg, always, ThreadShard(r * 2, 2, H, board), True)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            board.barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for r, (mask, s, rec) in enumerate(results):
+        sl = slice(r * 2, r * 2 + 2)
+        assert torch.equal(mask, mask1[:, sl])
+        torch.testing.assert_close(s, s1[:, sl])
+        torch.testing.assert_close(rec, rec1[:, sl])
