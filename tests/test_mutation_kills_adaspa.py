@@ -324,6 +324,7 @@ def test_cache_bound_exact_values(text, position):
         assert (v0, v1) == (0, (100 - text) // 16)
     else:
         assert (v0, v1) == (min(7, -(-text // 16)), 7)
+    assert video_blocks(100, 16, text, None) == (0, 7)  # no text position: no text blocks
     rows = ~ref_text(100, 16, text, position or "prefix").all(dim=1)
     assert rows.nonzero().flatten().tolist() == list(range(v0, v1))
 
@@ -396,9 +397,10 @@ def test_a_lone_search_drops_its_lse_at_once():
     m.check_num_steps(4)
     assert m.plan == ["search", "sparse", "sparse", "sparse"]
     cache = m.new_cache()
-    q, k, v = qkv(1, 2, 64, 8, 0)
+    q, k, v = qkv(1, 2, 256, 8, 0)  # 16 blocks: two bytes of bits per row
     m.attention(ctx(0), 0, FakeCall(q, k, v), cache)
     assert cache.lse is None and cache.mask is not None
+    assert cache.mask.bits.shape == (1, 2, 16, 2) and cache.nbytes() == 1 * 2 * 16 * 2
 
 
 @pytest.mark.parametrize("rule, s, heads, expect", [
