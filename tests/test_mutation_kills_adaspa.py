@@ -397,10 +397,10 @@ def test_a_lone_search_drops_its_lse_at_once():
     m.check_num_steps(4)
     assert m.plan == ["search", "sparse", "sparse", "sparse"]
     cache = m.new_cache()
-    q, k, v = qkv(1, 2, 256, 8, 0)  # 16 blocks: two bytes of bits per row
+    q, k, v = qkv(1, 2, 144, 8, 0)  # 9 blocks: two bytes of bits per row
     m.attention(ctx(0), 0, FakeCall(q, k, v), cache)
     assert cache.lse is None and cache.mask is not None
-    assert cache.mask.bits.shape == (1, 2, 16, 2) and cache.nbytes() == 1 * 2 * 16 * 2
+    assert cache.mask.bits.shape == (1, 2, 9, 2) and cache.nbytes() == 1 * 2 * 9 * 2
 
 
 @pytest.mark.parametrize("rule, s, heads, expect", [
