@@ -81,3 +81,14 @@ def tiny_clip():
     model = CLIPModel(cfg).eval()
     images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     return model, CLIPProcessor(image_processor=images, tokenizer=tok)
+
+
+def tiny_hunyuan_transformer():
+    """A tiny random HunyuanVideo transformer (seeded): 1 dual- and 1 single-stream block, 2 heads x 16."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)).eval()

@@ -11,6 +11,7 @@ import pathlib
 
 import pytest
 import torch
+from conftest import tiny_hunyuan_transformer
 
 import ditaccel
 from ditaccel.kernels.block_sparse import (
@@ -19,7 +20,13 @@ from ditaccel.kernels.block_sparse import (
     mask_to_indices,
 )
 from ditaccel.methods.adaspa import (
-    AdaSpaConfig, PackedMask, cache_bytes_per_layer, search_mask, select_mask, text_blocks, video_blocks,
+    AdaSpaConfig,
+    PackedMask,
+    cache_bytes_per_layer,
+    search_mask,
+    select_mask,
+    text_blocks,
+    video_blocks,
 )
 from ditaccel.runtime import get_runtime
 
@@ -243,13 +250,7 @@ def _per_layer_peak(model, run):
 
 @pytest.fixture(scope="module")
 def hunyuan():
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    torch.manual_seed(0)
-    return HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
-        guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+    return tiny_hunyuan_transformer()
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_hunyuan_transformer
 from diffusers import WanTransformer3DModel
 
 import ditaccel
@@ -84,13 +85,7 @@ def test_wan_adaspa_sparsity_zero_matches_dense_and_sparse_runs(wan):
 
 @pytest.fixture(scope="module")
 def hunyuan():
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    torch.manual_seed(0)
-    return HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
-        guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+    return tiny_hunyuan_transformer()
 
 
 def _hunyuan_call(tr, t, ctx, mask):
