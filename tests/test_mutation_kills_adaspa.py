@@ -210,6 +210,28 @@ class ThreadShard(HeadShard):
         return out
 
 
+def run_ranks(board: _Board, fn) -> list:
+    """``[fn(r) for r in range(ranks)]``, one thread per rank of ``board`` (so that
+    ``ThreadShard.gather`` can meet at its barrier); any rank's error fails the test."""
+    ranks = len(board.parts)
+    results, errors = [None] * ranks, []
+
+    def rank(r):
+        try:
+            results[r] = fn(r)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            board.barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
 @pytest.mark.parametrize("rule", ["tiers", "mass", "top_p"])
 def test_head_shards_decide_as_one_device(rule):
     """Ulysses: each rank holds H / ranks heads; its masks must be those the same layer gets on one
@@ -233,21 +255,12 @@ def test_head_shards_decide_as_one_device(rule):
 
     one = run(None, None)
     assert one[2].rank_density is None
-    board, results, errors = _Board(ranks), [None] * ranks, []
+    board = _Board(ranks)
 
     def rank(r):
-        try:
-            results[r] = run(ThreadShard(r * (H // ranks), H // ranks, H, board), r)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            board.barrier.abort()
+        return run(ThreadShard(r * (H // ranks), H // ranks, H, board), r)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_ranks(board, rank)
     c1 = one[2]
     for r, (out1, out2, c) in enumerate(results):
         sl = slice(r * 2, r * 2 + 2)
@@ -432,22 +445,12 @@ def test_select_mask_on_head_shards_equals_one_device(rule):
     cfg = AdaSpaConfig(sparsity=0.6, block_size=16, head_rule=rule, target_recall=0.7, recall_threshold=0.6)
     mask1, s1, rec1 = A.select_mask(W, cfg, always, None, True)
     assert len({int(mask1[0, h].sum()) for h in range(H)}) > 1
-    board, results, errors = _Board(ranks), [None] * ranks, []
+    board = _Board(ranks)
 
     def rank(r):
-        try:
-            sl = slice(r * 2, r * 2 + 2)
-            results[r] = A.select_mask(W[:, sl], cfg, always, ThreadShard(r * 2, 2, H, board), True)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            board.barrier.abort()
+        return A.select_mask(W[:, r * 2:r * 2 + 2], cfg, always, ThreadShard(r * 2, 2, H, board), True)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_ranks(board, rank)
     for r, (mask, s, rec) in enumerate(results):
         sl = slice(r * 2, r * 2 + 2)
         assert torch.equal(mask, mask1[:, sl])
