@@ -304,7 +304,12 @@ def run_testbed(which: str, schedules: list[int], args, device, dtype) -> dict:
         from ditaccel.testbed.data import VideoCaptions
 
         pipe = load_video_pipeline(args.weights and os.path.join(args.weights, "video"), dtype=dtype, device=device)
-        inputs = {"prompt": VideoCaptions.captions(VideoCaptions().balanced_labels(len(args.seeds), 0))}
+        prompts = args.video_prompts or VideoCaptions.captions(VideoCaptions().balanced_labels(len(args.seeds), 0))
+        if len(prompts) != len(args.seeds):
+            raise SystemExit(f"--video-prompts: {len(prompts)} prompts for {len(args.seeds)} seeds (one each)")
+        for p in prompts:
+            VideoCaptions.parse(p)  # one line naming the caption if it is not the testbed's language
+        inputs = {"prompt": list(prompts)}
     probe = AttentionProbe(args.stat_steps, image_stats=which == "image")
     install(pipe, probe)
     timing = {}
@@ -403,6 +408,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stat-steps", type=int, nargs="+", default=[2, 4, 8, 12, 16, 19],
                     help="steps of a 20-step schedule for the oracle recall (other schedules: scaled)")
     ap.add_argument("--only", choices=["image", "video"])
+    ap.add_argument("--video-prompts", nargs="+", help="one caption per seed (default: balanced over the factors), "
+                    "e.g. the same clip over each background to compare them")
     ap.add_argument("--weights", help="folder holding image/ and video/ (default: the shipped testbed weights)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--json", help="write settings, summaries and raw records here")
@@ -421,7 +428,7 @@ def main(argv=None) -> int:
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"),
         "dtype": args.dtype, "torch": torch.__version__,
-        "settings": {"weights": args.weights or "shipped", "seeds": args.seeds, "image_steps": args.steps, "video_steps": args.video_steps,
+        "settings": {"weights": args.weights or "shipped", "seeds": args.seeds, "video_prompts": args.video_prompts, "image_steps": args.steps, "video_steps": args.video_steps,
                      "stat_steps_of_20": args.stat_steps, "sparsities": SPARSITIES, "block_size": BLOCK,
                      "window_size": WINDOW_SIZE, "lags": LAGS, "rows": "every batch row: each seed, both CFG halves"},
     }
