@@ -28,13 +28,13 @@ from ..cli_support import (
     POSITIVE,
     SEED,
     UsageError,
+    check_device,
     float_in,
     progress_on,
     subcommand,
     subcommands,
     tool_main,
 )
-from ..cli_support import _device as _check_device
 from .checkpoint import weights_bytes
 from .classifier_training import train_classifiers
 from .image_training import build_image_transformer, train_image
@@ -113,7 +113,7 @@ def add_arguments(parser) -> None:
 
 def _check_args(a) -> None:
     """Paths and option combinations, before any model is built: one-line ``UsageError``s."""
-    _check_device(a.device)
+    check_device(a.device)
     if a.out is not None:  # created with its parents (a weights tree), so only: a folder, somewhere writable
         out = Path(a.out).absolute()
         if out.exists() and not out.is_dir():
