@@ -24,6 +24,10 @@ Invariant: with the fresh LSE of the same ``q, k`` and mask, every row of ``W``
 sums over key blocks to the number of queries in block ``p`` that see at least
 one key (``block_size``, less in the ragged last block) up to rounding; with a
 stale (cached) LSE the row sums drift from it by how much the LSE moved.
+
+The Triton kernel is one variant, exact to float32 rounding (float32 exp2, sums over
+each key block first): the fastest on the H100. ``scripts/tune_block_mass.py`` keeps
+the others (fp16 and polynomial exps, tensor-core sums) and times them.
 """
 
 import functools
