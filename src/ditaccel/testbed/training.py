@@ -26,8 +26,8 @@ from ..evaluate import evaluate
 from .classifier import ImageClassifier, VideoClassifier
 
 __all__ = [
-    "SDPA_BACKENDS",
     "EMA",
+    "SDPA_BACKENDS",
     "Budget",
     "Chunks",
     "Probe",
