@@ -16,7 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ditaccel.testbed.train import _SDPA_BACKENDS, VIDEO_RECIPE, _adamw, _autocast, _sdpa_first, build_video_components
+from ditaccel.testbed.recipes import VIDEO_RECIPE
+from ditaccel.testbed.training import SDPA_BACKENDS, adamw, autocast, sdpa_first
+from ditaccel.testbed.video_training import build_video_components
 
 
 def bench(heads: int, backend: str | None, batch: int, steps: int, warmup: int) -> dict:
@@ -26,13 +28,13 @@ def bench(heads: int, backend: str | None, batch: int, steps: int, warmup: int) 
     text_encoder.to(dev).train()
     cfg = model.config
     params = list(model.parameters()) + list(text_encoder.parameters())
-    opt = _adamw(params, VIDEO_RECIPE["lr"])
+    opt = adamw(params, VIDEO_RECIPE["lr"])
     x = torch.randn(batch, cfg.sample_frames, cfg.in_channels, cfg.sample_height, cfg.sample_width, device=dev)
     ids = torch.randint(0, text_encoder.config.vocab_size, (batch, cfg.max_text_seq_length), device=dev)
     t = torch.randint(0, 1000, (batch,), device=dev)
 
     def step():
-        with _autocast(dev):
+        with autocast(dev):
             emb = text_encoder(ids)[0]
             pred = model(hidden_states=x, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), x)
@@ -40,7 +42,7 @@ def bench(heads: int, backend: str | None, batch: int, steps: int, warmup: int) 
         loss.backward()
         opt.step()
 
-    with _sdpa_first(backend):
+    with sdpa_first(backend):
         for _ in range(warmup):
             step()
         torch.cuda.synchronize()
@@ -57,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--heads", type=int, nargs="+", default=[6, 3])
     ap.add_argument("--backends", nargs="+", default=["default", "flash", "cudnn"],
-                    choices=["default", *_SDPA_BACKENDS])
+                    choices=["default", *SDPA_BACKENDS])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10)

@@ -639,7 +639,7 @@ def test_device_auto_is_resolved_for_the_tools(monkeypatch):
     monkeypatch.setattr(quality, "run_quality", lambda only, **kw: seen.setdefault("quality", kw["device"]))
     assert cli.main(["bench", "adaspa-step", "--device", "auto"]) == 0
     assert cli.main(["quality", "--device", "auto"]) == 0
-    assert seen == {"bench": cli._device("auto"), "quality": cli._device("auto")} and "auto" not in seen.values()
+    assert seen == {"bench": cli.check_device("auto"), "quality": cli.check_device("auto")} and "auto" not in seen.values()
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys, no_work):

@@ -32,7 +32,8 @@ from ditaccel.testbed.pixel import (
     PixelCogVideoXPipeline,
     PixelDiTPipeline,
 )
-from ditaccel.testbed.train import TOY_IMAGE_MODEL, build_video_components
+from ditaccel.testbed.recipes import TOY_IMAGE_MODEL
+from ditaccel.testbed.train import build_video_components
 
 HAS_TORCHMETRICS = importlib.util.find_spec("torchmetrics") is not None
 

@@ -147,15 +147,15 @@ def test_toy_image_training_saves_fp16_and_loads_with_from_pretrained(tmp_path):
 
 
 def test_step_plan_is_fitted_to_the_budget_only_when_no_step_count_is_given():
-    from ditaccel.testbed.train import _Budget, _Plan
+    from ditaccel.testbed.training import Budget, StepPlan
 
-    budget = _Budget(1.0)
+    budget = Budget(1.0)
     t = budget.t0
-    fixed = _Plan(1000, 50, start=0, first=10, every=100)
+    fixed = StepPlan(1000, 50, start=0, first=10, every=100)
     for done in range(1, 300):
         fixed.update(done, budget, now=t + done * 0.1)
     assert fixed.steps == 1000 and fixed.history == []
-    plan = _Plan(None, 50, start=5, first=10, every=100)
+    plan = StepPlan(None, 50, start=5, first=10, every=100)
     for done in range(1, 15):  # mark at step 5; fitted at 15: 10 steps/s with 58.5 s left
         plan.update(done, budget, now=t + done * 0.1)
     assert plan.steps == 50 and plan.history == []
@@ -169,16 +169,16 @@ def test_step_plan_is_fitted_to_the_budget_only_when_no_step_count_is_given():
 
 
 def test_training_continues_from_saved_weights(tmp_path):
-    from ditaccel.testbed.train import _init_from, build_image_transformer, build_video_components
+    from ditaccel.testbed.checkpoint import load_saved_weights
 
     train_image(tmp_path / "image", toy=True, device="cpu", seed=3, progress=False)
     train_video(tmp_path / "video", toy=True, device="cpu", seed=3, progress=False)
     fresh = build_image_transformer(toy=True, seed=5)
-    _init_from(tmp_path / "image", {"transformer": fresh})
+    load_saved_weights(tmp_path / "image", {"transformer": fresh})
     saved = load_image_pipeline(tmp_path / "image").transformer.state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
     _, text_encoder, transformer = build_video_components(toy=True, seed=5)
-    _init_from(tmp_path / "video", {"transformer": transformer, "text_encoder": text_encoder})
+    load_saved_weights(tmp_path / "video", {"transformer": transformer, "text_encoder": text_encoder})
     pipe = load_video_pipeline(tmp_path / "video")
     for mine, theirs in ((transformer, pipe.transformer), (text_encoder, pipe.text_encoder)):
         ref = theirs.state_dict()
@@ -193,7 +193,7 @@ def test_training_continues_from_saved_weights(tmp_path):
 
 
 def test_a_compiler_failure_falls_back_to_eager_training(monkeypatch):
-    from ditaccel.testbed import train as T
+    from ditaccel.testbed import training as T
 
     def broken_compile(model):
         def run(*args, **kwargs):
@@ -202,12 +202,12 @@ def test_a_compiler_failure_falls_back_to_eager_training(monkeypatch):
 
     monkeypatch.setattr(T.torch, "compile", broken_compile)
     lin = torch.nn.Linear(3, 2)
-    fwd = T._maybe_compiled(lin, True)
+    fwd = T.maybe_compiled(lin, True)
     x = torch.randn(4, 3)
     with pytest.warns(UserWarning, match="torch.compile failed.*no compiler here"):
         assert torch.equal(fwd(x), lin(x))
     assert torch.equal(fwd(x), lin(x))  # eager from then on, no second warning needed
-    assert T._maybe_compiled(lin, False) is lin
+    assert T.maybe_compiled(lin, False) is lin
 
 
 def test_learning_curve_probes_the_ema_weights_without_changing_the_training(tmp_path):
@@ -321,29 +321,29 @@ def test_shipped_weights_fit_the_budget_and_load_with_from_pretrained():
 
 
 def test_a_step_with_non_finite_gradients_is_skipped_and_counted():
-    from ditaccel.testbed.train import _adamw, _step
+    from ditaccel.testbed.training import adamw, clipped_step
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 3)
-    opt, skipped = _adamw(lin.parameters(), 0.1), torch.zeros(())
+    opt, skipped = adamw(lin.parameters(), 0.1), torch.zeros(())
     lin(torch.randn(2, 4)).sum().backward()
-    _step(opt, lin.parameters(), skipped)
+    clipped_step(opt, lin.parameters(), skipped)
     before = [p.detach().clone() for p in lin.parameters()]
     state = [{k: v.clone() for k, v in opt.state[p].items()} for p in lin.parameters()]
     opt.zero_grad()
     (lin(torch.randn(2, 4)).sum() * float("inf")).backward()  # inf/NaN gradients
-    _step(opt, lin.parameters(), skipped)
+    clipped_step(opt, lin.parameters(), skipped)
     assert skipped.item() == 1
     assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))
     assert all(torch.equal(v, opt.state[p][k]) for s, p in zip(state, lin.parameters()) for k, v in s.items())
     opt.zero_grad()
     lin(torch.randn(2, 4)).sum().backward()
-    _step(opt, lin.parameters(), skipped)  # finite again: it steps
+    clipped_step(opt, lin.parameters(), skipped)  # finite again: it steps
     assert skipped.item() == 1 and not torch.equal(before[0], lin.weight)
 
 
 def test_chunked_batches_are_consecutive_slices_of_one_draw():
-    from ditaccel.testbed.train import _Chunks
+    from ditaccel.testbed.training import Chunks
 
     draws = []
 
@@ -352,7 +352,7 @@ def test_chunked_batches_are_consecutive_slices_of_one_draw():
         draws.append(n)
         return x, [f"c{int(v)}" for v in x]
 
-    chunks = _Chunks(draw, batch_size=3, chunk=2)
+    chunks = Chunks(draw, batch_size=3, chunk=2)
     got = [chunks.next() for _ in range(3)]
     assert draws == [6, 6]
     assert got[0][0].tolist() == [0, 1, 2] and got[1][0].tolist() == [3, 4, 5] and got[2][0].tolist() == [100, 101, 102]

@@ -24,16 +24,16 @@ from .cli_support import (
     TINY_MODELS,
     TRAINED_MODELS,
     UsageError,
-    _call_params,
-    _check_in_file,
-    _check_out_dir,
-    _check_out_file,
-    _device,
-    _dtype,
-    _Help,
-    _inputs,
-    _is_dit,
-    _Parser,
+    call_params,
+    check_in_file,
+    check_out_dir,
+    check_out_file,
+    check_device,
+    check_dtype,
+    HelpWithDefaults,
+    pipeline_inputs,
+    is_class_conditional,
+    Parser,
     float_in,
     load_pipeline,
     pipeline_progress,
@@ -71,9 +71,9 @@ def _check_class_labels(pipe, labels: list[int] | None) -> None:
     """Class ids must lie in the model's range: checked once it is loaded, before generating."""
     if not labels:
         return
-    if not _is_dit(pipe):
+    if not is_class_conditional(pipe):
         raise UsageError("--class-labels", "this model takes prompts, not class labels; use --prompt")
-    classes = pipe.transformer.config.num_embeds_ada_norm or 1000  # as _inputs
+    classes = pipe.transformer.config.num_embeds_ada_norm or 1000  # as pipeline_inputs
     bad = [c for c in labels if not 0 <= c < classes]
     if bad:
         raise UsageError("--class-labels", f"{bad} outside this model's {classes} classes (0..{classes - 1})")
@@ -143,8 +143,8 @@ def shipped_demo_plan(args):
 
 def _demo_calibrate(pipe, args, device: str):
     """The demo's calibration (also what made the shipped plan: ``write_demo_plan``)."""
-    calib = _inputs(pipe, None, None, args.calibration_inputs)
-    extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_params(pipe) else {}
+    calib = pipeline_inputs(pipe, None, None, args.calibration_inputs)
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in call_params(pipe) else {}
     config = ditaccel.DiTFastAttnConfig(threshold=args.threshold, window=args.window, show_progress=progress_on(args))
     pipeline_progress(pipe, argparse.Namespace(progress="off"))  # the calibration's own bar counts layers
     plan = ditaccel.calibrate(pipe, config, num_inference_steps=args.steps,
@@ -169,9 +169,9 @@ def write_demo_plan(path: str = DEMO_PLAN) -> None:
 def cmd_demo(args) -> int:
     import numpy as np
 
-    device = _device(args.device)  # every check before any work
-    dtype = _dtype(args.dtype, device)
-    _check_out_dir("--out", args.out)
+    device = check_device(args.device)  # every check before any work
+    dtype = check_dtype(args.dtype, device)
+    check_out_dir("--out", args.out)
     _check_calibration_steps(args.steps)
     cfg = _ditfastattn_config(args, window=args.window)
     plan, why = (None, "--calibrate") if args.calibrate else shipped_demo_plan(args)
@@ -181,8 +181,8 @@ def cmd_demo(args) -> int:
     if not os.path.isdir(args.out):
         os.mkdir(args.out)
     pipe = load_pipeline(args.model, device, dtype)
-    sample = _inputs(pipe, None, None, args.samples)
-    extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_params(pipe) else {}
+    sample = pipeline_inputs(pipe, None, None, args.samples)
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in call_params(pipe) else {}
 
     if plan is not None:
         plan.check_model(pipe.transformer)
@@ -239,9 +239,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    device = _device(args.device)  # every check before any work
-    dtype = _dtype(args.dtype, device)
-    _check_out_file("--out", args.out)
+    device = check_device(args.device)  # every check before any work
+    dtype = check_dtype(args.dtype, device)
+    check_out_file("--out", args.out)
     _check_calibration_steps(args.steps)
     cfg = _ditfastattn_config(args, window=args.window, window_size=args.window_size, search=args.search,
                               show_progress=progress_on(args))
@@ -249,10 +249,10 @@ def cmd_calibrate(args) -> int:
           f"search {cfg.search}, window {cfg.window}")
     pipe = load_pipeline(args.model, device, dtype)
     _check_class_labels(pipe, args.class_labels)
-    kw = _inputs(pipe, args.prompt, args.class_labels, 8 if _is_dit(pipe) else 6)
+    kw = pipeline_inputs(pipe, args.prompt, args.class_labels, 8 if is_class_conditional(pipe) else 6)
     if args.guidance_scale is not None:
         kw["guidance_scale"] = args.guidance_scale
-    if "use_resolution_binning" in _call_params(pipe) and args.model in TINY_MODELS:
+    if "use_resolution_binning" in call_params(pipe) and args.model in TINY_MODELS:
         kw["use_resolution_binning"] = False
     pipeline_progress(pipe, argparse.Namespace(progress="off"))  # the calibration's own bar counts layers
     plan = ditaccel.calibrate(pipe, cfg, num_inference_steps=args.steps, generator=_generator(device, args.seed), **kw)
@@ -265,11 +265,11 @@ def cmd_calibrate(args) -> int:
 def cmd_generate(args) -> int:
     from PIL import Image
 
-    device = _device(args.device)  # every check before any work
-    dtype = _dtype(args.dtype, device)
-    _check_out_file("--out", args.out, image=True)
-    _check_out_file("--grid", args.grid, image=True)
-    _check_in_file("--plan", args.plan)
+    device = check_device(args.device)  # every check before any work
+    dtype = check_dtype(args.dtype, device)
+    check_out_file("--out", args.out, image=True)
+    check_out_file("--grid", args.grid, image=True)
+    check_in_file("--plan", args.plan)
     plan = ditaccel.Plan.load(args.plan) if args.plan else None
     steps = args.steps or (plan.num_steps if plan else 20)
     if plan is not None and steps != plan.num_steps:
@@ -278,10 +278,10 @@ def cmd_generate(args) -> int:
                                     f"a plan for {steps} steps")
     pipe = load_pipeline(args.model, device, dtype)
     _check_class_labels(pipe, args.class_labels)
-    kw = _inputs(pipe, args.prompt, args.class_labels, 1)
+    kw = pipeline_inputs(pipe, args.prompt, args.class_labels, 1)
     if args.guidance_scale is not None:
         kw["guidance_scale"] = args.guidance_scale
-    if "use_resolution_binning" in _call_params(pipe) and args.model in TINY_MODELS:
+    if "use_resolution_binning" in call_params(pipe) and args.model in TINY_MODELS:
         kw["use_resolution_binning"] = False
     if plan is not None:
         try:
@@ -324,7 +324,7 @@ def image_paths(out: str, n: int) -> list[str]:
 
 def cmd_plan_show(args) -> int:
     png = args.png or os.path.splitext(args.plan)[0] + ".png"
-    _check_out_file("--png", png, image=True)
+    check_out_file("--png", png, image=True)
     plan = Plan.load(args.plan)
     print(plan.summary())
     plot_plan(plan, png)
@@ -335,11 +335,11 @@ def cmd_plan_show(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    device = _device(args.device)  # every check before any work
-    dtype = _dtype(args.dtype, device)
-    _check_out_file("--json", args.json)
-    _check_out_file("--samples-png", args.samples_png, image=True)
-    _check_in_file("--plan", args.plan)
+    device = check_device(args.device)  # every check before any work
+    dtype = check_dtype(args.dtype, device)
+    check_out_file("--json", args.json)
+    check_out_file("--samples-png", args.samples_png, image=True)
+    check_in_file("--plan", args.plan)
     root = check_weights_arg(args.weights, (args.model,))
     if args.method == "adaspa":
         try:
@@ -406,8 +406,8 @@ def _model_args(p, default="demo-dit"):
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``ditaccel`` command tree (every tool module mounts its own options here)."""
-    ap = _Parser(prog="ditaccel", description="Faster Diffusion Transformers without retraining.",
-                 formatter_class=_Help)
+    ap = Parser(prog="ditaccel", description="Faster Diffusion Transformers without retraining.",
+                 formatter_class=HelpWithDefaults)
     ap.add_argument("--version", action="version", version=f"ditaccel {__version__}")
     ap.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     sub = subcommands(ap, "command", "COMMAND")

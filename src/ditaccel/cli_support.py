@@ -1,7 +1,10 @@
 """What every command-line tool shares (``ditaccel.cli``, ``bench``, ``quality``, ``worth``,
-``testbed.train``): usage errors, argument types, the parser classes and ``subcommand``, progress
-bars, device and dtype resolution, built-in pipelines by name, and ``run_parser`` (the one error
-style). It imports no tool: every tool imports it, and ``ditaccel.cli`` mounts the tools.
+``testbed.train``): usage errors (``UsageError``), argument types (``positive_int``, ``float_in``,
+...) and checks (``check_device``, ``check_dtype``, ``check_out_file``, ...), the parser classes
+(``Parser``, ``HelpWithDefaults``) and ``subcommand``, progress bars, built-in pipelines by name and
+their default inputs (``load_pipeline``, ``pipeline_inputs``), and ``run_parser`` (the one error
+style). Every name the tools use is public; it imports no tool: every tool imports it, and
+``ditaccel.cli`` mounts the tools.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ class UsageError(ValueError):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _device(name: str) -> str:
-    """The device ``--device`` names, checked before any work: a parseable name that this build can use."""
+def check_device(name: str) -> str:
+    """The device ``--device`` names, checked before any work: a parseable name that this build can
+    use, returned as given (``auto``: resolved to ``cuda`` or ``cpu``)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -63,7 +67,8 @@ def _device(name: str) -> str:
     return name
 
 
-def _dtype(name: str, device: str) -> torch.dtype:
+def check_dtype(name: str, device: str) -> torch.dtype:
+    """The dtype ``--dtype`` names (``auto``: bfloat16 on CUDA, float32 elsewhere)."""
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
@@ -72,7 +77,7 @@ def _dtype(name: str, device: str) -> torch.dtype:
         raise UsageError("--dtype", f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}") from None
 
 
-def _check_out_file(field: str, path: str | None, image: bool = False) -> None:
+def check_out_file(field: str, path: str | None, image: bool = False) -> None:
     """An output file: its folder must exist (ditaccel creates the file, never the folders above it)."""
     if path is None:
         return
@@ -89,7 +94,7 @@ def _check_out_file(field: str, path: str | None, image: bool = False) -> None:
             raise UsageError(field, f"{path!r}: unknown image extension {ext or '(none)'!r}; use .png")
 
 
-def _check_out_dir(field: str, path: str) -> None:
+def check_out_dir(field: str, path: str) -> None:
     """An output folder: created if missing, but its parent must exist (no surprise folder trees)."""
     if os.path.exists(path):
         if not os.path.isdir(path):
@@ -104,7 +109,8 @@ def _check_out_dir(field: str, path: str) -> None:
         raise UsageError(field, f"folder {parent!r} is not writable")
 
 
-def _check_in_file(field: str, path: str | None) -> None:
+def check_in_file(field: str, path: str | None) -> None:
+    """An input file: it must exist."""
     if path is not None and not os.path.isfile(path):
         raise UsageError(field, f"no such file {path!r}")
 
@@ -125,16 +131,20 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
     return pipe.to(device)
 
 
-def _is_dit(pipe) -> bool:
-    return "class_labels" in _call_params(pipe)
+def is_class_conditional(pipe) -> bool:
+    """Whether the pipeline is conditioned on class labels (DiT) rather than on prompts."""
+    return "class_labels" in call_params(pipe)
 
 
-def _call_params(pipe):
+def call_params(pipe):
+    """The parameters of the pipeline's ``__call__`` (to pass only the arguments it takes)."""
     return inspect.signature(type(pipe).__call__).parameters
 
 
-def _inputs(pipe, prompts: list[str] | None, labels: list[int] | None, default_n: int) -> dict:
-    if _is_dit(pipe):
+def pipeline_inputs(pipe, prompts: list[str] | None, labels: list[int] | None, default_n: int) -> dict:
+    """The conditioning arguments of a pipeline call: ``class_labels`` (given, from class names in
+    ``prompts``, or ``default_n`` distinct classes) or ``prompt`` (given, or ``default_n`` captions)."""
+    if is_class_conditional(pipe):
         if labels is None and prompts:
             try:
                 labels = pipe.get_label_ids(prompts)
@@ -145,7 +155,7 @@ def _inputs(pipe, prompts: list[str] | None, labels: list[int] | None, default_n
         return {"class_labels": labels or [i * spread % classes for i in range(1, default_n + 1)]}
     prompts = prompts or DEFAULT_CAPTIONS[:default_n]
     kw = {"prompt": prompts}
-    params = _call_params(pipe)
+    params = call_params(pipe)
     if "clean_caption" in params:
         kw["clean_caption"] = False
     return kw
@@ -164,7 +174,7 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """Usage errors as one line ``ditaccel: error: <field>: ...`` (exit 2), without the usage block.
 
     Every parser of the tree is one of these (subparsers inherit the class). ``siblings`` (set by
@@ -205,7 +215,7 @@ class _Parser(argparse.ArgumentParser):
         return UsageError(repr(arg), f"unexpected argument (see `{self.prog} -h`)")
 
 
-class _Help(argparse.HelpFormatter):
+class HelpWithDefaults(argparse.HelpFormatter):
     """Every option's default in ``--help`` (options whose default is None say what happens in their help)."""
 
     def _get_help_string(self, action):
@@ -217,13 +227,13 @@ class _Help(argparse.HelpFormatter):
 
 
 def subcommand(sub, name: str, *, help: str, description: str | None = None, progress: bool = False,
-               func=None) -> _Parser:
+               func=None) -> Parser:
     """A subcommand parser of the ``ditaccel`` tree under ``sub`` (an ``add_subparsers`` action).
 
     Every subcommand takes ``--debug`` (a traceback instead of the one-line error); ``progress``:
     also ``--progress auto|on|off``. ``func(args) -> int`` runs it."""
     p = sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
-                       formatter_class=_Help)
+                       formatter_class=HelpWithDefaults)
     p.siblings = sub.choices
     p.set_defaults(_leaf=p)
     if func is not None:
@@ -236,9 +246,9 @@ def subcommand(sub, name: str, *, help: str, description: str | None = None, pro
     return p
 
 
-def subcommands(parser: _Parser, dest: str, metavar: str):
+def subcommands(parser: Parser, dest: str, metavar: str):
     """The subparsers action of ``parser`` (required, named ``metavar`` in errors)."""
-    return parser.add_subparsers(dest=dest, required=True, metavar=metavar, parser_class=_Parser)
+    return parser.add_subparsers(dest=dest, required=True, metavar=metavar, parser_class=Parser)
 
 
 def progress_on(args) -> bool:
@@ -313,11 +323,12 @@ SEED = int_at_least(0)
 GUIDANCE = float_in(0.0)
 
 
-#: dtypes of the measuring tools (bench, quality, worth)
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: dtypes of the measuring tools (bench, quality, worth), in the order their ``--dtype`` choices list them
+TOOL_DTYPES = {name: DTYPES[name] for name in ("bfloat16", "float16", "float32")}
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """The measuring tools' positive-integer argument type ("must be a positive integer, got ...")."""
     try:
         value = int(text)
     except ValueError:
@@ -327,7 +338,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _default_device() -> str:
+def default_device() -> str:
+    """``cuda`` if available, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -355,7 +367,7 @@ def tool_main(name: str, add_arguments, argv: list[str] | None, *, help: str | N
     nested) alone, with the same options (``add_arguments``), errors and exit codes as
     ``ditaccel NAME ARGS``."""
     *outer, last = name.split()
-    parser = top = _Parser(prog="ditaccel", formatter_class=_Help)
+    parser = top = Parser(prog="ditaccel", formatter_class=HelpWithDefaults)
     for word in outer:
         parser = subcommand(subcommands(parser, f"{word}_parent", "COMMAND"), word, help=word)
     p = subcommand(subcommands(parser, "command", "COMMAND"), last, help=help or last, description=description,

@@ -15,6 +15,10 @@ inputs, dense and with ``method`` applied through the public API (``ditaccel.app
 * optionally FID / IS / CLIP score / LPIPS through torchmetrics (``pip install ditaccel[eval]``;
   the default feature extractors download weights, or pass your own).
 
+``evaluate`` reads as its steps, each a small function below it: prepare the call (``_prepare``),
+the dense set, the plan (calibrated here from a ``DiTFastAttnConfig``), the compressed set with
+its attention statistics, then the pairwise, classifier and torchmetrics scores.
+
 The metric functions (``psnr``, ``ssim``, ``frechet_distance``, ...) work on any tensors and are
 usable alone. Samples are pixels in ``[0, 1]``: images ``(N, C, H, W)``, videos ``(N, C, F, H, W)``.
 """
@@ -28,6 +32,8 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -493,6 +499,68 @@ def evaluate(
         ``fid_compressed``, ``is_dense``, ``is_compressed``, ``clip_score_dense``,
         ``clip_score_compressed``, ``lpips``).
     """
+    gen = _prepare(pipe, n=n, seeds=seeds, steps=steps, inputs=inputs, guidance_scale=guidance_scale,
+                   batch_size=batch_size, torchmetrics=torchmetrics, warmup=warmup, call_kwargs=call_kwargs,
+                   progress=progress)
+    result: dict = {"kind": gen.kind, "method": _method_name(method), "n": n, "steps": steps, "seeds": gen.seeds}
+    reused = _check_reused_dense(dense, gen.kind, n, gen.seeds, steps, n_reference) if dense is not None else {}
+    dense, result["time_dense_s"] = _dense_set(gen, reused)
+    compressed = None
+    if method is not None:
+        plan, result["calibration_s"] = _plan_for(gen, method, calibration_inputs, calibration_seed)
+        compressed, measured = _compressed_set(gen, plan, desc=_method_name(method) or "compressed")
+        t_comp = measured.pop("time_compressed_s")
+        result.update(time_compressed_s=t_comp, speedup=result["time_dense_s"] / t_comp if t_comp > 0 else math.nan,
+                      **measured)
+        result.update(_pairwise_metrics(compressed, dense))
+    labels = _labels(gen.kind, gen.inputs) if classifier is not None or "fid" in torchmetrics else None
+    if classifier is not None:
+        result.update(_classifier_metrics(classifier, gen, dense, compressed, labels, reused, n_reference,
+                                          reference_seed, return_features=return_samples))
+    if torchmetrics:
+        result.update(_torchmetrics_metrics(gen, torchmetrics, feature_extractors, dense, compressed, labels,
+                                            n_reference, reference_seed))
+    if return_samples:
+        result["samples_dense"] = dense
+        if compressed is not None:
+            result["samples_compressed"] = compressed
+    return result
+
+
+# The steps of ``evaluate``, in the order it takes them.
+@dataclass
+class _Generation:
+    """How every set of one ``evaluate`` call is generated: the pipeline, its kind (``"image"`` or
+    ``"video"``), one input and one seed per sample, and the call settings."""
+
+    pipe: Any
+    kind: str
+    inputs: list
+    seeds: list[int]
+    steps: int
+    batch_size: int
+    call_kwargs: dict
+    warmup: bool
+    progress: Any
+
+    @property
+    def input_key(self) -> str:
+        """The pipeline argument the inputs go to."""
+        return "class_labels" if self.kind == "image" else "prompt"
+
+    def generate(self, desc: str, on_batch=None):
+        """(samples, seconds) of every seed; with ``warmup``, the first batch once, untimed, before."""
+        if self.warmup:
+            _generate(self.pipe, self.kind, self.inputs[:self.batch_size], self.seeds[:self.batch_size], self.steps,
+                      self.batch_size, self.call_kwargs)
+        return _generate(self.pipe, self.kind, self.inputs, self.seeds, self.steps, self.batch_size, self.call_kwargs,
+                         on_batch, progress=self.progress, desc=desc)
+
+
+def _prepare(pipe, *, n, seeds, steps, inputs, guidance_scale, batch_size, torchmetrics, warmup, call_kwargs,
+             progress) -> _Generation:
+    """Step 1: check the arguments and settle the defaults (the pipeline built if a factory was
+    passed, seeds ``0 .. n-1``, default inputs, ``guidance_scale`` into the call settings)."""
     if not hasattr(pipe, "transformer") and callable(pipe):
         pipe = pipe()
     kind = _pipe_kind(pipe)
@@ -513,118 +581,134 @@ def evaluate(
     call_kwargs = dict(call_kwargs or {})
     if guidance_scale is not None:
         call_kwargs["guidance_scale"] = guidance_scale
-    key = "class_labels" if kind == "image" else "prompt"
+    return _Generation(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs, warmup, progress)
 
-    result: dict = {"kind": kind, "method": _method_name(method), "n": n, "steps": steps, "seeds": seeds}
-    reused = _check_reused_dense(dense, kind, n, seeds, steps, n_reference) if dense is not None else {}
+
+def _dense_set(gen: _Generation, reused: dict):
+    """Step 2: the dense samples and their seconds, generated or taken from an earlier result."""
     if reused:
-        dense, t_dense = reused["samples_dense"], reused["time_dense_s"]
+        return reused["samples_dense"], reused["time_dense_s"]
+    return gen.generate("dense")
+
+
+def _plan_for(gen: _Generation, method, calibration_inputs, calibration_seed: int):
+    """Step 3: what ``ditaccel.apply`` takes, and the seconds it took to make: a
+    ``DiTFastAttnConfig`` is calibrated into a plan here, anything else is passed on as it is."""
+    if not isinstance(method, ditaccel.DiTFastAttnConfig):
+        return method, 0.0
+    cal = list(calibration_inputs) if calibration_inputs is not None else _default_inputs(gen.pipe, gen.kind, 8, 1)
+    t0 = time.perf_counter()
+    plan = ditaccel.calibrate(gen.pipe, method, num_inference_steps=gen.steps, **{gen.input_key: cal},
+                              generator=torch.Generator().manual_seed(calibration_seed), **gen.call_kwargs)
+    return plan, time.perf_counter() - t0
+
+
+class _StatsTotals:
+    """``ditaccel.stats`` summed over the generations of a set (called after each batch)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.flops_done = self.flops_dense = 0.0
+        self.counts: Counter = Counter()
+        self.recalls: dict[int, list[float]] = {}  # AdaSpa: per layer, the kept attention mass of each search
+
+    def __call__(self):
+        st = ditaccel.stats(self.pipe)
+        self.flops_dense += st.attention_tflops_dense
+        self.flops_done += st.attention_flops_ratio * st.attention_tflops_dense
+        self.counts.update(st.method_counts)
+        for layer, values in enumerate(st.details.get("recall_per_search") or []):
+            self.recalls.setdefault(layer, []).extend(values)
+
+    def result(self) -> dict:
+        """``attention_flops_ratio``, ``method_counts`` and, for AdaSpa, the recall per layer."""
+        ratio = self.flops_done / self.flops_dense if self.flops_dense > 0 else math.nan
+        out = {"attention_flops_ratio": ratio, "method_counts": dict(self.counts)}
+        if self.recalls:
+            per_layer = [sum(v) / len(v) for _, v in sorted(self.recalls.items()) if v]
+            out.update(recall_per_layer=per_layer, recall_min=min(per_layer),
+                       recall_mean=sum(per_layer) / len(per_layer))
+        return out
+
+
+def _compressed_set(gen: _Generation, plan, desc: str):
+    """Step 4: the samples with ``plan`` applied (removed again whatever happens), and what was
+    measured: ``time_compressed_s`` and the totals of ``_StatsTotals``."""
+    totals = _StatsTotals(gen.pipe)
+    ditaccel.apply(gen.pipe, plan)
+    try:
+        compressed, seconds = gen.generate(desc, totals)
+    finally:
+        ditaccel.remove(gen.pipe)
+    return compressed, {"time_compressed_s": seconds, **totals.result()}
+
+
+def _pairwise_metrics(compressed: torch.Tensor, dense: torch.Tensor) -> dict:
+    """Step 5: PSNR and SSIM of each compressed sample against the dense one of its seed (mean, min)."""
+    per_psnr = psnr(compressed, dense, reduction="none")
+    per_ssim = ssim(compressed, dense, reduction="none")
+    return {"psnr": float(per_psnr.mean()), "psnr_min": float(per_psnr.min()),
+            "ssim": float(per_ssim.mean()), "ssim_min": float(per_ssim.min())}
+
+
+def _labels(kind: str, inputs: list):
+    """The conditioning as labels: image class ids (N,), or per video factor (N,) from the captions."""
+    if kind == "image":
+        return torch.as_tensor([int(x) for x in inputs])
+    parsed = [VideoCaptions.parse(p) for p in inputs]
+    return {k: torch.as_tensor([p[k] for p in parsed]) for k in VideoCaptions.FACTORS}
+
+
+def _classifier_metrics(classifier, gen: _Generation, dense, compressed, labels, reused: dict, n_reference: int,
+                        reference_seed: int, *, return_features: bool) -> dict:
+    """Step 6: the classifier's Fréchet distances (to procedural reference data, and compressed to
+    dense) and accuracies; its dense and reference features reused from ``reused`` when it has them."""
+    classifier.eval()
+    bs = gen.batch_size
+    out: dict = {}
+    if "features_reference" in reused:
+        f_ref, f_dense = reused["features_reference"], reused["features_dense"]
     else:
-        if warmup:
-            _generate(pipe, kind, inputs[:batch_size], seeds[:batch_size], steps, batch_size, call_kwargs)
-        dense, t_dense = _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs, progress=progress,
-                                   desc="dense")
-    result["time_dense_s"] = t_dense
-
-    compressed = None
-    if method is not None:
-        plan, t_cal = method, 0.0
-        if isinstance(method, ditaccel.DiTFastAttnConfig):
-            cal = list(calibration_inputs) if calibration_inputs is not None else _default_inputs(pipe, kind, 8, 1)
-            t0 = time.perf_counter()
-            plan = ditaccel.calibrate(pipe, method, num_inference_steps=steps, **{key: cal},
-                                      generator=torch.Generator().manual_seed(calibration_seed), **call_kwargs)
-            t_cal = time.perf_counter() - t0
-        result["calibration_s"] = t_cal
-        flops_done = flops_dense = 0.0
-        counts: Counter = Counter()
-        recalls: dict[int, list[float]] = {}  # AdaSpa: per layer, the kept attention mass of each search
-
-        def collect():
-            nonlocal flops_done, flops_dense
-            st = ditaccel.stats(pipe)
-            flops_dense += st.attention_tflops_dense
-            flops_done += st.attention_flops_ratio * st.attention_tflops_dense
-            counts.update(st.method_counts)
-            for layer, values in enumerate(st.details.get("recall_per_search") or []):
-                recalls.setdefault(layer, []).extend(values)
-
-        ditaccel.apply(pipe, plan)
-        try:
-            if warmup:
-                _generate(pipe, kind, inputs[:batch_size], seeds[:batch_size], steps, batch_size, call_kwargs)
-            compressed, t_comp = _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs, collect,
-                                           progress=progress, desc=_method_name(method) or "compressed")
-        finally:
-            ditaccel.remove(pipe)
-        result.update(
-            time_compressed_s=t_comp,
-            speedup=t_dense / t_comp if t_comp > 0 else math.nan,
-            attention_flops_ratio=flops_done / flops_dense if flops_dense > 0 else math.nan,
-            method_counts=dict(counts),
-        )
-        if recalls:
-            per_layer = [sum(v) / len(v) for _, v in sorted(recalls.items()) if v]
-            result.update(recall_per_layer=per_layer, recall_min=min(per_layer),
-                          recall_mean=sum(per_layer) / len(per_layer))
-        per_psnr = psnr(compressed, dense, reduction="none")
-        per_ssim = ssim(compressed, dense, reduction="none")
-        result.update(psnr=float(per_psnr.mean()), psnr_min=float(per_psnr.min()),
-                      ssim=float(per_ssim.mean()), ssim_min=float(per_ssim.min()))
-
-    labels = None
-    if classifier is not None or "fid" in torchmetrics:
-        if kind == "image":
-            labels = torch.as_tensor([int(x) for x in inputs])
+        f_ref = torch.cat([classifier_features(classifier, chunk, batch_size=bs)
+                           for chunk in _reference_batches(gen.kind, dense, labels, n_reference, reference_seed, bs)])
+        f_dense = classifier_features(classifier, dense, batch_size=bs)
+    if return_features:
+        out.update(features_dense=f_dense, features_reference=f_ref)
+    out["fd_dense"] = frechet_distance(f_dense, f_ref)
+    sets = [("dense", dense)]
+    if compressed is not None:
+        f_comp = classifier_features(classifier, compressed, batch_size=bs)
+        out["fd_compressed"] = frechet_distance(f_comp, f_ref)
+        out["fd_compressed_vs_dense"] = frechet_distance(f_comp, f_dense)
+        sets.append(("compressed", compressed))
+    for name, x in sets:
+        acc = classifier_accuracy(classifier, x, labels, batch_size=bs)
+        if isinstance(acc, dict):
+            out[f"accuracy_{name}"] = acc["object+motion"]
+            for k, v in acc.items():
+                if k != "object+motion":
+                    out[f"accuracy_{name}_{k}"] = v
         else:
-            parsed = [VideoCaptions.parse(p) for p in inputs]
-            labels = {k: torch.as_tensor([p[k] for p in parsed]) for k in VideoCaptions.FACTORS}
-    if classifier is not None:
-        classifier.eval()
-        if "features_reference" in reused:
-            f_ref, f_dense = reused["features_reference"], reused["features_dense"]
-        else:
-            f_ref = torch.cat([classifier_features(classifier, chunk, batch_size=batch_size)
-                               for chunk in _reference_batches(kind, dense, labels, n_reference, reference_seed,
-                                                               batch_size)])
-            f_dense = classifier_features(classifier, dense, batch_size=batch_size)
-        if return_samples:
-            result.update(features_dense=f_dense, features_reference=f_ref)
-        result["fd_dense"] = frechet_distance(f_dense, f_ref)
-        sets = [("dense", dense)]
-        if compressed is not None:
-            f_comp = classifier_features(classifier, compressed, batch_size=batch_size)
-            result["fd_compressed"] = frechet_distance(f_comp, f_ref)
-            result["fd_compressed_vs_dense"] = frechet_distance(f_comp, f_dense)
-            sets.append(("compressed", compressed))
-        for name, x in sets:
-            acc = classifier_accuracy(classifier, x, labels, batch_size=batch_size)
-            if isinstance(acc, dict):
-                result[f"accuracy_{name}"] = acc["object+motion"]
-                for k, v in acc.items():
-                    if k != "object+motion":
-                        result[f"accuracy_{name}_{k}"] = v
-            else:
-                result[f"accuracy_{name}"] = acc
-    if torchmetrics:
-        if compressed is None:
-            raise ValueError("torchmetrics: needs a method (they compare dense and compressed sets)")
-        def reference():
-            return _reference_batches(kind, dense, labels, n_reference, reference_seed, batch_size)
+            out[f"accuracy_{name}"] = acc
+    return out
 
-        if kind == "image":
-            names = getattr(pipe, "labels", None) or {}
-            id2name = {v: k for k, v in names.items()}
-            texts = [f"a {id2name.get(int(x), str(x))}" for x in inputs]
-        else:
-            texts = list(inputs)
-        result.update(_torchmetrics(torchmetrics, feature_extractors, kind, dense, compressed, reference, texts,
-                                    batch_size))
-    if return_samples:
-        result["samples_dense"] = dense
-        if compressed is not None:
-            result["samples_compressed"] = compressed
-    return result
+
+def _torchmetrics_metrics(gen: _Generation, names, feature_extractors, dense, compressed, labels, n_reference: int,
+                          reference_seed: int) -> dict:
+    """Step 7: the requested torchmetrics metrics of the dense and the compressed set (both needed)."""
+    if compressed is None:
+        raise ValueError("torchmetrics: needs a method (they compare dense and compressed sets)")
+
+    def reference():
+        return _reference_batches(gen.kind, dense, labels, n_reference, reference_seed, gen.batch_size)
+
+    if gen.kind == "image":
+        names_of = getattr(gen.pipe, "labels", None) or {}
+        id2name = {v: k for k, v in names_of.items()}
+        texts = [f"a {id2name.get(int(x), str(x))}" for x in gen.inputs]
+    else:
+        texts = list(gen.inputs)
+    return _torchmetrics(names, feature_extractors, gen.kind, dense, compressed, reference, texts, gen.batch_size)
 
 
 def _check_reused_dense(dense, kind: str, n: int, seeds: list[int], steps: int, n_reference: int) -> dict:

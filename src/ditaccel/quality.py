@@ -38,13 +38,13 @@ import torch
 
 from .bench.report import environment, jsonable, missing_matplotlib, result_stem, update_markdown, write_json
 from .cli_support import (
-    _DTYPES,
+    TOOL_DTYPES,
     UsageError,
-    _check_out_dir,
-    _check_out_file,
-    _default_device,
-    _device,
-    _positive_int,
+    check_out_dir,
+    check_out_file,
+    default_device,
+    check_device,
+    positive_int,
     float_in,
     printer,
     progress_bar,
@@ -402,10 +402,10 @@ def resolve_run(device: str | None, dtype: str | None, out_md: str | None, resul
     dtype name (bfloat16 on CUDA, float32 elsewhere; checked), the Markdown file (``QUALITY.md``; toy
     runs: a fresh temporary folder's) and the results folder (``docs/results``; toy runs: next to
     the Markdown file)."""
-    device = device or ("cpu" if toy else _default_device())
+    device = device or ("cpu" if toy else default_device())
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dtype not in TOOL_DTYPES:
+        raise ValueError(f"--dtype: expected one of {sorted(TOOL_DTYPES)}, got {dtype!r}")
     if out_md is None:
         out_md = (os.path.join(tempfile.mkdtemp(prefix=f"ditaccel-{command}-toy-"), "QUALITY.md") if toy
                   else "QUALITY.md")
@@ -424,7 +424,7 @@ def run_quality(only: str | None = None, *, weights_dir=None, device: str | None
     Defaults (``FULL_SIZE``; ``toy=True``: ``TOY_SIZE``, for CPU smoke runs): 256 image and 64
     video samples, 50 steps, batch 32, 512 reference samples, AdaSpa block size 64. A real run
     writes to ``QUALITY.md`` and ``docs/results`` (relative to the current directory); a toy
-    run, unless told otherwise, to a fresh temporary folder. ``dtype``: a name of ``_DTYPES``
+    run, unless told otherwise, to a fresh temporary folder. ``dtype``: a name of ``TOOL_DTYPES``
     (default bfloat16 on CUDA, float32 elsewhere). ``log``: called with each progress line;
     ``progress``: a ``tqdm``-like factory for a bar over each table's rows (default: none).
     Returns ``{table: run_table result}``.
@@ -452,7 +452,7 @@ def run_quality(only: str | None = None, *, weights_dir=None, device: str | None
     for which in tables:
         n = size[f"samples_{which}"]
         settings = image_settings() if which == "image" else video_settings(block_size=size["block_size"])
-        result = run_table(which, settings, weights_dir=root, device=device, dtype=_DTYPES[dtype], n=n,
+        result = run_table(which, settings, weights_dir=root, device=device, dtype=TOOL_DTYPES[dtype], n=n,
                            steps=size["steps"], batch_size=size["batch_size"], guidance_scale=guidance_scale,
                            n_reference=size["n_reference"], grid=("dense", *GRID_SETTINGS[which]),
                            grid_samples=GRID_SAMPLES[which], log=log, progress=progress)
@@ -488,14 +488,14 @@ def add_arguments(p) -> None:
     p.add_argument("--weights", help="folder with image/, video/, image_classifier/, video_classifier/ (default: "
                    "the shipped weights)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, auto, ... (default: cuda if available, else cpu; --toy: cpu)")
-    p.add_argument("--dtype", choices=list(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--samples-image", type=_positive_int, help=f"image samples, 2 or more (default: "
+    p.add_argument("--dtype", choices=list(TOOL_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--samples-image", type=positive_int, help=f"image samples, 2 or more (default: "
                    f"{FULL_SIZE['samples_image']}; --toy {TOY_SIZE['samples_image']})")
-    p.add_argument("--samples-video", type=_positive_int, help=f"video samples, 2 or more (default: "
+    p.add_argument("--samples-video", type=positive_int, help=f"video samples, 2 or more (default: "
                    f"{FULL_SIZE['samples_video']}; --toy {TOY_SIZE['samples_video']})")
-    p.add_argument("--steps", type=_positive_int, help=f"denoising steps of both tables (default: "
+    p.add_argument("--steps", type=positive_int, help=f"denoising steps of both tables (default: "
                    f"{FULL_SIZE['steps']}; --toy {TOY_SIZE['steps']})")
-    p.add_argument("--batch-size", type=_positive_int, help=f"samples per pipeline call (default: "
+    p.add_argument("--batch-size", type=positive_int, help=f"samples per pipeline call (default: "
                    f"{FULL_SIZE['batch_size']}; --toy {TOY_SIZE['batch_size']})")
     p.add_argument("--guidance-scale", type=float_in(0.0), help="CFG scale (default: each pipeline's own)")
     p.add_argument("--only", choices=list(TABLES), help="one table (default: both)")
@@ -510,10 +510,10 @@ def check_run_args(args) -> None:
     at least 2 samples (the Fréchet distances)."""
     check_weights_arg(args.weights, TABLES if args.only is None else (args.only,))
     if args.device is not None:
-        args.device = _device(args.device)  # auto: resolved here
-    _check_out_file("--out-md", args.out_md)
+        args.device = check_device(args.device)  # auto: resolved here
+    check_out_file("--out-md", args.out_md)
     if args.results_dir is not None:
-        _check_out_dir("--results-dir", args.results_dir)
+        check_out_dir("--results-dir", args.results_dir)
     for which in ("image", "video"):
         n = getattr(args, f"samples_{which}")
         if n is not None and n < 2 and args.only in (None, which):

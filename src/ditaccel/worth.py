@@ -56,7 +56,7 @@ import ditaccel
 from . import baselines
 from .baselines import measure_flops
 from .bench.report import environment, jsonable, missing_matplotlib, result_stem, update_markdown, write_json
-from .cli_support import _DTYPES, _positive_int, float_in, printer, progress_bar, tool_main
+from .cli_support import TOOL_DTYPES, positive_int, float_in, printer, progress_bar, tool_main
 from .evaluate import (
     _default_inputs,
     _pipe_kind,
@@ -866,7 +866,7 @@ def run_worth(only: str | None = None, *, weights_dir=None, device: str | None =
     results = {}
     for which in tables:
         n = size[f"samples_{which}"]
-        result = run_table(which, weights_dir=root, device=device, dtype=_DTYPES[dtype], n=n,
+        result = run_table(which, weights_dir=root, device=device, dtype=TOOL_DTYPES[dtype], n=n,
                            batch_size=size["batch_size"], reference_steps=size["reference_steps"],
                            n_reference=size["n_reference"], share=shares[which], efficiency=efficiency,
                            settings_kwargs=TOY_SETTINGS[which] if toy else None, log=log, progress=progress)
@@ -900,14 +900,14 @@ def add_arguments(p) -> None:
     p.add_argument("--only", choices=["image", "video"], help="one testbed (default: both)")
     p.add_argument("--weights", help="folder with image/, video/ and the classifiers (default: shipped)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available; --toy: cpu)")
-    p.add_argument("--dtype", choices=list(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--samples-image", type=_positive_int, help=f"2 or more (default: {FULL_SIZE['samples_image']}; "
+    p.add_argument("--dtype", choices=list(TOOL_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--samples-image", type=positive_int, help=f"2 or more (default: {FULL_SIZE['samples_image']}; "
                    f"--toy {TOY_SIZE['samples_image']})")
-    p.add_argument("--samples-video", type=_positive_int, help=f"2 or more (default: {FULL_SIZE['samples_video']}; "
+    p.add_argument("--samples-video", type=positive_int, help=f"2 or more (default: {FULL_SIZE['samples_video']}; "
                    f"--toy {TOY_SIZE['samples_video']})")
-    p.add_argument("--reference-steps", type=_positive_int, help=f"steps of the dense reference (default: "
+    p.add_argument("--reference-steps", type=positive_int, help=f"steps of the dense reference (default: "
                    f"{FULL_SIZE['reference_steps']}; --toy {TOY_SIZE['reference_steps']})")
-    p.add_argument("--batch-size", type=_positive_int, help=f"samples per pipeline call (default: "
+    p.add_argument("--batch-size", type=positive_int, help=f"samples per pipeline call (default: "
                    f"{FULL_SIZE['batch_size']}; --toy {TOY_SIZE['batch_size']})")
     p.add_argument("--attention-share-image", type=float_in(0.0, 1.0), help="attention share of a dense PixArt-Sigma "
                    "2K step (measure: `ditaccel bench all --only attention-share-pixart-sigma-2k`; default: "

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..cli_support import _default_device
+from ..cli_support import default_device
 from ..kernels.block_sparse import block_sparse_attention
 from .kernel_cases import bench_adaspa, bench_attention, bench_sparsity
 from .model_cases import (
@@ -220,7 +220,7 @@ def run_all(only: str | None = None, device: str | None = None, dry_run: bool = 
     selected = _select(only)
     if dry_run and device not in (None, "cpu"):
         raise ValueError(f"--device {device}: --dry-run runs on the CPU; leave --device out")
-    device = "cpu" if dry_run else (device or _default_device())
+    device = "cpu" if dry_run else (device or default_device())
     if not dry_run and not device.startswith("cuda"):
         gpu = [c.name for c in selected if c.needs_cuda]
         if gpu:

@@ -10,13 +10,13 @@ import sys
 import torch
 
 from ..cli_support import (
-    _DTYPES,
+    TOOL_DTYPES,
     UsageError,
-    _check_out_dir,
-    _check_out_file,
-    _default_device,
-    _device,
-    _positive_int,
+    check_out_dir,
+    check_out_file,
+    default_device,
+    check_device,
+    positive_int,
     subcommand,
     subcommands,
     tool_main,
@@ -57,11 +57,11 @@ def add_arguments(parser) -> None:
     def case(name, help):
         p = subcommand(sub, name, help=help, func=run)
         p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
-        p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's)")
+        p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's)")
         return p
 
     def dtype(p):
-        p.add_argument("--dtype", choices=list(_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+        p.add_argument("--dtype", choices=list(TOOL_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
 
     def json_out(p):
         p.add_argument("--json", help="also write the results here (default: no file)")
@@ -70,10 +70,10 @@ def add_arguments(parser) -> None:
         p.add_argument("--window", choices=["band1d", "neighborhood2d"], default="band1d", help="window attention kind")
 
     def shape(p, tokens, heads, head_dim, batch):
-        p.add_argument("--tokens", type=_positive_int, default=tokens, help="sequence length")
-        p.add_argument("--heads", type=_positive_int, default=heads, help="attention heads")
-        p.add_argument("--head-dim", type=_positive_int, default=head_dim, help="head dimension")
-        p.add_argument("--batch", type=_positive_int, default=batch, help="batch size")
+        p.add_argument("--tokens", type=positive_int, default=tokens, help="sequence length")
+        p.add_argument("--heads", type=positive_int, default=heads, help="attention heads")
+        p.add_argument("--head-dim", type=positive_int, default=head_dim, help="head dimension")
+        p.add_argument("--batch", type=positive_int, default=batch, help="batch size")
 
     kernel_repeats = "timed runs per kernel (default: 20 on CUDA, 3 on CPU)"
     block_size = "block size in tokens (the Triton kernel takes 16, 32, 64 or 128)"
@@ -81,42 +81,42 @@ def add_arguments(parser) -> None:
     p = case("step", "one denoising step of a full-size transformer, dense vs. a DiTFastAttn plan")
     p.add_argument("--model", choices=sorted(MODELS), default="pixart-sigma-2k", help="architecture (released config)")
     window(p)
-    p.add_argument("--repeats", type=_positive_int, default=5, help="generations per step")
+    p.add_argument("--repeats", type=positive_int, default=5, help="generations per step")
     dtype(p)
     json_out(p)
 
     p = case("attention", "window attention kernels against dense SDPA")
     shape(p, 16384, 16, 72, 2)
     window(p)
-    p.add_argument("--repeats", type=_positive_int, help=kernel_repeats)
+    p.add_argument("--repeats", type=positive_int, help=kernel_repeats)
     dtype(p)
     json_out(p)
 
     p = case("sweep", "calibrate D1..D6 on a built-in model: FLOPs, time and PSNR of each plan")
     p.add_argument("--model", default="tiny-dit", help="a built-in offline model (tiny-dit, tiny-pixart, demo-dit, "
                    "...) or a pipeline id/path")
-    p.add_argument("--steps", type=_positive_int, default=20, help="denoising steps")
+    p.add_argument("--steps", type=positive_int, default=20, help="denoising steps")
     window(p)
     p.add_argument("--search", choices=["greedy", "local"], default="greedy", help="plan search")
     json_out(p)
 
     p = case("adaspa", "AdaSpa's kernels: the block-mass search (first / with cached LSE) and block-sparse attention")
-    p.add_argument("--block-size", type=_positive_int, default=64, help=block_size)
-    p.add_argument("--repeats", type=_positive_int, help=kernel_repeats)
+    p.add_argument("--block-size", type=positive_int, default=64, help=block_size)
+    p.add_argument("--repeats", type=positive_int, help=kernel_repeats)
     dtype(p)
     json_out(p)
 
     p = case("adaspa-step", "AdaSpa on a Wan2.1 1.3B transformer, step by step (warm-up, search, sparse)")
-    p.add_argument("--repeats", type=_positive_int, default=5, help="generations per step")
+    p.add_argument("--repeats", type=positive_int, default=5, help="generations per step")
     dtype(p)
     json_out(p)
 
     p = case("sparsity", "block-sparse attention time against the kept fraction of key blocks")
     shape(p, 118_784, 24, 128, 1)
-    p.add_argument("--block-size", type=_positive_int, default=64, help=block_size)
+    p.add_argument("--block-size", type=positive_int, default=64, help=block_size)
     p.add_argument("--kept", type=_fractions, default=SPARSITY_KEPT,
                    help=f"kept fractions of key blocks, comma-separated (default: {','.join(f'{x:g}' for x in SPARSITY_KEPT)})")
-    p.add_argument("--repeats", type=_positive_int, help=kernel_repeats)
+    p.add_argument("--repeats", type=positive_int, help=kernel_repeats)
     dtype(p)
     p.add_argument("--plot", default="sparsity.png", help="the PNG to write (needs matplotlib)")
     json_out(p)
@@ -139,14 +139,14 @@ def _check_args(args) -> str | None:
         if args.dry_run and args.device not in (None, "cpu"):
             raise UsageError("--device", f"{args.device!r}: --dry-run runs on the CPU; leave --device out")
         _select(args.only)
-        _check_out_file("--out-md", args.out_md)
+        check_out_file("--out-md", args.out_md)
         if args.results_dir is not None:
-            _check_out_dir("--results-dir", args.results_dir)
+            check_out_dir("--results-dir", args.results_dir)
     else:
-        _check_out_file("--json", args.json)
+        check_out_file("--json", args.json)
         if args.what == "sparsity":
-            _check_out_file("--plot", args.plot, image=True)
-    return None if args.device is None else _device(args.device)
+            check_out_file("--plot", args.plot, image=True)
+    return None if args.device is None else check_device(args.device)
 
 
 def run(args) -> int:
@@ -157,9 +157,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.what == "all":
         return run_all(args.only, device, args.dry_run, args.out_md, args.results_dir)
-    device = device or _default_device()
+    device = device or default_device()
     dtype = getattr(args, "dtype", None)
-    dtype = _DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = TOOL_DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.what == "step":
         r = bench_step(args.model, device, dtype=dtype, repeats=args.repeats, window=args.window)
         print(format_step(r))

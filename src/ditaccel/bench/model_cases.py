@@ -19,7 +19,7 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
-from ..cli_support import _call_params, _inputs, load_pipeline, psnr
+from ..cli_support import call_params, pipeline_inputs, load_pipeline, psnr
 from ..plan import Plan
 from ..runtime import install, remove
 from ..viz import to_uint8
@@ -141,12 +141,12 @@ def bench_sweep(model: str = "tiny-dit", steps: int = 20, device: str = "cpu", t
     from ditaccel.methods.ditfastattn import PRESETS
     thresholds = thresholds or list(PRESETS)
     pipe = load_pipeline(model, device, torch.float32 if device == "cpu" else torch.bfloat16)
-    is_dit = "class_labels" in _call_params(pipe)
-    calib = _inputs(pipe, None, None, 8 if is_dit else 6)  # the paper: 8 labels / 6 captions
-    sample = _inputs(pipe, None, [3, 404] if is_dit else None, 2)
+    is_dit = "class_labels" in call_params(pipe)
+    calib = pipeline_inputs(pipe, None, None, 8 if is_dit else 6)  # the paper: 8 labels / 6 captions
+    sample = pipeline_inputs(pipe, None, [3, 404] if is_dit else None, 2)
     if not is_dit:
-        sample = {**_inputs(pipe, ["a small house by a lake", "two dogs playing in the snow"], None, 2)}
-    extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_params(pipe) else {}
+        sample = {**pipeline_inputs(pipe, ["a small house by a lake", "two dogs playing in the snow"], None, 2)}
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in call_params(pipe) else {}
 
     def generate():
         g = torch.Generator(device).manual_seed(0)

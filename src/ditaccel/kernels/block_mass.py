@@ -24,6 +24,10 @@ Invariant: with the fresh LSE of the same ``q, k`` and mask, every row of ``W``
 sums over key blocks to the number of queries in block ``p`` that see at least
 one key (``block_size``, less in the ragged last block) up to rounding; with a
 stale (cached) LSE the row sums drift from it by how much the LSE moved.
+
+The Triton kernel is one variant, exact to float32 rounding (float32 exp2, sums over
+each key block first): the fastest on the H100. ``scripts/tune_block_mass.py`` keeps
+the others (fp16 and polynomial exps, tensor-core sums) and times them.
 """
 
 import functools
@@ -363,42 +367,6 @@ def block_mass_reference(q, k, lse, *, block_size=64, scale=None, key_padding_ma
 
 # --------------------------------------------------------------------------- block mass: Triton
 
-#: exp variants of the Triton kernel. "f32": exp2 in float32 (the MUFU's ``ex2.approx``, 2 ulp).
-#: "mix2" / "mix4": one exp2 in 2 / 4 by a degree-5 polynomial on the FMA units instead (same
-#: float32 accuracy), to unload the MUFU, which does only 16 exp2 per clock and SM. "f16": exp2 of
-#: the fp16-rounded exponent by ``ex2.approx.f16x2``, fp16 result (see :func:`_block_mass_triton`).
-_EXPS = ("f32", "mix2", "mix4", "f16")
-#: tile-sum variants: "rows" (each query block's rows first, then its keys), "keys" (keys
-#: first, then rows), "dot" (keys on the tensor cores as ``p @ Ek``, ``Ek`` the 0/1 key-block
-#: indicator, then rows), "dot2" (both on the tensor cores: ``Eq^T @ (p @ Ek)``).
-_REDUCTIONS = ("rows", "keys", "dot", "dot2")
-# Only "f32" / "keys" is used (:func:`_default_variant`); the others lost to it on the H100 and
-# stay selectable, and timed by scripts/tune_block_mass.py, for other GPUs and Triton versions.
-# fp16 p is p * 2**_F16_SHIFT = exp2(x + _F16_SHIFT), x clamped to <= 15 - _F16_SHIFT: exact up
-# to p = 128 (a stale LSE) with no fp16 overflow, and normal (10-bit mantissa) down to p = 2**-22,
-# below which its absolute error stays under 2**-33 per entry.
-_F16_SHIFT = 8.0
-# min(x, 15) on two fp16 at a time (0x4B80 = 15.0), then their exp2.
-_EX2_F16X2 = "{ .reg .b32 c, t; mov.b32 c, 0x4B804B80; min.f16x2 t, $1, c; ex2.approx.f16x2 $0, t; }"
-# exp2(x) on the FMA units: x >= -127 (-inf and underflow -> 0) = j + f, j = round(x) (adding and
-# subtracting 1.5 * 2**23), f in [-0.5, 0.5]; 2**f by a minimax polynomial (relative error 2.4e-7
-# in float32), 2**j from j's bits ((j + 127) << 23: 0 for j = -127).
-_EX2_POLY = (
-    "max.f32 x, {x}, 0fC2FE0000; add.rn.f32 t, x, 0f4B400000; sub.rn.f32 f, t, 0f4B400000; sub.rn.f32 f, x, f; "
-    "fma.rn.f32 p, f, 0f3AAE046D, 0f3C1E8629; fma.rn.f32 p, p, f, 0f3D635B73; fma.rn.f32 p, p, f, 0f3E75FC8C; "
-    "fma.rn.f32 p, p, f, 0f3F317214; fma.rn.f32 p, p, f, 0f3F800001; "
-    "mov.b32 e, t; shl.b32 e, e, 23; add.s32 e, e, 1065353216; mov.b32 t, e; mul.rn.f32 {y}, p, t;"
-)
-
-
-def _ex2_mixed(n: int) -> str:
-    """PTX for exp2 of ``n`` floats ($n .. $2n-1 -> $0 .. $n-1): the last by :data:`_EX2_POLY`, the
-    others by the MUFU."""
-    mufu = " ".join(f"ex2.approx.ftz.f32 ${i}, ${n + i};" for i in range(n - 1))
-    poly = _EX2_POLY.format(x=f"${2 * n - 1}", y=f"${n - 1}")
-    return f"{{ .reg .f32 x, t, f, p; .reg .b32 e; {mufu} {poly} }}"
-
-
 # Defined only where triton imports (the annotations need tl). No
 # `from __future__ import annotations` in this module: triton's interpreter
 # recognises constexpr parameters only from real annotations.
@@ -416,7 +384,7 @@ if triton is not None:
         s_lb, s_lh, s_ll,
         s_mb, s_ml,
         H, L, D, NB,
-        qk_scale2, shift, unshift,
+        qk_scale2,
         BS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -426,12 +394,6 @@ if triton is not None:
         FULL_K: tl.constexpr,
         HAS_MASK: tl.constexpr,
         EVEN_N: tl.constexpr,
-        EXP: tl.constexpr,
-        P16: tl.constexpr,
-        ASM: tl.constexpr,
-        ASM_CONSTRAINTS: tl.constexpr,
-        ASM_PACK: tl.constexpr,
-        REDUCTION: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
     ):  # fmt: skip
@@ -459,23 +421,14 @@ if triton is not None:
             if UPCAST:
                 q1 = q1.to(tl.float32)
         lse = tl.load(LSE + b * s_lb + h * s_lh + offs_m * s_ll, mask=row_ok, other=float("-inf")).to(tl.float32)
-        # exp(s * scale - lse) = exp2(s * qk_scale2 - lse2), lse2 = lse * log2e (- shift: the f16
-        # exp's offset); rows past L or with lse = -inf get +inf: they contribute exp2(-inf) = 0.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634 - shift)
-        # The W tile's rows and columns (16 wide where a dot padded them): rows past QB or NB and
-        # columns past KB or NB are not stored.
-        if REDUCTION == "dot2":
-            w_r = tl.arange(0, 16)
-        else:
-            w_r = tl.arange(0, QB)
-        if REDUCTION == "rows":
-            w_c = tl.arange(0, KB)
-        elif REDUCTION == "keys":
-            w_c = tl.arange(0, KB)
-        else:
-            w_c = tl.arange(0, 16)
+        # exp(s * scale - lse) = exp2(s * qk_scale2 - lse2), lse2 = lse * log2e; rows past L or
+        # with lse = -inf get +inf: they contribute exp2(-inf) = 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        # The W tile's rows and columns: rows past NB and columns past NB are not stored.
+        w_r = tl.arange(0, QB)
+        w_c = tl.arange(0, KB)
         w_rows = pid_m * QB + w_r
-        w_row_ok = (w_r < QB) & (w_rows < NB)
+        w_row_ok = w_rows < NB
         w_base = W + pid_bh.to(tl.int64) * NB * NB + w_rows[:, None] * NB
         k_base = K + b * s_kb + h * s_kh
         for start_n in range(0, L, BLOCK_N):
@@ -500,59 +453,19 @@ if triton is not None:
                 x = tl.where((keep != 0)[None, :], x, float("-inf"))
             elif not EVEN_N:
                 x = tl.where(col_ok[None, :], x, float("-inf"))
-            if EXP == "f16":
-                if ASM_PACK:
-                    p = tl.inline_asm_elementwise(
-                        ASM, ASM_CONSTRAINTS, [x.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=ASM_PACK
-                    )
-                else:  # interpreter: the same roundings, exp2 in float32
-                    p = tl.math.exp2(tl.minimum(x.to(tl.float16).to(tl.float32), 15.0)).to(tl.float16)
+            p = tl.math.exp2(x)
+            # float32 sums: over each key block of a row first, then over each query block's rows
+            if KB == 1:
+                row = tl.reduce(p, 1, _sum_combine)[:, None]
             else:
-                if P16:  # fp16 operand of the tensor-core sums: clamped so that it cannot overflow
-                    x = tl.minimum(x, 15.0)
-                if ASM_PACK:  # mix2 / mix4 on CUDA
-                    p = tl.inline_asm_elementwise(
-                        ASM, ASM_CONSTRAINTS, [x], dtype=tl.float32, is_pure=True, pack=ASM_PACK
-                    )
-                else:
-                    p = tl.math.exp2(x)
-                if P16:
-                    p = p.to(tl.float16)
-            if REDUCTION == "rows":
-                p = p.to(tl.float32)
-                if QB == 1:
-                    col = tl.reduce(p, 0, _sum_combine)[None, :]
-                else:
-                    col = tl.reduce(tl.reshape(p, (QB, BS, BLOCK_N)), 1, _sum_combine)
-                if KB == 1:
-                    w = tl.reduce(col, 1, _sum_combine)[:, None]
-                else:
-                    w = tl.reduce(tl.reshape(col, (QB, KB, BS)), 2, _sum_combine)
-            elif REDUCTION == "keys":
-                p = p.to(tl.float32)
-                if KB == 1:
-                    row = tl.reduce(p, 1, _sum_combine)[:, None]
-                else:
-                    row = tl.reduce(tl.reshape(p, (BLOCK_M, KB, BS)), 2, _sum_combine)
-                if QB == 1:
-                    w = tl.reduce(row, 0, _sum_combine)[None, :]
-                else:
-                    w = tl.reduce(tl.reshape(row, (QB, BS, KB)), 1, _sum_combine)
+                row = tl.reduce(tl.reshape(p, (BLOCK_M, KB, BS)), 2, _sum_combine)
+            if QB == 1:
+                w = tl.reduce(row, 0, _sum_combine)[None, :]
             else:
-                # 0/1 indicators, padded to 16 columns / rows (tl.dot's minimum; QB, KB <= 16):
-                # Ek[j, c] = key j of the tile is in its block c, Eq[r, i] = query i is in block r
-                ek = ((tl.arange(0, BLOCK_N) // BS)[:, None] == tl.arange(0, 16)[None, :]).to(p.dtype)
-                row = tl.dot(p, ek, input_precision=DOT_PRECISION)  # (BLOCK_M, 16) per-row key-block sums
-                if REDUCTION == "dot2":
-                    eq = (tl.arange(0, 16)[:, None] == (tl.arange(0, BLOCK_M) // BS)[None, :]).to(tl.float32)
-                    w = tl.dot(eq, row, input_precision=DOT_PRECISION)
-                elif QB == 1:
-                    w = tl.reduce(row, 0, _sum_combine)[None, :]
-                else:
-                    w = tl.reduce(tl.reshape(row, (QB, BS, 16)), 1, _sum_combine)
+                w = tl.reduce(tl.reshape(row, (QB, BS, KB)), 1, _sum_combine)
             w_cols = start_n // BS + w_c
-            w_col_ok = (w_c < KB) & (w_cols < NB)
-            tl.store(w_base + w_cols[None, :], w * unshift, mask=w_row_ok[:, None] & w_col_ok[None, :])
+            w_col_ok = w_cols < NB
+            tl.store(w_base + w_cols[None, :], w, mask=w_row_ok[:, None] & w_col_ok[None, :])
 
 
 @functools.lru_cache(maxsize=2)
@@ -565,70 +478,30 @@ def _jit_kernel(interpret: bool):
 def _default_config(bs: int, d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages).
 
-    From ``scripts/tune_block_mass.py`` on an H100 (bf16, block 64, f32 / keys, 2026-11-24, two
-    runs): at 1 x 24 x 115200 x 128, 256 x 64 tiles, 8 warps, 3 stages took 149.3 / 151.9 ms,
-    0.59x dense SDPA timed in the same run (254 / 257 ms; 275 ms on earlier machines), against
-    173 ms with 2 stages, 213 ms with 4, 162 ms with 4 warps and 182 / 186 / 237 ms for 128 x 128
-    (2 stages) / 128 x 64 (3) / 256 x 128 (2); at 2 x 16 x 16384 x 72, 4.6 ms (0.69x dense's
-    6.6-6.8 ms), the same with 2 to 4 stages. The kernel alternates matrix products and exp2 within a program, so
+    From ``scripts/tune_block_mass.py`` on an H100 (bf16, block 64, 2026-11-24, two runs): at 1 x
+    24 x 115200 x 128, 256 x 64 tiles, 8 warps, 3 stages took 149.3 / 151.9 ms, 0.59x dense SDPA
+    timed in the same run (254 / 257 ms; 275 ms on earlier machines), against 173 ms with 2
+    stages, 213 ms with 4, 162 ms with 4 warps and 182 / 186 / 237 ms for 128 x 128 (2 stages) /
+    128 x 64 (3) / 256 x 128 (2); at 2 x 16 x 16384 x 72, 4.6 ms (0.69x dense's 6.6-6.8 ms), the
+    same with 2 to 4 stages. The kernel alternates matrix products and exp2 within a program, so
     it needs two programs per SM, one's products overlapping the other's exps (256 x 64, 3
     stages: 112 KB of shared memory each; 4 stages or 128-key tiles leave room for one), a third
     stage so that a key tile's load is not waited for, and 256 rows per program so that each key
     tile read from L2 serves more queries. Block size 128 and head dims over 128 keep the
     earlier 128 x 128 (x 64) tiles with 2 stages (not re-measured).
+
+    The kernel's float32 exp2 and keys-first sums were the fastest of the variants that script
+    times (f16 and polynomial exps, rows-first and tensor-core sums: 149.3 ms against 160.0 to
+    415.5 ms in the same H100 run); the variants live in the script, not in the package.
     """
     if bs <= 64 and d <= 128:
         return 256, 64, 8, 3
     return 128, max(bs, 128 if d <= 128 else 64), 8, 2
 
 
-def _default_variant(dtype: torch.dtype) -> tuple[str, str]:
-    """(exp, reduction) of the kernel: "f32" / "keys", exact to float32 rounding, for every dtype.
-
-    Fastest on the H100 run of :func:`_default_config` (256 x 64 tiles, 1 x 24 x 115200 x 128):
-    149.3 ms, then f16 / keys 160.0, mix4 / keys 171.5, mix2 / keys 188.4, f16 / dot 243.1,
-    f32 / dot 245.9, f32 / rows 297.4 (the earlier kernel's sums), f32 / dot2 415.5 (at 128 x 128
-    tiles f16 / dot tied with it, 181.6 against 181.7 ms). sm_90 runs ``ex2.approx.f16x2`` as two
-    MUFU instructions, so the f16 exp saves none of them; the polynomial exps cost more issue
-    slots than the MUFU time they free; the keys-first sums are one float32 add per score with
-    no data movement between threads but a few shuffles.
-    """
-    return "f32", "keys"
-
-
-def _exp_asm(exp: str) -> tuple[str, str, int]:
-    """(PTX, constraints, elements per call) of an exp variant's inline assembly; pack 0: none."""
-    if exp == "f16":
-        return _EX2_F16X2, "=r,r", 2
-    if exp.startswith("mix"):
-        n = int(exp[3:])
-        return _ex2_mixed(n), ",".join(["=r"] * n + ["r"] * n), n
-    return "", "", 0
-
-
-def _p16(exp: str, reduction: str, dtype: torch.dtype) -> bool:
-    """Whether the kernel holds ``p`` in fp16 (shifted by ``2**_F16_SHIFT``): from the f16 exp, or
-    cast for the tensor-core sums of half inputs. Such variants meet the f16 bound (see
-    :func:`_block_mass_triton`); the others are exact to float32 rounding."""
-    return exp == "f16" or (reduction in ("dot", "dot2") and dtype != torch.float32)
-
-
-def _block_mass_triton(
-    q, k, lse, bs, scale, mask, block_m=None, block_n=None, num_warps=None, num_stages=None, exp=None, reduction=None
-):
-    """The Triton block mass; tiles and variant default to :func:`_default_config` and
-    :func:`_default_variant`.
-
-    Variants without fp16 ``p`` (:func:`_p16`) are exact to float32 rounding (with IEEE dots for
-    float32 inputs): 5e-6 relative on the H100 at 115,200 tokens, bf16 inputs. The fp16-``p``
-    variants round ``p * 2**8`` to fp16 (2**-11 relative per score), and the f16 exp also rounds
-    the exponent ``x + 8`` to fp16 (up to 2**-8 * ln 2 = 0.27% per score) and takes exp2 by
-    ``ex2.approx.f16x2`` (up to 2**-9.9; emulated in float32 under the interpreter): errors of
-    either sign, averaged over the up to ``block_size**2`` scores of a ``W`` entry. Their bound,
-    checked by the tests: entries >= 1e-3 of their row's max and row sums within 1%; measured on
-    the H100 with video-like attention (``scripts/tune_block_mass.py``): 7.8e-4 (f16 exp) and
-    2.2e-4 (f32 exp cast to fp16) on entries, 7.0e-4 / 2.2e-4 on row sums. Sums run in float32.
-    """
+def _block_mass_triton(q, k, lse, bs, scale, mask, block_m=None, block_n=None, num_warps=None, num_stages=None):
+    """The Triton block mass; tiles default to :func:`_default_config`. Exact to float32 rounding
+    (with IEEE dots for float32 inputs): 5e-6 relative on the H100 at 115,200 tokens, bf16 inputs."""
     if triton is None:
         raise RuntimeError("block_mass backend 'triton' needs the triton package")
     interpret = triton_interpreting()
@@ -640,31 +513,20 @@ def _block_mass_triton(
     nb = -(-L // bs)
     dm, dn, dw, ds = _default_config(bs, D)
     block_m, block_n = block_m or dm, block_n or dn
-    de, dr = _default_variant(q.dtype)
-    exp, reduction = exp or de, reduction or dr
     if block_m % bs or block_n % bs:
         raise ValueError(f"block_m={block_m} and block_n={block_n} must be multiples of block_size={bs}")
-    if exp not in _EXPS:
-        raise ValueError(f"exp must be one of {_EXPS}, got {exp!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if reduction in ("dot", "dot2") and max(block_m, block_n) > 16 * bs:
-        raise ValueError(f"reduction {reduction!r} takes at most 16 blocks per tile, got {block_m}/{block_n} of {bs}")
     W = torch.empty(B, H, nb, nb, dtype=torch.float32, device=q.device)
     lse = lse.float()
     m = mask.to(torch.uint8) if mask is not None else torch.empty(1, 1, dtype=torch.uint8, device=q.device)
     d0, d1, split = split_head_dim(D)
-    p16 = _p16(exp, reduction, q.dtype)
-    asm, constraints, pack = _exp_asm(exp) if not interpret else ("", "", 0)
     grid = (triton.cdiv(L, block_m), B * H)
     _jit_kernel(interpret)[grid](
         q, k, lse, m, W,
         *q.stride(), *k.stride(), *lse.stride(), *m.stride(),
         H, L, D, nb,
-        scale * _LOG2E, _F16_SHIFT if p16 else 0.0, 2.0**-_F16_SHIFT if p16 else 1.0,
+        scale * _LOG2E,
         BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D0=d0, BLOCK_D1=d1, SPLIT_D=split,
         FULL_K=L % block_n == 0 and d0 <= D, HAS_MASK=mask is not None, EVEN_N=L % block_n == 0,
-        EXP=exp, P16=p16, ASM=asm, ASM_CONSTRAINTS=constraints, ASM_PACK=pack, REDUCTION=reduction,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=interpret and q.dtype == torch.bfloat16,
         num_warps=num_warps or dw, num_stages=num_stages or ds,

@@ -1,4 +1,7 @@
-"""Offline test beds: small, randomly initialised, real diffusers pipelines."""
+"""Offline test beds: small, randomly initialised, real diffusers pipelines (``tiny``, ``video``,
+exported here), and the trained pixel-space testbed: its data (``data``), pipelines (``pixel``),
+classifiers (``classifier``) and training (``train``, over ``recipes``, ``training``,
+``checkpoint`` and one module per model)."""
 
 from .video import (
     build_clip_tokenizer,
