@@ -15,10 +15,16 @@ text query sees every key, and every query sees every text key.
 
 Layout everywhere is SDPA's: ``q, k, v`` of shape ``(B, H, L, D)`` with
 ``L == spec.seq_len``. Self-attention only (k/v have the same ``L`` as q).
+
+A boolean key-padding mask ``(B, L)`` (True = attend; HunyuanVideo pads its text) may mask text
+keys only (visual keys are always attended): every backend then runs on each distinct mask row's
+unpadded tokens (padded text tokens dropped, the spec's ``text_tokens`` reduced to match), and a
+padded text query, which is a text row, attends densely to the unpadded keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -48,10 +54,10 @@ _OUTSIDE, _MIXED, _INSIDE = 0, 1, 2
 # --------------------------------------------------------------------------- validation
 
 
-def _check_inputs(q, k, v, spec, scale, backend=None) -> float:
+def _check_inputs(q, k, v, spec, scale, backend=None, key_padding_mask=None) -> float:
     if not isinstance(spec, WindowSpec):
         raise ValueError(f"spec must be a WindowSpec, got {type(spec).__name__}")
-    scale = check_qkv((("q", q), ("k", k), ("v", v)), None, scale)
+    scale = check_qkv((("q", q), ("k", k), ("v", v)), key_padding_mask, scale)
     if q.shape[2] != spec.seq_len:
         raise ValueError(f"q/k/v sequence length L={q.shape[2]} must equal spec.seq_len={spec.seq_len}")
     if backend is not None and backend not in _BACKENDS:
@@ -62,18 +68,24 @@ def _check_inputs(q, k, v, spec, scale, backend=None) -> float:
 # --------------------------------------------------------------------------- reference
 
 
-def window_attention_reference(q, k, v, spec: WindowSpec, scale: float | None = None, return_lse: bool = False):
-    """Exact reference: ``softmax(mask(q @ k^T * scale)) @ v`` with the dense mask.
+def window_attention_reference(q, k, v, spec: WindowSpec, scale: float | None = None, return_lse: bool = False,
+                               key_padding_mask: torch.Tensor | None = None):
+    """Exact reference: ``softmax(mask(q @ k^T * scale)) @ v`` with the dense mask (and'ed with
+    ``key_padding_mask``, ``(B, L)`` bool, True = attend, when given).
 
     Computed in float32 (float64 for float64 inputs); returns ``q.dtype``. With
     ``return_lse=True`` also returns the natural-log row log-sum-exp ``(B, H, L)``
     in the compute dtype.
     """
-    scale = _check_inputs(q, k, v, spec, scale)
+    scale = _check_inputs(q, k, v, spec, scale, key_padding_mask=key_padding_mask)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
-    s = s.masked_fill(~window_dense_mask(spec, q.device), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # every row attends at least to itself: finite
+    allowed = window_dense_mask(spec, q.device)
+    if key_padding_mask is not None:
+        _check_padding_is_text(spec, key_padding_mask)
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # every row attends at least to itself (never padded): finite
     out = torch.matmul(torch.exp(s - lse[..., None]), v.to(cdt)).to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -243,6 +255,7 @@ def window_attention(
     backend: str = "auto",
     chunk_size: int | None = None,
     block_size: int = 128,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Window attention, ``(B, H, L, D)`` in and out, ``L == spec.seq_len``.
 
@@ -264,10 +277,17 @@ def window_attention(
             down to whole grid rows, at least one); default ``max(64, r // 2)`` for
             band1d, ``max(64, rh * gw // 2)`` for neighborhood2d.
         block_size: ``"triton"`` tile / ``"flex"`` block-mask block size.
+        key_padding_mask: ``(B, L)`` bool, True = attend, or ``None``. Only text tokens may be
+            padded (``ValueError`` otherwise): see the module docstring.
     """
-    scale = _check_inputs(q, k, v, spec, scale, backend)
+    scale = _check_inputs(q, k, v, spec, scale, backend, key_padding_mask)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
+    if key_padding_mask is not None and not bool(key_padding_mask.all()):
+        if backend == "reference":
+            return window_attention_reference(q, k, v, spec, scale, key_padding_mask=key_padding_mask)
+        return _without_padding(q, k, v, spec, key_padding_mask, scale, lambda q_, k_, v_, s_: window_attention(
+            q_, k_, v_, s_, scale=scale, backend=backend, chunk_size=chunk_size, block_size=block_size))
     if backend == "auto":
         backend = ("triton" if tma_available(q, k, v) else "flex") if q.is_cuda else "chunked"
     if backend == "triton":
@@ -279,6 +299,44 @@ def window_attention(
     if backend == "sdpa_mask":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=window_dense_mask(spec, q.device), scale=scale)
     return window_attention_reference(q, k, v, spec, scale)
+
+
+# --------------------------------------------------------------------------- key padding
+
+
+def _text_range(spec: WindowSpec) -> tuple[int, int]:
+    return (0, spec.text_tokens) if spec.text_position == "prefix" else (spec.num_visual, spec.seq_len)
+
+
+def _check_padding_is_text(spec: WindowSpec, key_padding_mask: torch.Tensor) -> None:
+    t0, t1 = _text_range(spec)
+    padded = ~key_padding_mask
+    if bool(padded[:, :t0].any() or padded[:, t1:].any()):
+        raise ValueError("key_padding_mask: window attention accepts padding on text tokens only "
+                         f"(sequence positions {t0}..{t1 - 1} here); a visual key is padded")
+
+
+def _without_padding(q, k, v, spec: WindowSpec, key_padding_mask: torch.Tensor, scale: float, attend) -> torch.Tensor:
+    """Window attention honouring a text key-padding mask with an unmasked backend: for each
+    distinct mask row, ``attend(q, k, v, spec)`` runs on the unpadded tokens (the spec keeps the
+    unpadded text tokens only), and the padded text queries attend densely to the unpadded keys."""
+    _check_padding_is_text(spec, key_padding_mask)
+    out = torch.empty_like(q)
+    t0, t1 = _text_range(spec)
+    patterns, which = torch.unique(key_padding_mask, dim=0, return_inverse=True)
+    for i, keep in enumerate(patterns):
+        rows = (which == i).nonzero().flatten()
+        kept = keep.nonzero().flatten()
+        sub = dataclasses.replace(spec, text_tokens=spec.text_tokens - int((~keep[t0:t1]).sum()))
+        qs, ks, vs = q[rows], k[rows], v[rows]
+        o = torch.empty_like(qs)
+        o[:, :, kept] = attend(qs[:, :, kept], ks[:, :, kept], vs[:, :, kept], sub)
+        padded = (~keep).nonzero().flatten()
+        if len(padded):  # padded text queries: text rows, dense over the unpadded keys
+            o[:, :, padded] = F.scaled_dot_product_attention(qs[:, :, padded], ks[:, :, kept], vs[:, :, kept],
+                                                             scale=scale)
+        out[rows] = o
+    return out
 
 
 # --------------------------------------------------------------------------- accounting

@@ -1,5 +1,6 @@
 """Offline test beds: small, randomly initialised, real diffusers pipelines."""
 
+from .flux import tiny_flux_pipeline
 from .video import (
     build_clip_tokenizer,
     build_llama_tokenizer,
@@ -21,6 +22,7 @@ __all__ = [
     "build_clip_tokenizer",
     "build_llama_tokenizer",
     "tiny_cogvideox_pipeline",
+    "tiny_flux_pipeline",
     "tiny_hunyuan_video_pipeline",
     "tiny_wan_pipeline",
     "DIT_LABELS",
