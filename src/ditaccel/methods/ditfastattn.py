@@ -442,6 +442,11 @@ def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window
     return out, cost
 
 
+def _flat(out):
+    """A layer output as one tensor: joint layers return (image, text) pairs, scored together."""
+    return torch.cat([t.flatten() for t in out]) if isinstance(out, tuple) else out
+
+
 @functools.lru_cache(maxsize=64)
 def _tile_fraction(window: WindowSpec) -> float:
     return window_tile_fraction(window)
@@ -579,7 +584,7 @@ class DiTFastAttn:
         if self.scoring and ctx.step > 0:
             cfg = ctx.cond is not None or (peer is not None and ctx.branches >= 2)
             self.scores[layer] = {
-                c: self.score_loss(out, run_layer(calibration_action(c, self.residual_refresh), call, cache, window,
-                                                  ctx.cond, write=False, peer=peer)[0])
+                c: self.score_loss(_flat(out), _flat(run_layer(calibration_action(c, self.residual_refresh), call,
+                                                               cache, window, ctx.cond, write=False, peer=peer)[0]))
                 for c in self.scoring if cfg or c not in (ASC, WARS_ASC)}
         return out, cost.fraction + cost.extra_window, action.method
