@@ -654,3 +654,42 @@ def test_local_search_of_two_call_cfg_scores_a_candidate_by_its_mean_over_both_c
         assert set(scores[0]) == {"ast", "wars+asc", "wars", "asc"}
         # layer 1 (after the text cross-attention): the first call computes its own, the second reuses
         assert first[1]["asc"] < 1e-6 < second[1]["asc"]
+
+
+@pytest.mark.parametrize("refresh", ["full", "full+asc"])
+@pytest.mark.parametrize("name", ["dit", "pixart"])
+def test_dit_and_pixart_match_the_reference_too(name, refresh, request):
+    """The q/k/v families run the same core path: the same reference holds (batched CFG in each
+    family's order), with either residual refresh."""
+    from conftest import dit_call, pixart_call
+
+    pipe = request.getfixturevalue(name)
+    call = {"dit": dit_call, "pixart": pixart_call}[name]
+    rows = [ROWS[refresh][0], ROWS[refresh][1], ["full", "asc", "wars", "wa", "wars+asc"]]
+    install(pipe, Reference(rows, refresh=refresh))
+    try:
+        expected = call(pipe, steps=5)
+    finally:
+        remove(pipe)
+    ditaccel.apply(pipe, Plan.from_methods(pipe, rows, cfg=True, residual_refresh=refresh))
+    try:
+        got = call(pipe, steps=5)
+    finally:
+        ditaccel.remove(pipe)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_calibration_records_and_runs_the_official_refresh(dit):
+    from conftest import dit_call
+
+    config = ditaccel.DiTFastAttnConfig(threshold=0.1, residual_refresh="full+asc", show_progress=False)
+    plan = ditaccel.calibrate(dit, config, num_inference_steps=5, class_labels=[1, 2, 3],
+                              generator=torch.Generator().manual_seed(0))
+    assert plan.metadata["residual_refresh"] == "full+asc"
+    assert "residual refreshed at full+asc steps" in plan.summary()
+    ditaccel.apply(dit, plan)
+    try:
+        assert get_runtime(dit).method.residual_refresh == "full+asc"
+        assert torch.isfinite(dit_call(dit, steps=5)).all()
+    finally:
+        ditaccel.remove(dit)

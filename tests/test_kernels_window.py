@@ -259,3 +259,52 @@ def test_input_validation():
         window_attention(q, k, v, "band1d")
     with pytest.raises(ValueError, match="spec.seq_len"):
         window_attention_reference(q, k, v, WindowSpec.band((4, 4), 2))
+
+
+# --------------------------------------------------------------------------- text key padding
+def _padding(spec, B, seed):
+    """A (B, L) key-padding mask padding a different number of text tokens per row (row 0 none)."""
+    g = torch.Generator().manual_seed(seed)
+    t0 = 0 if spec.text_position == "prefix" else spec.num_visual
+    m = torch.ones(B, spec.seq_len, dtype=torch.bool)
+    for b in range(1, B):
+        pad = int(torch.randint(1, spec.text_tokens + 1, (1,), generator=g))
+        m[b, t0 + spec.text_tokens - pad:t0 + spec.text_tokens] = False  # right padding of the text
+    return m
+
+
+PADDED = [WindowSpec.band((4, 6), 3, 5, "prefix"), WindowSpec.band((6, 5), 4, 7, "suffix"),
+          WindowSpec.neighborhood((5, 6), (1, 2), 6, "suffix"), WindowSpec.neighborhood((4, 4), (1, 1), 3, "prefix")]
+
+
+@pytest.mark.parametrize("backend", ["auto", "chunked", "sdpa_mask", "reference"]
+                         + (["flex"] if _flex_cpu_works() else []))
+@pytest.mark.parametrize("spec", PADDED, ids=str)
+def test_key_padding_matches_the_masked_definition(spec, backend):
+    """Padded keys are never attended, by any query; everything else is the window (text rows and
+    columns dense): softmax over window_dense_mask & key_padding_mask, from the brute-force mask."""
+    q, k, v = qkv(spec, B=3, H=2, D=16, seed=5)
+    kpm = _padding(spec, 3, seed=6)
+    out = window_attention(q, k, v, spec, backend=backend, key_padding_mask=kpm)
+    allowed = brute_mask(spec)[None, None] & kpm[:, None, None, :]
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(16)
+    expected = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    k2, v2 = k.clone(), v.clone()
+    k2[~kpm[:, None, :, None].expand_as(k)] = 50.0  # whatever sits in the padded keys
+    v2[~kpm[:, None, :, None].expand_as(v)] = -50.0
+    torch.testing.assert_close(window_attention(q, k2, v2, spec, backend=backend, key_padding_mask=kpm), out)
+    assert torch.equal(window_attention(q, k, v, spec, backend=backend, key_padding_mask=torch.ones_like(kpm)),
+                       window_attention(q, k, v, spec, backend=backend))
+
+
+def test_key_padding_of_a_visual_key_is_refused():
+    spec = WindowSpec.band((4, 4), 2, 4, "prefix")
+    q, k, v = qkv(spec, B=1, H=1, D=8)
+    kpm = torch.ones(1, spec.seq_len, dtype=torch.bool)
+    kpm[0, 6] = False  # a visual token
+    for backend in ("chunked", "reference"):
+        with pytest.raises(ValueError, match="key_padding_mask: window attention accepts padding on text tokens"):
+            window_attention(q, k, v, spec, backend=backend, key_padding_mask=kpm)
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        window_attention(q, k, v, spec, key_padding_mask=kpm[:, 1:])
