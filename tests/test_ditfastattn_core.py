@@ -18,7 +18,14 @@ import torch
 from conftest import tiny_hunyuan_transformer
 
 import ditaccel
-from ditaccel.methods.ditfastattn import (ASC, FULL, WARS, WARS_ASC, layer_schedule, refreshes_residual)
+from ditaccel.methods.ditfastattn import (
+    ASC,
+    FULL,
+    WARS,
+    WARS_ASC,
+    layer_schedule,
+    refreshes_residual,
+)
 from ditaccel.models import adapter_for
 from ditaccel.plan import Plan, PlanError
 from ditaccel.runtime import get_runtime, install, remove
@@ -36,6 +43,28 @@ def arrow_mask(L: int, grid, text: int, position: str | None, window_size: float
     r = round(window_size * n / 2)
     band = (idx[:, None] - idx[None, :]).abs() <= r
     return (band & visual[:, None] & visual[None, :]) | ~visual[:, None] | ~visual[None, :]
+
+
+def box_mask(L: int, grid, frames: int, text: int, position: str | None, window_size: float) -> torch.Tensor:
+    """(L, L) bool: the 3D neighbourhood over (frame, row in the frame, column), each axis a radius
+    of round(window_size^(1/d) · side / 2) (d = 3 axes for video, 2 for one frame), text rows and
+    columns kept."""
+    gh, gw = grid
+    n, rows = gh * gw, gh // frames
+    d = 3 if frames > 1 else 2
+    s = window_size ** (1 / d) / 2
+    rt, rh, rw = round(s * frames) if d == 3 else 0, round(s * rows), round(s * gw)
+    first = text if position == "prefix" else 0
+    idx = torch.arange(L)
+    visual = (idx >= first) & (idx < first + n)
+    p = (idx - first).clamp(0, n - 1)
+    f, r, c = p // (rows * gw), p // gw % rows, p % gw
+
+    def near(x, radius):
+        return (x[:, None] - x[None, :]).abs() <= radius
+
+    box = near(f, rt) & near(r, rh) & near(c, rw)
+    return (box & visual[:, None] & visual[None, :]) | ~visual[:, None] | ~visual[None, :]
 
 
 def attend(q, k, v, allowed):
@@ -57,8 +86,8 @@ class Reference:
 
     name = "reference"
 
-    def __init__(self, methods, window_size=0.25, refresh="full"):
-        self.methods, self.window_size, self.refresh = methods, window_size, refresh
+    def __init__(self, methods, window_size=0.25, refresh="full", window="band1d"):
+        self.methods, self.window_size, self.refresh, self.window = methods, window_size, refresh, window
         self.res, self.out, self.first = {}, {}, {}
 
     def check_num_layers(self, n):
@@ -83,7 +112,10 @@ class Reference:
         def core(q, k, v, kpm=None, heads=None):
             B, L = q.shape[0], q.shape[2]
             keys = torch.ones(B, 1, 1, L, dtype=torch.bool) if kpm is None else kpm[:, None, None, :]
-            window = arrow_mask(L, ctx.grid, ctx.text_tokens, ctx.text_position, self.window_size) & keys
+            if self.window == "band1d":
+                window = arrow_mask(L, ctx.grid, ctx.text_tokens, ctx.text_position, self.window_size) & keys
+            else:
+                window = box_mask(L, ctx.grid, ctx.frames, ctx.text_tokens, ctx.text_position, self.window_size) & keys
             dense, win = attend(q, k, v, keys), attend(q, k, v, window)
             if m == "full":
                 if refresh:
@@ -222,23 +254,24 @@ def family(request):
     return request.param, tr, call
 
 
-def _plan(tr, rows, refresh="full", cfg=True):
-    return Plan.from_methods(tr, rows, cfg=cfg, residual_refresh=refresh)
+def _plan(tr, rows, refresh="full", cfg=True, window="band1d"):
+    return Plan.from_methods(tr, rows, cfg=cfg, residual_refresh=refresh, window=window)
 
 
+@pytest.mark.parametrize("window", ["band1d", "neighborhood3d"])
 @pytest.mark.parametrize("refresh", ["full", "full+asc"])
 @pytest.mark.parametrize("order", [("cond", "uncond"), ("uncond", "cond")])
-def test_every_method_matches_its_reference_definition(family, refresh, order):
+def test_every_method_matches_its_reference_definition(family, refresh, order, window):
     name, tr, call = family
     if CFG[name] == "batch" and order[0] == "uncond":
         pytest.skip("one batched call per step: no call order")
     rows = ROWS[refresh]
-    install(tr, Reference(rows, refresh=refresh))
+    install(tr, Reference(rows, refresh=refresh, window=window))
     try:
         expected = generate(tr, call, CFG[name], order)
     finally:
         remove(tr)
-    ditaccel.apply(tr, _plan(tr, rows, refresh))
+    ditaccel.apply(tr, _plan(tr, rows, refresh, window=window))
     try:
         got = generate(tr, call, CFG[name], order)
         st = ditaccel.stats(tr)
@@ -351,7 +384,12 @@ def test_separate_cfg_asc_without_a_second_call_is_refused():
 def test_text_rows_and_columns_stay_dense():
     """At a wa step every text query row is dense attention, and visual rows attend to every
     text key: the layer output differs from dense only where the band cuts visual keys."""
-    from ditaccel.methods.ditfastattn import StepAction, make_window, run_layer, LayerCache
+    from ditaccel.methods.ditfastattn import (
+        LayerCache,
+        StepAction,
+        make_window,
+        run_layer,
+    )
 
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 2, 8 + 48, 16, generator=g) for _ in range(3))
@@ -482,7 +520,11 @@ def test_cfg_peer_slot_is_taken_once_by_the_other_branch_of_the_same_step():
 # ------------------------------------------------------------------ calibration on the pipelines
 def _pipelines():
     from ditaccel.testbed.flux import tiny_flux_pipeline
-    from ditaccel.testbed.video import tiny_cogvideox_pipeline, tiny_hunyuan_video_pipeline, tiny_wan_pipeline
+    from ditaccel.testbed.video import (
+        tiny_cogvideox_pipeline,
+        tiny_hunyuan_video_pipeline,
+        tiny_wan_pipeline,
+    )
 
     video = dict(num_frames=17, height=64, width=64)
     true_cfg = dict(true_cfg_scale=4.0, negative_prompt="dark")
@@ -693,3 +735,35 @@ def test_calibration_records_and_runs_the_official_refresh(dit):
         assert torch.isfinite(dit_call(dit, steps=5)).all()
     finally:
         ditaccel.remove(dit)
+
+
+def test_make_window_3d_radii():
+    from ditaccel.kernels.window import WindowSpec
+    from ditaccel.methods.ditfastattn import make_window
+
+    s = 0.25 ** (1 / 3) / 2  # 0.315
+    assert make_window("neighborhood3d", 0.25, (24, 8), 5, "suffix", frames=3) == \
+        WindowSpec.neighborhood3d((24, 8), 3, (1, 3, 3), 5, "suffix")  # round(s * side): 0.95, 2.52, 2.52
+    assert (round(s * 3), round(s * 8)) == (1, 3)
+    # one frame: the 2D box of neighborhood2d
+    box = make_window("neighborhood2d", 0.25, (16, 8))
+    assert make_window("neighborhood3d", 0.25, (16, 8)).radius == (0, *box.radius)
+
+
+def test_the_step_context_knows_the_latent_frames():
+    tr, call = _wan()  # 3 latent frames (Wan patches 1 frame in time)
+    from types import SimpleNamespace
+
+    from ditaccel.models.adapters import COGVIDEOX
+
+    seen = []
+    ditaccel.apply(tr, _plan(tr, [["full"] * 5] * 2, cfg=False))
+    try:
+        call("cond", STEPS[0])
+        seen.append(get_runtime(tr).last_ctx.frames)
+    finally:
+        ditaccel.remove(tr)
+    assert seen == [3]
+    v15 = SimpleNamespace(config=SimpleNamespace(patch_size=2, patch_size_t=2))  # CogVideoX 1.5: 2 frames a patch
+    assert COGVIDEOX.token_frames(v15, torch.zeros(1, 5, 16, 20, 30)) == 3
+    assert COGVIDEOX.token_frames(v15, torch.zeros(1, 16, 20, 30)) == 1

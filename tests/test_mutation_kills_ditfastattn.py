@@ -66,7 +66,7 @@ def test_layer_cache_nbytes_and_release():
 
 # ------------------------------------------------------------------ per-call checks
 def ctx(step, grid=(4, 4), cond=1):
-    return SimpleNamespace(step=step, grid=grid, cond=cond, text_tokens=0, text_position=None, branch=None,
+    return SimpleNamespace(step=step, grid=grid, cond=cond, text_tokens=0, text_position=None, frames=1, branch=None,
                            branches=1, shared=None)
 
 

@@ -47,6 +47,7 @@ class StepContext:
     batch_size: int
     text_tokens: int = 0  # text tokens in the self-attention sequence (joint attention)
     text_position: str | None = None  # "prefix" or "suffix"
+    frames: int = 1  # video: latent frames (after temporal patching) stacked in the grid's rows
     #: families whose pipelines run CFG as separate calls (no ``cfg_batch_order``): the cache context
     #: of this call ("cond", "uncond", ...: its CFG-branch state); None outside a pipeline's context
     branch: str | None = None
@@ -198,8 +199,8 @@ class Runtime:
         if shards > 1:  # this hook sees this rank's shard of the (packed) text and image tokens: describe them all
             grid, text = (grid[0], grid[1] * shards), text * shards
         branches = self.cross.see(step, branch)
-        st.ctx = StepContext(step, tval, self._cond_index(hs, bound), grid, hs.shape[0], text, position, branch,
-                             branches, self.cross.slots)
+        st.ctx = StepContext(step, tval, self._cond_index(hs, bound), grid, hs.shape[0], text, position,
+                             self.adapter.token_frames(self.transformer, hs), branch, branches, self.cross.slots)
         st.steps_seen.add(step)
         self.last_ctx = st.ctx
         self.method.begin_call(st.ctx)

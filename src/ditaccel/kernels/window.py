@@ -8,6 +8,10 @@ handed to one generic kernel:
   ``|i - j| <= r``.
 * ``neighborhood2d``: visual tokens form a ``(gh, gw)`` row-major grid; query
   ``(r1, c1)`` sees key ``(r2, c2)`` iff ``|r1 - r2| <= rh and |c1 - c2| <= rw``.
+* ``neighborhood3d``: the grid stacks ``frames`` frames of ``gh / frames`` rows; query
+  ``(f1, r1, c1)`` sees key ``(f2, r2, c2)`` iff ``|f1 - f2| <= rt``, ``|r1 - r2| <= rh`` and
+  ``|c1 - c2| <= rw`` (rows within a frame). Run by the flex, chunked, sdpa_mask and reference
+  backends (the Triton tile kernel evaluates the two other patterns only).
 
 Optional text tokens (``text_tokens`` of them, before the visual tokens for
 ``text_position="prefix"``, after them for ``"suffix"``) are never windowed: a
@@ -148,7 +152,14 @@ def window_tiles(spec: WindowSpec, part: str = "inside", block_m: int = 128, blo
     return _window_tiles_cached(spec, part, block_m, block_n, str(torch.device(device or "cpu")))
 
 
+#: window kinds the Triton tile kernel evaluates in-kernel
+TILE_KERNEL_KINDS = ("band1d", "neighborhood2d")
+
+
 def _triton_attention(q, k, v, spec: WindowSpec, scale: float, block_size: int):
+    if spec.kind not in TILE_KERNEL_KINDS:
+        raise ValueError(f"backend 'triton' runs {TILE_KERNEL_KINDS} windows, not {spec.kind!r}; "
+                         "use 'flex' or 'chunked'")
     if not available(q):
         raise ValueError("backend 'triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     tiles = window_tiles(spec, "inside", block_size, block_size, q.device)
@@ -206,7 +217,7 @@ def _chunked_attention(q, k, v, spec: WindowSpec, scale: float, chunk_size: int 
     """Query chunks attend only to the key range their window can reach (+ text keys)."""
     L, n, off, t = spec.seq_len, spec.num_visual, spec.visual_offset, spec.text_tokens
     gh, gw = spec.grid
-    rh, rw = spec.radius
+    rh, rw = spec.radius[-2:]
     text = (0, t) if spec.text_position == "prefix" else (n, L)
     out = torch.empty_like(q)
 
@@ -224,6 +235,20 @@ def _chunked_attention(q, k, v, spec: WindowSpec, scale: float, chunk_size: int 
     if t:  # text queries: full attention
         attend(*text, [(0, L)])
 
+    if spec.kind == "neighborhood3d":  # per frame, a few rows at a time: key rows of the nearby frames
+        rt = spec.radius[0]
+        frames, rows_f = spec.frames, gh // spec.frames
+        step = max(1, (chunk_size or max(64, rh * gw // 2)) // gw)
+        for f in range(frames):
+            for r0 in range(0, rows_f, step):
+                r1 = min(rows_f, r0 + step)
+                ranges = [((g * rows_f + max(0, r0 - rh)) * gw + off, (g * rows_f + min(rows_f, r1 + rh)) * gw + off)
+                          for g in range(max(0, f - rt), min(frames, f + rt + 1))]
+                if t:
+                    ranges.append(text)
+                attend((f * rows_f + r0) * gw + off, (f * rows_f + r1) * gw + off, _merged(ranges))
+        return out
+
     # Visual query chunks [qs, qe) and the visual key range [ks, ke) their window can reach.
     if spec.kind == "band1d":
         step = chunk_size or max(64, rh // 2)
@@ -240,6 +265,17 @@ def _chunked_attention(q, k, v, spec: WindowSpec, scale: float, chunk_size: int 
             a, b = sorted([text, ranges[0]])
             ranges = [(a[0], b[1])] if a[1] == b[0] else [a, b]
         attend(qs + off, qe + off, ranges)
+    return out
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``[start, end)`` ranges with touching or overlapping ones joined."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
     return out
 
 
@@ -264,7 +300,8 @@ def window_attention(
         spec: the window pattern.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` (``"triton"`` on Hopper-class GPUs where its tensor-descriptor loads
-            apply, ``"flex"`` on other CUDA devices, ``"chunked"`` elsewhere), ``"triton"`` (the
+            apply, ``"flex"`` on other CUDA devices and for ``neighborhood3d``, ``"chunked"``
+            elsewhere), ``"triton"`` (the
             tile kernel of :mod:`ditaccel.kernels.tiles` over the tiles the window touches,
             masking only those its boundary cuts; CUDA, or CPU under ``TRITON_INTERPRET=1``;
             on an H100 at head dim 72: 2.11 ms vs 2.60 for ``"flex"``, see BENCHMARKS.md),
@@ -289,7 +326,8 @@ def window_attention(
         return _without_padding(q, k, v, spec, key_padding_mask, scale, lambda q_, k_, v_, s_: window_attention(
             q_, k_, v_, s_, scale=scale, backend=backend, chunk_size=chunk_size, block_size=block_size))
     if backend == "auto":
-        backend = ("triton" if tma_available(q, k, v) else "flex") if q.is_cuda else "chunked"
+        tiles = spec.kind in TILE_KERNEL_KINDS and tma_available(q, k, v)
+        backend = ("triton" if tiles else "flex") if q.is_cuda else "chunked"
     if backend == "triton":
         return _triton_attention(q, k, v, spec, scale, block_size)
     if backend == "flex":

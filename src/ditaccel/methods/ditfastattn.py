@@ -45,7 +45,7 @@ ALL_METHODS: tuple[str, ...] = METHODS + ABLATION_METHODS
 CANDIDATES: tuple[str, ...] = (AST, WARS_ASC, WARS, ASC)
 #: the paper's thresholds D1..D6
 PRESETS: dict[str, float] = {f"D{i}": round(0.025 * i, 3) for i in range(1, 7)}
-WINDOW_KINDS = ("band1d", "neighborhood2d")
+WINDOW_KINDS = ("band1d", "neighborhood2d", "neighborhood3d")
 SEARCHES = ("greedy", "local")
 #: when the window residual of ``wars`` is refreshed: at ``full`` steps (ours), or at ``full`` and
 #: ``asc`` steps (thu-nics/DiTFastAttn's code)
@@ -62,12 +62,16 @@ class DiTFastAttnConfig:
         threshold: the error budget δ of the greedy search (the paper's D1..D6 are 0.025..0.15;
             a preset name such as ``"D6"`` is accepted). Larger compresses more and costs
             quality. 0 keeps every layer ``full``.
-        window: ``"band1d"`` (the paper: a band over the row-major flattened tokens) or
-            ``"neighborhood2d"`` (a (2r+1)×(2r+1) box on the token grid, the same cost at the
-            same ``window_size``, better at keeping the vertical neighbours).
+        window: ``"band1d"`` (the paper: a band over the row-major flattened tokens; for video
+            the (frame, row, col) order), ``"neighborhood2d"`` (a (2r+1)×(2r+1) box on the
+            token grid, the same cost at the same ``window_size``, better at keeping the vertical
+            neighbours; video frames stack their rows in that grid) or ``"neighborhood3d"``
+            (video: a box over frames, rows and columns of each frame; on images it is the 2D
+            box). Text tokens of joint attention are never windowed.
         window_size: fraction of the keys an interior query sees. 0.25 is the paper's
             band of N/8 tokens on each side; for ``neighborhood2d`` each grid axis gets a
-            radius of ``round(sqrt(window_size) * side / 2)``.
+            radius of ``round(sqrt(window_size) * side / 2)``, for ``neighborhood3d`` each of
+            the three axes ``round(window_size ** (1/3) * side / 2)`` (two axes on images).
         candidates: methods tried for each (layer, step), in order; the first within budget
             wins. The default is the paper's order (most compressing first). ``"wa"`` (window
             attention without the residual, costing the same as ``"wars"``) may be listed for
@@ -140,18 +144,25 @@ class DiTFastAttnConfig:
 
 
 def make_window(kind: str, window_size: float, grid: tuple[int, int], text_tokens: int = 0,
-                text_position: str | None = "prefix") -> WindowSpec:
+                text_position: str | None = "prefix", frames: int = 1) -> WindowSpec:
     """The window of ``kind`` that lets an interior query see ``window_size`` of the visual keys
-    (``text_tokens`` un-windowed text tokens before or after them: ``text_position``)."""
+    (``text_tokens`` un-windowed text tokens before or after them: ``text_position``; ``frames``:
+    the video frames stacked in the grid's rows)."""
     text_position = text_position or "prefix"
     gh, gw = grid
     if kind == "band1d":
         r = round(window_size * gh * gw / 2)
         return WindowSpec.band(grid, r, text_tokens=text_tokens, text_position=text_position)
-    if kind == "neighborhood2d":
+    if kind == "neighborhood2d" or (kind == "neighborhood3d" and frames == 1):
         s = math.sqrt(window_size) / 2
-        return WindowSpec.neighborhood(grid, (round(s * gh), round(s * gw)),
-                                       text_tokens=text_tokens, text_position=text_position)
+        radius = (round(s * gh), round(s * gw))
+        if kind == "neighborhood2d":
+            return WindowSpec.neighborhood(grid, radius, text_tokens=text_tokens, text_position=text_position)
+        return WindowSpec.neighborhood3d(grid, 1, (0, *radius), text_tokens, text_position)
+    if kind == "neighborhood3d":
+        s = window_size ** (1 / 3) / 2
+        radius = (round(s * frames), round(s * (gh // frames)), round(s * gw))
+        return WindowSpec.neighborhood3d(grid, frames, radius, text_tokens, text_position)
     raise ValueError(f"window must be one of {WINDOW_KINDS}, got {kind!r}")
 
 
@@ -561,10 +572,12 @@ class DiTFastAttn:
     def new_cache(self) -> LayerCache:
         return LayerCache()
 
-    def window(self, grid: tuple[int, int], text_tokens: int = 0, text_position: str | None = None) -> WindowSpec:
-        key = (tuple(grid), text_tokens, text_position)
+    def window(self, grid: tuple[int, int], text_tokens: int = 0, text_position: str | None = None,
+               frames: int = 1) -> WindowSpec:
+        key = (tuple(grid), text_tokens, text_position, frames)
         if key not in self._windows:
-            self._windows[key] = make_window(self.window_kind, self.window_size, grid, text_tokens, text_position)
+            self._windows[key] = make_window(self.window_kind, self.window_size, grid, text_tokens, text_position,
+                                             frames)
         return self._windows[key]
 
     def action(self, layer: int, step: int) -> StepAction:
@@ -576,7 +589,7 @@ class DiTFastAttn:
 
     def attention(self, ctx, layer: int, call: AttentionCall, cache: LayerCache):
         action = self.action(layer, ctx.step)
-        window = self.window(ctx.grid, ctx.text_tokens, ctx.text_position)
+        window = self.window(ctx.grid, ctx.text_tokens, ctx.text_position, ctx.frames)
         peer = None
         if ctx.cond is None and ctx.branch is not None and ctx.shared is not None:
             peer = CfgPeer(ctx.shared, layer, ctx.step, ctx.branch)
