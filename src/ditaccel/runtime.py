@@ -4,7 +4,10 @@ Built on ``diffusers.hooks``: one stateful ``ModelHook`` on the transformer read
 each call, maps it to the denoising step and detects the CFG layout; per-layer processors
 (``ditaccel.processors``) hand each self-attention call to the method. State lives in a
 ``StateManager`` (one state per CFG branch context), is reset whenever the pipeline starts a
-generation (``scheduler.set_timesteps``), and belongs to one transformer only.
+generation (``scheduler.set_timesteps``), and belongs to one transformer only. What the branch
+states of one generation share (which branches call at each step, and the slots in which the first
+CFG call of a step leaves work for the other: DiTFastAttn's ``asc`` where CFG runs as two calls)
+lives in one ``CrossBranchState`` beside them, reset and freed with them.
 
 Under ``torch.compile`` (of the transformer, or ``transformer.compile()``): everything that
 decides per call (the timestep's step, the CFG layout, the state and its caches, the method's
