@@ -21,12 +21,17 @@ def brute_mask(spec: WindowSpec) -> torch.Tensor:
     gh, gw = spec.grid
     off = t if spec.text_position == "prefix" else 0
     m = torch.zeros(L, L, dtype=torch.bool)
+    rows = gh // spec.frames  # rows of one frame
     for i, j in itertools.product(range(L), range(L)):
         a, b = i - off, j - off
         if not (0 <= a < n and 0 <= b < n):
             m[i, j] = True
         elif spec.kind == "band1d":
             m[i, j] = abs(a - b) <= spec.radius[0]
+        elif spec.kind == "neighborhood3d":  # (frame, row in the frame, column) of each token
+            (fa, ra, ca), (fb, rb, cb) = ((x // (rows * gw), x // gw % rows, x % gw) for x in (a, b))
+            rt, rh, rw = spec.radius
+            m[i, j] = abs(fa - fb) <= rt and abs(ra - rb) <= rh and abs(ca - cb) <= rw
         else:
             m[i, j] = abs(a // gw - b // gw) <= spec.radius[0] and abs(a % gw - b % gw) <= spec.radius[1]
     return m
@@ -46,6 +51,9 @@ SPECS = [
     WindowSpec.neighborhood((8, 8), 0, text_tokens=3),
     WindowSpec.neighborhood((3, 11), (1, 3), text_tokens=5, text_position="suffix"),
     WindowSpec.neighborhood((8, 8), (2, 1), text_tokens=5),
+    WindowSpec.neighborhood3d((12, 4), 3, (1, 1, 1)),  # 3 frames of 4 x 4
+    WindowSpec.neighborhood3d((15, 5), 5, (0, 1, 2), text_tokens=4),
+    WindowSpec.neighborhood3d((8, 6), 4, (2, 0, 1), text_tokens=3, text_position="suffix"),
 ]
 
 
@@ -69,6 +77,11 @@ def test_spec_basics():
         (dict(kind="band1d", grid=(4, 4), radius=(1, 2)), "radius"),
         (dict(kind="band1d", grid=(4, 4), radius=1, text_tokens=-1), "text_tokens"),
         (dict(kind="band1d", grid=(4, 4), radius=1, text_position="middle"), "text_position"),
+        (dict(kind="neighborhood3d", grid=(6, 4), radius=(1, 1), frames=3), "radius"),
+        (dict(kind="neighborhood3d", grid=(6, 4), radius=(1, -1, 1), frames=3), "radius"),
+        (dict(kind="neighborhood3d", grid=(6, 4), radius=1, frames=4), "frames"),
+        (dict(kind="neighborhood3d", grid=(6, 4), radius=1, frames=0), "frames"),
+        (dict(kind="neighborhood2d", grid=(6, 4), radius=1, frames=2), "frames"),
     ],
 )
 def test_spec_validation(kwargs, field):
@@ -105,6 +118,9 @@ CASES = [
     (WindowSpec.neighborhood((8, 8), 0, text_tokens=3, text_position="suffix"), 64),
     (WindowSpec.neighborhood((3, 11), (1, 3)), 128),
     (WindowSpec.neighborhood((8, 8), (2, 1), text_tokens=3), 72),
+    (WindowSpec.neighborhood3d((12, 4), 3, (1, 1, 1), text_tokens=5), 64),
+    (WindowSpec.neighborhood3d((16, 5), 4, (1, 0, 2), text_tokens=3, text_position="suffix"), 72),
+    (WindowSpec.neighborhood3d((10, 6), 5, (0, 2, 1)), 64),
 ]
 
 
@@ -144,6 +160,7 @@ def test_reference_scale_lse_and_float64():
         WindowSpec.band((3, 11), 1000, text_tokens=5, text_position="suffix"),
         WindowSpec.neighborhood((5, 7), (5, 7), text_tokens=3),
         WindowSpec.neighborhood((8, 8), (100, 100)),
+        WindowSpec.neighborhood3d((12, 4), 3, (2, 3, 3), text_tokens=2),
     ],
     ids=str,
 )
@@ -259,3 +276,73 @@ def test_input_validation():
         window_attention(q, k, v, "band1d")
     with pytest.raises(ValueError, match="spec.seq_len"):
         window_attention_reference(q, k, v, WindowSpec.band((4, 4), 2))
+
+
+# --------------------------------------------------------------------------- text key padding
+def _padding(spec, B, seed):
+    """A (B, L) key-padding mask padding a different number of text tokens per row (row 0 none)."""
+    g = torch.Generator().manual_seed(seed)
+    t0 = 0 if spec.text_position == "prefix" else spec.num_visual
+    m = torch.ones(B, spec.seq_len, dtype=torch.bool)
+    for b in range(1, B):
+        pad = int(torch.randint(1, spec.text_tokens + 1, (1,), generator=g))
+        m[b, t0 + spec.text_tokens - pad:t0 + spec.text_tokens] = False  # right padding of the text
+    return m
+
+
+PADDED = [WindowSpec.band((4, 6), 3, 5, "prefix"), WindowSpec.band((6, 5), 4, 7, "suffix"),
+          WindowSpec.neighborhood((5, 6), (1, 2), 6, "suffix"), WindowSpec.neighborhood((4, 4), (1, 1), 3, "prefix")]
+
+
+@pytest.mark.parametrize("backend", ["auto", "chunked", "sdpa_mask", "reference"]
+                         + (["flex"] if _flex_cpu_works() else []))
+@pytest.mark.parametrize("spec", PADDED, ids=str)
+def test_key_padding_matches_the_masked_definition(spec, backend):
+    """Padded keys are never attended, by any query; everything else is the window (text rows and
+    columns dense): softmax over window_dense_mask & key_padding_mask, from the brute-force mask."""
+    q, k, v = qkv(spec, B=3, H=2, D=16, seed=5)
+    kpm = _padding(spec, 3, seed=6)
+    out = window_attention(q, k, v, spec, backend=backend, key_padding_mask=kpm)
+    allowed = brute_mask(spec)[None, None] & kpm[:, None, None, :]
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(16)
+    expected = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    k2, v2 = k.clone(), v.clone()
+    k2[~kpm[:, None, :, None].expand_as(k)] = 50.0  # whatever sits in the padded keys
+    v2[~kpm[:, None, :, None].expand_as(v)] = -50.0
+    torch.testing.assert_close(window_attention(q, k2, v2, spec, backend=backend, key_padding_mask=kpm), out)
+    assert torch.equal(window_attention(q, k, v, spec, backend=backend, key_padding_mask=torch.ones_like(kpm)),
+                       window_attention(q, k, v, spec, backend=backend))
+
+
+def test_key_padding_of_a_visual_key_is_refused():
+    spec = WindowSpec.band((4, 4), 2, 4, "prefix")
+    q, k, v = qkv(spec, B=1, H=1, D=8)
+    kpm = torch.ones(1, spec.seq_len, dtype=torch.bool)
+    kpm[0, 6] = False  # a visual token
+    for backend in ("chunked", "reference"):
+        with pytest.raises(ValueError, match="key_padding_mask: window attention accepts padding on text tokens"):
+            window_attention(q, k, v, spec, backend=backend, key_padding_mask=kpm)
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        window_attention(q, k, v, spec, key_padding_mask=kpm[:, 1:])
+
+
+def test_3d_window_outside_the_tile_kernel():
+    """The Triton tile kernel evaluates band / 2D windows only: asked for a 3D one it refuses, and
+    the fused full + window entry point runs it as two passes."""
+    from ditaccel.kernels.window_residual import full_and_window_attention
+
+    spec = WindowSpec.neighborhood3d((12, 4), 3, (1, 1, 1), text_tokens=2)
+    q, k, v = qkv(spec, B=1, H=2, D=16)
+    with pytest.raises(ValueError, match="backend 'triton' runs"):
+        window_attention(q, k, v, spec, backend="triton")
+    full, win = full_and_window_attention(q, k, v, spec)
+    torch.testing.assert_close(full, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(win, window_attention_reference(q, k, v, spec), atol=1e-5, rtol=1e-5)
+
+
+def test_3d_spec_round_trips_through_the_operator_encoding():
+    from ditaccel.kernels import ops
+
+    for spec in SPECS:
+        assert ops.spec_from_ints(ops.spec_to_ints(spec)) == spec

@@ -66,7 +66,8 @@ def test_layer_cache_nbytes_and_release():
 
 # ------------------------------------------------------------------ per-call checks
 def ctx(step, grid=(4, 4), cond=1):
-    return SimpleNamespace(step=step, grid=grid, cond=cond)
+    return SimpleNamespace(step=step, grid=grid, cond=cond, text_tokens=0, text_position=None, frames=1, branch=None,
+                           branches=1, shared=None)
 
 
 def test_step_count_and_steps_past_the_plan_are_refused():
@@ -110,6 +111,10 @@ class Call:
 
     def project(self, heads):
         return heads
+
+    def core(self, fn, rows=None):
+        o = fn(*self.qkv(rows), None)
+        return o if rows is None else torch.cat([o, o])
 
 
 def _qkv(b=4, seed=0):
@@ -163,7 +168,7 @@ def test_scoring_candidates_leaves_the_caches_alone():
     cache = LayerCache(out=prev, res=res, res_rows="all")
     m = DiTFastAttn([["full", "full"]])
     m.trial, m.write, m.scoring = ["full"], False, ("ast", "wars", "asc")
-    out, frac, name = m.attention(SimpleNamespace(step=1, grid=(4, 4), cond=None), 0, Call(q, k, v), cache)
+    out, frac, name = m.attention(ctx(1, cond=None), 0, Call(q, k, v), cache)
     assert cache.out is prev and cache.res is res and cache.res_rows == "all"
     window = m.window((4, 4))
     assert m.scores == {0: {"ast": dfa.relative_l1(out, prev),

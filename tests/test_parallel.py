@@ -138,11 +138,13 @@ ADASPA_FIRST = {"flux", "cogvideox"}
 
 def _methods(model):
     """(name, plan or config) of the cases compared: ditaccel applied with every layer full,
-    a DiTFastAttn full/ast plan, AdaSpa with sparse steps and head tiers."""
+    a DiTFastAttn full/ast plan, AdaSpa with sparse steps and head tiers, a DiTFastAttn plan with
+    window attention (wars, wa: the window over the gathered sequence in true order)."""
     full, ast = ["full"] * len(STEPS), ["full", "ast", "full", "ast", "ast"]
     return [("dense", Plan.from_methods(model, [full] * 2, cfg=False)),
             ("ditfastattn", Plan.from_methods(model, [ast] * 2, cfg=False)),
-            ("adaspa", ADASPA)]
+            ("adaspa", ADASPA),
+            ("window", Plan.from_methods(model, [["full", "wars", "wa", "full", "wars"]] * 2, cfg=False))]
 
 
 def _generate(model, method, call):

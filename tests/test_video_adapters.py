@@ -51,10 +51,16 @@ def test_wan_ast_and_exact_remove(wan):
     assert torch.equal(wan(x, timestep=torch.tensor([500]), encoder_hidden_states=ctx).sample, ref)
 
 
-def test_wan_refuses_methods_it_cannot_run(wan):
+def test_a_call_kind_that_cannot_run_a_method_is_refused_before_any_work(wan, monkeypatch):
+    """Every built-in call kind runs every method; a kind restricted to full/ast (as the dispatch
+    kinds were before wars/asc ran at the core) makes apply refuse a plan with wars, in one line."""
+    from ditaccel.processors import DispatchAttentionCall
+
+    monkeypatch.setattr(DispatchAttentionCall, "methods", frozenset({"full", "ast"}))
     processors = [b.attn1.processor for b in wan.blocks]
-    with pytest.raises(ValueError, match=r"plan_or_config.*wars"):
+    with pytest.raises(ValueError, match=r"plan_or_config: methods \['wars'\] are not supported") as e:
         ditaccel.apply(wan, Plan.from_methods(wan, [["full", "wars"]] * 2, cfg=False))
+    assert "\n" not in str(e.value)
     assert [b.attn1.processor for b in wan.blocks] == processors and get_runtime(wan) is None
 
 

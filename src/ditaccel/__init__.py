@@ -65,7 +65,8 @@ def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None,
     if unsupported:
         raise ValueError(f"plan_or_config: methods {unsupported} are not supported for {type(transformer).__name__} "
                          f"yet (its attention convention {kind!r} runs {sorted(CALL_KINDS[kind].methods)})")
-    method = DiTFastAttn(plan.methods, plan.metadata["window"], plan.metadata["window_size"])
+    method = DiTFastAttn(plan.methods, plan.metadata["window"], plan.metadata["window_size"],
+                         plan.metadata.get("residual_refresh", "full"))
     method.expected_grid = plan.metadata.get("grid")
     install(pipe_or_transformer, method, cfg=cfg)
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .methods.ditfastattn import ALL_METHODS, ASC, FULL, METHODS, WA, WARS, WARS_ASC, WINDOW_KINDS
+from .methods.ditfastattn import (ALL_METHODS, ASC, FULL, METHODS, RESIDUAL_REFRESHES, WA, WARS, WARS_ASC,
+                                  WINDOW_KINDS, refreshes_residual)
 from .runtime import split_target
 
 FORMAT = "ditaccel.plan"
@@ -58,9 +59,11 @@ class Plan:
     method ``"wa"``: window attention without the residual) plus metadata.
 
     Metadata (all written by ``calibrate``): ``model_class``, ``config_fingerprint``,
-    ``num_layers``, ``num_steps``, ``cfg``, ``window``, ``window_size`` (required) and
-    ``scheduler``, ``tokens``, ``grid``, ``threshold``, ``library_version``, ``created``,
-    ``calibration_seconds``, ... (informative).
+    ``num_layers``, ``num_steps``, ``cfg``, ``window``, ``window_size`` (required),
+    ``residual_refresh`` (``"full"`` when absent: which steps refresh the ``wars`` residual, see
+    ``DiTFastAttnConfig``; it changes what the plan computes) and ``scheduler``, ``tokens``,
+    ``grid``, ``threshold``, ``library_version``, ``created``, ``calibration_seconds``, ...
+    (informative).
     """
 
     methods: list[list[str]]
@@ -100,6 +103,10 @@ class Plan:
             raise PlanError(f"metadata.window: unknown window {md['window']!r}; known: {WINDOW_KINDS}")
         if not 0 < md["window_size"] <= 1:
             raise PlanError(f"metadata.window_size: must be in (0, 1], got {md['window_size']!r}")
+        refresh = md.get("residual_refresh", "full")
+        if refresh not in RESIDUAL_REFRESHES:
+            raise PlanError(f"metadata.residual_refresh: unknown rule {refresh!r}; known: {RESIDUAL_REFRESHES}")
+        refreshing = "'full'" if refresh == "full" else "'full' or 'asc'"
         rows = self.methods
         if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
             raise PlanError("methods: must be a list (layers) of lists (steps)")
@@ -108,18 +115,19 @@ class Plan:
         for i, row in enumerate(rows):
             if len(row) != md["num_steps"]:
                 raise PlanError(f"methods[{i}]: {len(row)} steps, but metadata.num_steps is {md['num_steps']}")
-            seen_full = False
+            seen_refresh = False
             for s, m in enumerate(row):
                 where = f"methods[{i}][{s}]"
                 if m not in ALL_METHODS:
                     raise PlanError(f"{where}: unknown method {m!r}; known: {ALL_METHODS}")
                 if s == 0 and m not in (FULL, ASC, WA):
                     raise PlanError(f"{where}: step 0 must compute attention ('full', 'asc' or 'wa'), got {m!r}")
-                if m in (WARS, WARS_ASC) and not seen_full:
-                    raise PlanError(f"{where}: {m!r} needs an earlier 'full' step of the same layer (its residual)")
+                if m in (WARS, WARS_ASC) and not seen_refresh:
+                    raise PlanError(f"{where}: {m!r} needs an earlier {refreshing} step of the same layer (its "
+                                    "residual)")
                 if m in (ASC, WARS_ASC) and not md["cfg"]:
                     raise PlanError(f"{where}: {m!r} needs CFG, but metadata.cfg is false")
-                seen_full |= m == FULL
+                seen_refresh |= refreshes_residual(m, refresh)
 
     def check_model(self, transformer: torch.nn.Module) -> None:
         """Raise ``PlanError`` if this plan was made for another model."""
@@ -197,7 +205,8 @@ class Plan:
                  f"  model      {md['model_class']} [{md['config_fingerprint']}], {self.num_layers} layers",
                  f"  steps      {self.num_steps} ({md.get('scheduler', '?')}), cfg={md['cfg']}",
                  f"  tokens     {md.get('tokens', '?')} (grid {md.get('grid', '?')})",
-                 f"  window     {md['window']}, size {md['window_size']}",
+                 f"  window     {md['window']}, size {md['window_size']}"
+                 + (f", residual refreshed at {md['residual_refresh']} steps" if "residual_refresh" in md else ""),
                  f"  threshold  {md.get('threshold', '?')}"]
         if isinstance(md.get("calibration_seconds"), (int, float)):
             lines.append(f"  calibrated in {md['calibration_seconds']:.1f} s on {md.get('calibration_inputs', '?')} inputs")

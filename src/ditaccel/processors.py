@@ -5,12 +5,18 @@ module's original processor and exposes the call to the method through ``Attenti
 (``ditaccel.methods.ditfastattn``). One ``AttentionCall`` kind per attention-call convention:
 
 - ``"sdpa_self"``: diffusers' ``AttnProcessor2_0`` self-attention (DiT, PixArt): ditaccel can
-  compute q/k/v and the output projection itself, so every method applies.
+  compute q/k/v and the output projection itself.
 - ``"dispatch"``: processors that call ``dispatch_attention_fn`` (Wan, HunyuanVideo, Flux): the
   original processor runs as is (RoPE, norms, joint text/video concat) and only its attention
   core is replaced, through a guarded wrapper of the processor module's ``dispatch_attention_fn``.
 - ``"sdpa_module"``: the same for processors calling ``F.scaled_dot_product_attention`` (CogVideoX),
   through a stand-in for that module's ``F``.
+
+Every kind offers the same two operations to a method: ``full()`` (the unmodified module output)
+and ``core(fn, rows=None)`` (the module output with the attention core replaced by
+``fn(q, k, v, key_padding_mask)`` in head space (B, H, L, D), the whole attention sequence of joint
+attention included; ``rows`` = one CFG half of the batch: the core runs on those rows only and its
+result stands for both halves). Every DiTFastAttn method and AdaSpa run through these two.
 """
 
 from __future__ import annotations
@@ -29,11 +35,20 @@ def _rows(x, rows):
     return x if rows is None or x is None else x[rows]
 
 
+def _repeat_halves(x: torch.Tensor) -> torch.Tensor:
+    """The result for one half of a CFG batch, standing for both halves."""
+    return torch.cat([x, x], dim=0)
+
+
+#: the DiTFastAttn methods every call kind runs (through ``full`` and ``core``)
+ALL_METHODS = frozenset({"full", "wars", "ast", "asc", "wars+asc", "wa"})
+
+
 class SdpaSelfAttentionCall:
     """One self-attention call in the ``AttnProcessor2_0`` convention, (B, L, C) hidden states."""
 
     #: DiTFastAttn methods this convention can run
-    methods = frozenset({"full", "wars", "ast", "asc", "wars+asc", "wa"})
+    methods = ALL_METHODS
 
     @staticmethod
     def handles(encoder_hidden_states) -> bool:
@@ -67,10 +82,13 @@ class SdpaSelfAttentionCall:
         self._x = x  # rows of the last qkv(): project() adds their residual connection
         return q, k, v
 
-    def core(self, fn):
-        """The module output with its attention core replaced by ``fn(q, k, v, key_padding_mask)``."""
-        q, k, v = self.qkv()
-        return self.project(fn(q, k, v, None))
+    def core(self, fn, rows=None):
+        """The module output with its attention core replaced by ``fn(q, k, v, key_padding_mask)``.
+        rows: one CFG half of the batch: projections, core and output projection run on these rows
+        only, and the output is repeated for both halves."""
+        q, k, v = self.qkv(rows)
+        out = self.project(fn(q, k, v, None))
+        return out if rows is None else _repeat_halves(out)
 
     def project(self, heads):
         attn = self.attn
@@ -206,7 +224,8 @@ class DispatchAttentionCall:
 
     patch_attr = "dispatch_attention_fn"  # what of the processor's module routes the core to ditaccel
 
-    methods = frozenset({"full", "ast"})  # no q/k/v access for wars, no per-row call for asc (yet)
+    #: DiTFastAttn methods this convention can run: all, at the attention core
+    methods = ALL_METHODS
 
     #: (text tokens, "prefix"/"suffix"/None) of the attention sequence, from the step context (set
     #: by the processor): under context parallelism the core puts the gathered tokens in true order
@@ -222,25 +241,31 @@ class DispatchAttentionCall:
         self.attention_mask = attention_mask
         self.batch_size = hidden_states.shape[0]
 
-    def full(self, rows=None):
-        if rows is not None:
-            raise ValueError("ditaccel: sharing across CFG halves is not supported for this attention convention")
+    def full(self):
         return self.original(self.attn, self.hidden_states, self.encoder_hidden_states, self.attention_mask,
                              *self.args, **self.kwargs)
 
-    def qkv(self, rows=None):
-        raise ValueError("ditaccel: window attention with residual (wars) is not supported for this attention "
-                         "convention yet")
-
-    def core(self, fn):
+    def core(self, fn, rows=None):
         """The module output with the attention core of its self-attention dispatch replaced by
         ``fn(q, k, v, key_padding_mask)``; under diffusers context parallelism by
-        ``fn(q, k, v, key_padding_mask, heads=HeadShard)`` on all tokens of this rank's heads."""
+        ``fn(q, k, v, key_padding_mask, heads=HeadShard)`` on all tokens of this rank's heads.
+        rows: one CFG half of the batch: ``fn`` sees those rows only and its output stands for
+        both halves (the projections around the core still run on every row)."""
+        if rows is not None:
+            fn = _on_rows(fn, rows)
         token = _CORE.set((fn, self.text))
         try:
             return self.full()
         finally:
             _CORE.reset(token)
+
+
+def _on_rows(fn, rows):
+    def core(q, k, v, key_padding_mask=None, **kwargs):
+        kpm = None if key_padding_mask is None else key_padding_mask[rows]
+        return _repeat_halves(fn(q[rows], k[rows], v[rows], kpm, **kwargs))
+
+    return core
 
 
 class SdpaModuleAttentionCall(DispatchAttentionCall):

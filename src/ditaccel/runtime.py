@@ -4,7 +4,10 @@ Built on ``diffusers.hooks``: one stateful ``ModelHook`` on the transformer read
 each call, maps it to the denoising step and detects the CFG layout; per-layer processors
 (``ditaccel.processors``) hand each self-attention call to the method. State lives in a
 ``StateManager`` (one state per CFG branch context), is reset whenever the pipeline starts a
-generation (``scheduler.set_timesteps``), and belongs to one transformer only.
+generation (``scheduler.set_timesteps``), and belongs to one transformer only. What the branch
+states of one generation share (which branches call at each step, and the slots in which the first
+CFG call of a step leaves work for the other: DiTFastAttn's ``asc`` where CFG runs as two calls)
+lives in one ``CrossBranchState`` beside them, reset and freed with them.
 
 Under ``torch.compile`` (of the transformer, or ``transformer.compile()``): everything that
 decides per call (the timestep's step, the CFG layout, the state and its caches, the method's
@@ -47,6 +50,44 @@ class StepContext:
     batch_size: int
     text_tokens: int = 0  # text tokens in the self-attention sequence (joint attention)
     text_position: str | None = None  # "prefix" or "suffix"
+    frames: int = 1  # video: latent frames (after temporal patching) stacked in the grid's rows
+    #: families whose pipelines run CFG as separate calls (no ``cfg_batch_order``): the cache context
+    #: of this call ("cond", "uncond", ...: its CFG-branch state); None outside a pipeline's context
+    branch: str | None = None
+    #: how many branches called the transformer at step 0 of this generation (2: CFG as two calls per
+    #: step; known from step 1 on, at step 0 those seen so far)
+    branches: int = 1
+    #: per-layer state the branches of one generation share (``CrossBranchState.slots``), for a method
+    #: whose calls of one step depend on each other (DiTFastAttn's asc across separate CFG calls)
+    shared: dict | None = field(default=None, repr=False, compare=False)
+
+
+class CrossBranchState:
+    """What the CFG-branch states of one generation share: which branches called at step 0, and
+    the method's per-step slots (values with ``nbytes()``); dropped with the generation."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.slots: dict = {}
+        self.step0_branches: set = set()
+        self.last_step = -1
+
+    def see(self, step: int, branch: str | None) -> int:
+        """Record a call of ``branch`` at ``step``; the number of branches seen at step 0."""
+        if step == 0 and self.last_step > 0:  # a bare transformer starts a new generation
+            self.reset()
+        self.last_step = max(self.last_step, step)
+        if step == 0:
+            self.step0_branches.add(branch)
+        return max(1, len(self.step0_branches))
+
+    def nbytes(self) -> int:
+        return sum(v.nbytes() for v in self.slots.values())
+
+    def release(self):
+        self.slots.clear()
 
 
 class GenerationState(BaseState):
@@ -107,6 +148,7 @@ class Runtime:
     def __init__(self, transformer: torch.nn.Module, adapter: ModelAdapter, method, cfg: bool | None = None):
         self.transformer, self.adapter, self.method, self.cfg = transformer, adapter, method, cfg
         self.state_manager = StateManager(GenerationState)
+        self.cross = CrossBranchState()
         self.schedule: torch.Tensor | None = None  # the scheduler's timesteps, when known
         self.originals: list = []
         self.scheduler = None
@@ -120,12 +162,14 @@ class Runtime:
 
     def reset(self):
         self.state_manager.reset()
+        self.cross.reset()
 
     def release(self):
         """Free every cached tensor but keep what ``stats`` reports."""
         for st in self.state_manager._state_cache.values():
             for cache in st.caches.values():
                 cache.release()
+        self.cross.release()
 
     def on_set_timesteps(self, timesteps: torch.Tensor):
         """The pipeline starts a generation: drop all state, learn the schedule."""
@@ -143,6 +187,8 @@ class Runtime:
         ctx = self.state_manager._context
         if ctx is None or ctx.name.startswith("ditaccel:"):
             self.state_manager.set_context(CacheContext(_OWN_CONTEXT))
+        name = self.state_manager._context.name
+        branch = None if self.adapter.cfg_batch_order is not None or name == _OWN_CONTEXT else name
         st = self.state
         tval = (t.flatten()[0] if torch.is_tensor(t) else torch.tensor(t)).item() / self.adapter.timestep_scale
         step = self._step_of(st, tval)
@@ -155,7 +201,9 @@ class Runtime:
         shards = input_shards(self.transformer, HOOK_NAME)
         if shards > 1:  # this hook sees this rank's shard of the (packed) text and image tokens: describe them all
             grid, text = (grid[0], grid[1] * shards), text * shards
-        st.ctx = StepContext(step, tval, self._cond_index(hs, bound), grid, hs.shape[0], text, position)
+        branches = self.cross.see(step, branch)
+        st.ctx = StepContext(step, tval, self._cond_index(hs, bound), grid, hs.shape[0], text, position,
+                             self.adapter.token_frames(self.transformer, hs), branch, branches, self.cross.slots)
         st.steps_seen.add(step)
         self.last_ctx = st.ctx
         self.method.begin_call(st.ctx)
@@ -229,7 +277,7 @@ class Runtime:
         st.flops_dense += dense_flops
         st.flops_done += fraction * dense_flops
         st.flops_by_method[name] += fraction * dense_flops
-        nbytes = sum(c.nbytes() for c in st.caches.values())
+        nbytes = sum(c.nbytes() for c in st.caches.values()) + self.cross.nbytes()
         st.cache_bytes_peak = max(st.cache_bytes_peak, nbytes)
         return out
 

@@ -42,20 +42,25 @@ from .window_residual import full_and_window_attention as _full_and_window_atten
 __all__ = ["attention_with_lse", "block_mass", "block_sparse_attention", "full_and_window_attention", "spec_from_ints",
            "spec_to_ints", "window_attention"]
 
-_KIND_CODES = {"band1d": 0, "neighborhood2d": 1}
+_KIND_CODES = {"band1d": 0, "neighborhood2d": 1, "neighborhood3d": 2}
+_KINDS = tuple(_KIND_CODES)
 
 
 def spec_to_ints(spec: WindowSpec) -> list[int]:
-    """``[kind, gh, gw, rh, rw, text_tokens, prefix]``: a ``WindowSpec`` as an operator argument."""
+    """``[kind, gh, gw, rh, rw, text_tokens, prefix, frames, rt]``: a ``WindowSpec`` as an operator
+    argument (``rt`` = 0 and ``frames`` = 1 but for ``neighborhood3d``)."""
     if not isinstance(spec, WindowSpec):
         raise ValueError(f"spec must be a WindowSpec, got {type(spec).__name__}")
-    return [_KIND_CODES[spec.kind], *spec.grid, *spec.radius, spec.text_tokens, int(spec.text_position == "prefix")]
+    rt, rh, rw = spec.radius if spec.kind == "neighborhood3d" else (0, *spec.radius)
+    return [_KIND_CODES[spec.kind], *spec.grid, rh, rw, spec.text_tokens, int(spec.text_position == "prefix"),
+            spec.frames, rt]
 
 
 @functools.lru_cache(maxsize=256)
 def _spec(ints: tuple[int, ...]) -> WindowSpec:
-    kind, gh, gw, rh, rw, text, prefix = ints
-    return WindowSpec(("band1d", "neighborhood2d")[kind], (gh, gw), (rh, rw), text, "prefix" if prefix else "suffix")
+    kind, gh, gw, rh, rw, text, prefix, frames, rt = ints
+    radius = (rt, rh, rw) if _KINDS[kind] == "neighborhood3d" else (rh, rw)
+    return WindowSpec(_KINDS[kind], (gh, gw), radius, text, "prefix" if prefix else "suffix", frames)
 
 
 def spec_from_ints(ints) -> WindowSpec:

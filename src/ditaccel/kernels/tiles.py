@@ -403,6 +403,9 @@ def tile_attention(
     flg = tiles.flags.contiguous() if tiles.flags is not None else idx
     kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else cnt
     if window is not None:
+        if window.kind not in ("band1d", "neighborhood2d"):
+            raise ValueError(f"window: the tile kernel evaluates band1d and neighborhood2d windows, "
+                             f"not {window.kind!r}")
         win = (1 if window.kind == "band1d" else 2, window.num_visual, window.visual_offset, window.grid[1],
                *window.radius, window.text_tokens > 0)
     else:

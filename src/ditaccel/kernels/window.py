@@ -8,6 +8,10 @@ handed to one generic kernel:
   ``|i - j| <= r``.
 * ``neighborhood2d``: visual tokens form a ``(gh, gw)`` row-major grid; query
   ``(r1, c1)`` sees key ``(r2, c2)`` iff ``|r1 - r2| <= rh and |c1 - c2| <= rw``.
+* ``neighborhood3d``: the grid stacks ``frames`` frames of ``gh / frames`` rows; query
+  ``(f1, r1, c1)`` sees key ``(f2, r2, c2)`` iff ``|f1 - f2| <= rt``, ``|r1 - r2| <= rh`` and
+  ``|c1 - c2| <= rw`` (rows within a frame). Run by the flex, chunked, sdpa_mask and reference
+  backends (the Triton tile kernel evaluates the two other patterns only).
 
 Optional text tokens (``text_tokens`` of them, before the visual tokens for
 ``text_position="prefix"``, after them for ``"suffix"``) are never windowed: a
@@ -15,10 +19,16 @@ text query sees every key, and every query sees every text key.
 
 Layout everywhere is SDPA's: ``q, k, v`` of shape ``(B, H, L, D)`` with
 ``L == spec.seq_len``. Self-attention only (k/v have the same ``L`` as q).
+
+A boolean key-padding mask ``(B, L)`` (True = attend; HunyuanVideo pads its text) may mask text
+keys only (visual keys are always attended): every backend then runs on each distinct mask row's
+unpadded tokens (padded text tokens dropped, the spec's ``text_tokens`` reduced to match), and a
+padded text query, which is a text row, attends densely to the unpadded keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -48,10 +58,10 @@ _OUTSIDE, _MIXED, _INSIDE = 0, 1, 2
 # --------------------------------------------------------------------------- validation
 
 
-def _check_inputs(q, k, v, spec, scale, backend=None) -> float:
+def _check_inputs(q, k, v, spec, scale, backend=None, key_padding_mask=None) -> float:
     if not isinstance(spec, WindowSpec):
         raise ValueError(f"spec must be a WindowSpec, got {type(spec).__name__}")
-    scale = check_qkv((("q", q), ("k", k), ("v", v)), None, scale)
+    scale = check_qkv((("q", q), ("k", k), ("v", v)), key_padding_mask, scale)
     if q.shape[2] != spec.seq_len:
         raise ValueError(f"q/k/v sequence length L={q.shape[2]} must equal spec.seq_len={spec.seq_len}")
     if backend is not None and backend not in _BACKENDS:
@@ -62,18 +72,24 @@ def _check_inputs(q, k, v, spec, scale, backend=None) -> float:
 # --------------------------------------------------------------------------- reference
 
 
-def window_attention_reference(q, k, v, spec: WindowSpec, scale: float | None = None, return_lse: bool = False):
-    """Exact reference: ``softmax(mask(q @ k^T * scale)) @ v`` with the dense mask.
+def window_attention_reference(q, k, v, spec: WindowSpec, scale: float | None = None, return_lse: bool = False,
+                               key_padding_mask: torch.Tensor | None = None):
+    """Exact reference: ``softmax(mask(q @ k^T * scale)) @ v`` with the dense mask (and'ed with
+    ``key_padding_mask``, ``(B, L)`` bool, True = attend, when given).
 
     Computed in float32 (float64 for float64 inputs); returns ``q.dtype``. With
     ``return_lse=True`` also returns the natural-log row log-sum-exp ``(B, H, L)``
     in the compute dtype.
     """
-    scale = _check_inputs(q, k, v, spec, scale)
+    scale = _check_inputs(q, k, v, spec, scale, key_padding_mask=key_padding_mask)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
-    s = s.masked_fill(~window_dense_mask(spec, q.device), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # every row attends at least to itself: finite
+    allowed = window_dense_mask(spec, q.device)
+    if key_padding_mask is not None:
+        _check_padding_is_text(spec, key_padding_mask)
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # every row attends at least to itself (never padded): finite
     out = torch.matmul(torch.exp(s - lse[..., None]), v.to(cdt)).to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -136,7 +152,14 @@ def window_tiles(spec: WindowSpec, part: str = "inside", block_m: int = 128, blo
     return _window_tiles_cached(spec, part, block_m, block_n, str(torch.device(device or "cpu")))
 
 
+#: window kinds the Triton tile kernel evaluates in-kernel
+TILE_KERNEL_KINDS = ("band1d", "neighborhood2d")
+
+
 def _triton_attention(q, k, v, spec: WindowSpec, scale: float, block_size: int):
+    if spec.kind not in TILE_KERNEL_KINDS:
+        raise ValueError(f"backend 'triton' runs {TILE_KERNEL_KINDS} windows, not {spec.kind!r}; "
+                         "use 'flex' or 'chunked'")
     if not available(q):
         raise ValueError("backend 'triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     tiles = window_tiles(spec, "inside", block_size, block_size, q.device)
@@ -194,7 +217,7 @@ def _chunked_attention(q, k, v, spec: WindowSpec, scale: float, chunk_size: int 
     """Query chunks attend only to the key range their window can reach (+ text keys)."""
     L, n, off, t = spec.seq_len, spec.num_visual, spec.visual_offset, spec.text_tokens
     gh, gw = spec.grid
-    rh, rw = spec.radius
+    rh, rw = spec.radius[-2:]
     text = (0, t) if spec.text_position == "prefix" else (n, L)
     out = torch.empty_like(q)
 
@@ -211,6 +234,20 @@ def _chunked_attention(q, k, v, spec: WindowSpec, scale: float, chunk_size: int 
 
     if t:  # text queries: full attention
         attend(*text, [(0, L)])
+
+    if spec.kind == "neighborhood3d":  # per frame, a few rows at a time: key rows of the nearby frames
+        rt = spec.radius[0]
+        frames, rows_f = spec.frames, gh // spec.frames
+        step = max(1, (chunk_size or max(64, rh * gw // 2)) // gw)
+        for f in range(frames):
+            for r0 in range(0, rows_f, step):
+                r1 = min(rows_f, r0 + step)
+                ranges = [((g * rows_f + max(0, r0 - rh)) * gw + off, (g * rows_f + min(rows_f, r1 + rh)) * gw + off)
+                          for g in range(max(0, f - rt), min(frames, f + rt + 1))]
+                if t:
+                    ranges.append(text)
+                attend((f * rows_f + r0) * gw + off, (f * rows_f + r1) * gw + off, _merged(ranges))
+        return out
 
     # Visual query chunks [qs, qe) and the visual key range [ks, ke) their window can reach.
     if spec.kind == "band1d":
@@ -231,6 +268,17 @@ def _chunked_attention(q, k, v, spec: WindowSpec, scale: float, chunk_size: int 
     return out
 
 
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``[start, end)`` ranges with touching or overlapping ones joined."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
 # --------------------------------------------------------------------------- public fast path
 
 
@@ -243,6 +291,7 @@ def window_attention(
     backend: str = "auto",
     chunk_size: int | None = None,
     block_size: int = 128,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Window attention, ``(B, H, L, D)`` in and out, ``L == spec.seq_len``.
 
@@ -251,7 +300,8 @@ def window_attention(
         spec: the window pattern.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` (``"triton"`` on Hopper-class GPUs where its tensor-descriptor loads
-            apply, ``"flex"`` on other CUDA devices, ``"chunked"`` elsewhere), ``"triton"`` (the
+            apply, ``"flex"`` on other CUDA devices and for ``neighborhood3d``, ``"chunked"``
+            elsewhere), ``"triton"`` (the
             tile kernel of :mod:`ditaccel.kernels.tiles` over the tiles the window touches,
             masking only those its boundary cuts; CUDA, or CPU under ``TRITON_INTERPRET=1``;
             on an H100 at head dim 72: 2.11 ms vs 2.60 for ``"flex"``, see BENCHMARKS.md),
@@ -264,12 +314,20 @@ def window_attention(
             down to whole grid rows, at least one); default ``max(64, r // 2)`` for
             band1d, ``max(64, rh * gw // 2)`` for neighborhood2d.
         block_size: ``"triton"`` tile / ``"flex"`` block-mask block size.
+        key_padding_mask: ``(B, L)`` bool, True = attend, or ``None``. Only text tokens may be
+            padded (``ValueError`` otherwise): see the module docstring.
     """
-    scale = _check_inputs(q, k, v, spec, scale, backend)
+    scale = _check_inputs(q, k, v, spec, scale, backend, key_padding_mask)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
+    if key_padding_mask is not None and not bool(key_padding_mask.all()):
+        if backend == "reference":
+            return window_attention_reference(q, k, v, spec, scale, key_padding_mask=key_padding_mask)
+        return _without_padding(q, k, v, spec, key_padding_mask, scale, lambda q_, k_, v_, s_: window_attention(
+            q_, k_, v_, s_, scale=scale, backend=backend, chunk_size=chunk_size, block_size=block_size))
     if backend == "auto":
-        backend = ("triton" if tma_available(q, k, v) else "flex") if q.is_cuda else "chunked"
+        tiles = spec.kind in TILE_KERNEL_KINDS and tma_available(q, k, v)
+        backend = ("triton" if tiles else "flex") if q.is_cuda else "chunked"
     if backend == "triton":
         return _triton_attention(q, k, v, spec, scale, block_size)
     if backend == "flex":
@@ -279,6 +337,44 @@ def window_attention(
     if backend == "sdpa_mask":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=window_dense_mask(spec, q.device), scale=scale)
     return window_attention_reference(q, k, v, spec, scale)
+
+
+# --------------------------------------------------------------------------- key padding
+
+
+def _text_range(spec: WindowSpec) -> tuple[int, int]:
+    return (0, spec.text_tokens) if spec.text_position == "prefix" else (spec.num_visual, spec.seq_len)
+
+
+def _check_padding_is_text(spec: WindowSpec, key_padding_mask: torch.Tensor) -> None:
+    t0, t1 = _text_range(spec)
+    padded = ~key_padding_mask
+    if bool(padded[:, :t0].any() or padded[:, t1:].any()):
+        raise ValueError("key_padding_mask: window attention accepts padding on text tokens only "
+                         f"(sequence positions {t0}..{t1 - 1} here); a visual key is padded")
+
+
+def _without_padding(q, k, v, spec: WindowSpec, key_padding_mask: torch.Tensor, scale: float, attend) -> torch.Tensor:
+    """Window attention honouring a text key-padding mask with an unmasked backend: for each
+    distinct mask row, ``attend(q, k, v, spec)`` runs on the unpadded tokens (the spec keeps the
+    unpadded text tokens only), and the padded text queries attend densely to the unpadded keys."""
+    _check_padding_is_text(spec, key_padding_mask)
+    out = torch.empty_like(q)
+    t0, t1 = _text_range(spec)
+    patterns, which = torch.unique(key_padding_mask, dim=0, return_inverse=True)
+    for i, keep in enumerate(patterns):
+        rows = (which == i).nonzero().flatten()
+        kept = keep.nonzero().flatten()
+        sub = dataclasses.replace(spec, text_tokens=spec.text_tokens - int((~keep[t0:t1]).sum()))
+        qs, ks, vs = q[rows], k[rows], v[rows]
+        o = torch.empty_like(qs)
+        o[:, :, kept] = attend(qs[:, :, kept], ks[:, :, kept], vs[:, :, kept], sub)
+        padded = (~keep).nonzero().flatten()
+        if len(padded):  # padded text queries: text rows, dense over the unpadded keys
+            o[:, :, padded] = F.scaled_dot_product_attention(qs[:, :, padded], ks[:, :, kept], vs[:, :, kept],
+                                                             scale=scale)
+        out[rows] = o
+    return out
 
 
 # --------------------------------------------------------------------------- accounting

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .tiles import available, tile_attention
-from .window import WindowSpec, _check_inputs, window_attention_reference, window_tile_classes, window_tiles
+from .window import (TILE_KERNEL_KINDS, WindowSpec, _check_inputs, window_attention, window_attention_reference,
+                     window_tile_classes, window_tiles)
 
 __all__ = ["full_and_window_attention", "full_and_window_attention_reference", "tile_classes"]
 
@@ -45,6 +46,8 @@ def full_and_window_attention_reference(q, k, v, spec: WindowSpec, *, scale: flo
 
 
 def _triton_full_and_window(q, k, v, spec: WindowSpec, scale: float, block_size: int | None):
+    if spec.kind not in TILE_KERNEL_KINDS:  # a pattern the tile kernel does not evaluate: two passes
+        return F.scaled_dot_product_attention(q, k, v, scale=scale), window_attention(q, k, v, spec, scale=scale)
     if not available(q):
         raise ValueError("backend 'triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
     bs = block_size or (128 if q.is_cuda else 64)

@@ -4,8 +4,19 @@ the CFG halves (``asc``) and ``wars+asc``; plus ``wa`` (window attention alone, 
 residual), an ablation only: the paper's evidence that the residual is what keeps quality.
 
 This module decides and caches; it never looks at a model. It sees one attention call through
-the small ``AttentionCall`` protocol (implemented by ``ditaccel.processors``) and computes with
-``ditaccel.kernels``.
+the small ``AttentionCall`` protocol (implemented by ``ditaccel.processors``): ``full()`` and
+``core(fn, rows)``, so every method runs at the attention core, in head space, whatever the family
+(joint text + image/video sequences included: the window covers the visual tokens only, text rows
+and text columns stay dense), and computes with ``ditaccel.kernels``.
+
+CFG comes two ways. Batched (DiT, PixArt, CogVideoX): ``asc`` computes the conditional half's rows
+and copies them to the other half. As two transformer calls per step (Wan; Flux and HunyuanVideo
+with true CFG), each call in its own cache context (its own per-branch state): the first call of a
+step computes an ``asc`` / ``wars+asc`` layer's attention core and leaves its output in a slot
+shared by the branches (:class:`CfgPeer`); the other call of the same step takes it instead of
+computing, whichever order the pipeline calls them in (diffusers' pipelines call the conditional
+branch first; where the unconditional one comes first, the conditional call reuses the
+unconditional attention).
 """
 
 from __future__ import annotations
@@ -34,8 +45,11 @@ ALL_METHODS: tuple[str, ...] = METHODS + ABLATION_METHODS
 CANDIDATES: tuple[str, ...] = (AST, WARS_ASC, WARS, ASC)
 #: the paper's thresholds D1..D6
 PRESETS: dict[str, float] = {f"D{i}": round(0.025 * i, 3) for i in range(1, 7)}
-WINDOW_KINDS = ("band1d", "neighborhood2d")
+WINDOW_KINDS = ("band1d", "neighborhood2d", "neighborhood3d")
 SEARCHES = ("greedy", "local")
+#: when the window residual of ``wars`` is refreshed: at ``full`` steps (ours), or at ``full`` and
+#: ``asc`` steps (thu-nics/DiTFastAttn's code)
+RESIDUAL_REFRESHES = ("full", "full+asc")
 #: the search losses: ``"relative"`` (ours, symmetric) and ``"official"`` (thu-nics/DiTFastAttn's)
 LOSSES = ("relative", "official")
 
@@ -48,12 +62,16 @@ class DiTFastAttnConfig:
         threshold: the error budget δ of the greedy search (the paper's D1..D6 are 0.025..0.15;
             a preset name such as ``"D6"`` is accepted). Larger compresses more and costs
             quality. 0 keeps every layer ``full``.
-        window: ``"band1d"`` (the paper: a band over the row-major flattened tokens) or
-            ``"neighborhood2d"`` (a (2r+1)×(2r+1) box on the token grid, the same cost at the
-            same ``window_size``, better at keeping the vertical neighbours).
+        window: ``"band1d"`` (the paper: a band over the row-major flattened tokens; for video
+            the (frame, row, col) order), ``"neighborhood2d"`` (a (2r+1)×(2r+1) box on the
+            token grid, the same cost at the same ``window_size``, better at keeping the vertical
+            neighbours; video frames stack their rows in that grid) or ``"neighborhood3d"``
+            (video: a box over frames, rows and columns of each frame; on images it is the 2D
+            box). Text tokens of joint attention are never windowed.
         window_size: fraction of the keys an interior query sees. 0.25 is the paper's
             band of N/8 tokens on each side; for ``neighborhood2d`` each grid axis gets a
-            radius of ``round(sqrt(window_size) * side / 2)``.
+            radius of ``round(sqrt(window_size) * side / 2)``, for ``neighborhood3d`` each of
+            the three axes ``round(window_size ** (1/3) * side / 2)`` (two axes on images).
         candidates: methods tried for each (layer, step), in order; the first within budget
             wins. The default is the paper's order (most compressing first). ``"wa"`` (window
             attention without the residual, costing the same as ``"wars"``) may be listed for
@@ -73,6 +91,15 @@ class DiTFastAttnConfig:
             *signed* max, which blows up (to the clip at 10) wherever the larger of the two
             values is near zero, including wherever both are negative and one is near zero;
             kept to reproduce the paper's plans. Recorded as ``metadata["loss"]``.
+        residual_refresh: which steps refresh the window residual R = O − W that ``wars`` /
+            ``wars+asc`` steps add. ``"full"`` (default, ours): only ``full`` steps; an ``asc``
+            step in between leaves R as it was. ``"full+asc"``: also ``asc`` steps, as
+            thu-nics/DiTFastAttn's code does (its ``asc`` method counts as a full-attention step
+            there): the ``asc`` step computes R for the half it computes (the conditional half,
+            or the CFG call that computes) and that R then stands for both halves, also at later
+            plain ``wars`` steps. Costs a window pass at such ``asc`` steps; a residual closer in
+            time. Recorded as ``metadata["residual_refresh"]``; a plan runs with the rule it was
+            calibrated with.
         cfg: whether calls batch classifier-free guidance. ``None`` detects it per call
             (the two halves of the latent input are identical); set it when that heuristic
             cannot hold (e.g. a batch of one prompt repeated twice without CFG).
@@ -85,6 +112,7 @@ class DiTFastAttnConfig:
     candidates: tuple[str, ...] = CANDIDATES
     search: str = "greedy"
     loss: str = "relative"
+    residual_refresh: str = "full"
     cfg: bool | None = None
     show_progress: bool = True
 
@@ -109,21 +137,32 @@ class DiTFastAttnConfig:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.residual_refresh not in RESIDUAL_REFRESHES:
+            raise ValueError(f"residual_refresh must be one of {RESIDUAL_REFRESHES}, got {self.residual_refresh!r}")
         if self.cfg not in (None, True, False):
             raise ValueError(f"cfg must be None, True or False, got {self.cfg!r}")
 
 
 def make_window(kind: str, window_size: float, grid: tuple[int, int], text_tokens: int = 0,
-                text_position: str = "prefix") -> WindowSpec:
-    """The window of ``kind`` that lets an interior query see ``window_size`` of the keys."""
+                text_position: str | None = "prefix", frames: int = 1) -> WindowSpec:
+    """The window of ``kind`` that lets an interior query see ``window_size`` of the visual keys
+    (``text_tokens`` un-windowed text tokens before or after them: ``text_position``; ``frames``:
+    the video frames stacked in the grid's rows)."""
+    text_position = text_position or "prefix"
     gh, gw = grid
     if kind == "band1d":
         r = round(window_size * gh * gw / 2)
         return WindowSpec.band(grid, r, text_tokens=text_tokens, text_position=text_position)
-    if kind == "neighborhood2d":
+    if kind == "neighborhood2d" or (kind == "neighborhood3d" and frames == 1):
         s = math.sqrt(window_size) / 2
-        return WindowSpec.neighborhood(grid, (round(s * gh), round(s * gw)),
-                                       text_tokens=text_tokens, text_position=text_position)
+        radius = (round(s * gh), round(s * gw))
+        if kind == "neighborhood2d":
+            return WindowSpec.neighborhood(grid, radius, text_tokens=text_tokens, text_position=text_position)
+        return WindowSpec.neighborhood3d(grid, 1, (0, *radius), text_tokens, text_position)
+    if kind == "neighborhood3d":
+        s = window_size ** (1 / 3) / 2
+        radius = (round(s * frames), round(s * (gh // frames)), round(s * gw))
+        return WindowSpec.neighborhood3d(grid, frames, radius, text_tokens, text_position)
     raise ValueError(f"window must be one of {WINDOW_KINDS}, got {kind!r}")
 
 
@@ -133,8 +172,10 @@ class StepAction:
     """What one layer does at one step, and which caches it keeps or frees afterwards.
 
     keep_out: store this step's attention-module output (a later ``ast`` step reads it).
-    keep_res: at a ``full`` step, store the window residual for ``"all"`` rows or only the
-        ``"cond"`` half (when only ``wars+asc`` steps read it); ``None`` stores nothing.
+    keep_res: at a step that refreshes the window residual (``full``; with
+        ``residual_refresh="full+asc"`` also ``asc``), store it for ``"all"`` rows or only the
+        ``"cond"`` half (a ``full`` step read only by ``wars+asc`` steps; an ``asc`` step, which
+        computes that half only); ``None`` stores nothing.
     release_out / release_res: this step is the cache's last reader; free it afterwards.
     """
 
@@ -145,9 +186,15 @@ class StepAction:
     release_res: bool = False
 
 
-def layer_schedule(methods: list[str]) -> list[StepAction]:
+def refreshes_residual(method: str, residual_refresh: str = "full") -> bool:
+    """Whether a step of ``method`` refreshes the window residual under ``residual_refresh``."""
+    return method == FULL or (residual_refresh == "full+asc" and method == ASC)
+
+
+def layer_schedule(methods: list[str], residual_refresh: str = "full") -> list[StepAction]:
     """Cache actions for one layer's row of a plan: every cache holds only what a later step
-    reads, and is dropped right after its last reader."""
+    reads, and is dropped right after its last reader. A residual is read by the ``wars`` /
+    ``wars+asc`` steps after the step that refreshed it, up to the next refreshing step."""
     n = len(methods)
     actions = []
     for s, m in enumerate(methods):
@@ -156,19 +203,19 @@ def layer_schedule(methods: list[str]) -> list[StepAction]:
         release_out = m == AST and nxt != AST
         keep_res = None
         release_res = False
-        if m == FULL:
+        if refreshes_residual(m, residual_refresh):
             readers = []
             for later in methods[s + 1:]:
-                if later == FULL:
+                if refreshes_residual(later, residual_refresh):
                     break
                 if later in (WARS, WARS_ASC):
                     readers.append(later)
             if readers:
-                keep_res = "all" if WARS in readers else "cond"
+                keep_res = "all" if m == FULL and WARS in readers else "cond"
         if m in (WARS, WARS_ASC):
             rest = methods[s + 1:]
-            nxt_full = rest.index(FULL) if FULL in rest else len(rest)
-            release_res = not any(x in (WARS, WARS_ASC) for x in rest[:nxt_full])
+            nxt_refresh = next((i for i, x in enumerate(rest) if refreshes_residual(x, residual_refresh)), len(rest))
+            release_res = not any(x in (WARS, WARS_ASC) for x in rest[:nxt_refresh])
         actions.append(StepAction(m, keep_out, keep_res, release_out, release_res))
     return actions
 
@@ -177,30 +224,47 @@ CALIBRATION_ACTION = {m: StepAction(m, keep_out=True, keep_res="all" if m == FUL
 """During calibration the future is unknown: keep every output and every residual."""
 
 
+def calibration_action(method: str, residual_refresh: str = "full") -> StepAction:
+    """:data:`CALIBRATION_ACTION` under ``residual_refresh`` (``"full+asc"``: ``asc`` steps keep
+    their residual too)."""
+    if method == ASC and residual_refresh == "full+asc":
+        return StepAction(ASC, keep_out=True, keep_res="cond")
+    return CALIBRATION_ACTION[method]
+
+
 # ------------------------------------------------------------------------- one attention call
 class AttentionCall(Protocol):
     """One call of a self-attention module, as the method sees it (implemented by processors).
 
-    ``rows`` selects batch rows (``None``: all). Head-space tensors are (B, H, L, D).
+    Head-space tensors are (B, H, L, D); L is the whole attention sequence (text tokens of joint
+    attention included).
     """
 
     batch_size: int
 
-    def full(self, rows: slice | None = None) -> torch.Tensor:
-        """The unmodified module output for these rows."""
+    def full(self) -> torch.Tensor:
+        """The unmodified module output."""
 
-    def qkv(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Projected (and normalised) q, k, v for these rows."""
-
-    def project(self, heads: torch.Tensor) -> torch.Tensor:
-        """Module output from the attention output in head space."""
+    def core(self, fn, rows: slice | None = None) -> torch.Tensor:
+        """The module output with the attention core replaced by ``fn(q, k, v, key_padding_mask)``
+        (under context parallelism also ``heads=``: the rank's heads). ``rows``: one CFG half of
+        the batch; ``fn`` sees those rows only and its output stands for both halves."""
 
 
 @dataclass
 class LayerCache:
+    """One layer's caches in one CFG-branch state.
+
+    out: the attention-module output a later ``ast`` step reads (joint layers: a tuple).
+    res: the window residual O − W in head space, (B, H, L, D) or the rows ``res_rows`` says:
+        ``"all"`` (every row of the call), ``"cond"`` (the conditional half of a CFG batch only)
+        or ``"shared"`` (the conditional half, standing for both halves: refreshed at an ``asc``
+        step under ``residual_refresh="full+asc"``).
+    """
+
     out: torch.Tensor | None = None
     res: torch.Tensor | None = None
-    res_rows: str | None = None  # "all" or "cond"
+    res_rows: str | None = None
 
     def nbytes(self) -> int:
         outs = self.out if isinstance(self.out, tuple) else (self.out,)  # joint layers: (image, text)
@@ -211,73 +275,173 @@ class LayerCache:
 
 
 @dataclass
+class SharedCore:
+    """A layer's attention-core output left by the first CFG call of a step for the other call:
+    the output (``heads``, (B, H, L, D)) and, when that step refreshed it, the window residual."""
+
+    step: int
+    branch: str
+    heads: torch.Tensor | None
+    res: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.heads, self.res) if t is not None)
+
+    def release(self) -> None:
+        self.heads = self.res = None
+
+
+class CfgPeer:
+    """``asc`` / ``wars+asc`` where CFG runs as two transformer calls per step, each in its own
+    CFG-branch state (``branch``: its cache-context name). ``slots`` is shared by the branches of
+    one generation (the runtime's): the first call of ``step`` that runs ``method`` on ``layer``
+    computes and leaves a :class:`SharedCore` under ``(layer, method)``; a call of another branch
+    at the same step takes it (the slot is emptied: nothing stays after its one reader)."""
+
+    def __init__(self, slots: dict, layer: int, step: int, branch: str):
+        self.slots, self.layer, self.step, self.branch = slots, layer, step, branch
+
+    def take(self, method: str) -> SharedCore | None:
+        key = (self.layer, method)
+        got = self.slots.get(key)
+        if got is None or got.step != self.step or got.branch == self.branch:
+            return None
+        del self.slots[key]
+        return got
+
+    def put(self, method: str, heads: torch.Tensor, res: torch.Tensor | None = None) -> None:
+        self.slots[(self.layer, method)] = SharedCore(self.step, self.branch, heads, res)
+
+
+@dataclass
 class CallCost:
     """Attention work of one call, in units of one dense attention over the whole batch."""
 
     fraction: float
-    extra_window: float = 0.0  # residual-making window pass on a full step
+    extra_window: float = 0.0  # residual-making window pass on a refreshing step
+
+
+def _dense(q, k, v, key_padding_mask=None):
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _dense_and_window(q, k, v, key_padding_mask, window: WindowSpec, part: slice, other: slice | None):
+    """Dense attention of every row, the window attention of the rows ``part`` (``other``: the
+    remaining rows, or ``None`` when ``part`` is all of them), and the window pass's cost as a
+    fraction of one dense pass over all rows."""
+    share = 1.0 if other is None else 0.5
+    if key_padding_mask is None and tma_available(q, k, v):  # one kernel, each tile once: window, then the rest
+        if other is None:
+            o, w = full_and_window_attention(q, k, v, window)
+        else:  # the residual of the conditional half only; the other half plain dense
+            o = torch.empty_like(q)
+            o[part], w = full_and_window_attention(q[part], k[part], v[part], window)
+            o[other] = F.scaled_dot_product_attention(q[other], k[other], v[other])
+        return o, w, _mixed_fraction(window) * share  # boundary tiles are visited by both passes
+    o = _dense(q, k, v, key_padding_mask)  # dense attention and a separate window pass
+    kpm = None if key_padding_mask is None else key_padding_mask[part]
+    w = window_attention(q[part], k[part], v[part], window, key_padding_mask=kpm)
+    return o, w, _tile_fraction(window) * share
+
+
+def _check_window(window: WindowSpec, q: torch.Tensor) -> None:
+    if q.shape[2] != window.seq_len:
+        raise ValueError(f"window: the attention sequence has {q.shape[2]} tokens, but the token grid "
+                         f"{window.grid[0]}x{window.grid[1]} and {window.text_tokens} text tokens make "
+                         f"{window.seq_len}")
+
+
+def _residual(m: str, cache: LayerCache, q: torch.Tensor, half: slice | None) -> torch.Tensor:
+    """The cached residual for the rows ``q`` holds (``wars``: every row of the call; ``wars+asc``
+    with batched CFG: the conditional half)."""
+    rows = cache.res_rows
+    if m == WARS_ASC and half is not None:
+        res = cache.res[half] if rows == "all" else cache.res
+    elif rows == "cond" and half is not None:
+        raise RuntimeError("wars: the cached residual holds only the conditional half")
+    else:
+        res = torch.cat([cache.res, cache.res]) if rows == "shared" and half is not None else cache.res
+    if res.shape != q.shape:
+        raise RuntimeError(f"{m}: the cached residual {tuple(res.shape)} does not fit this call's attention "
+                           f"{tuple(q.shape)}")
+    return res
+
+
+def _reuse(shared: torch.Tensor):
+    def core(q, k, v, key_padding_mask=None, heads=None):
+        if shared.shape != q.shape:
+            raise ValueError(f"asc: the two CFG calls of this step differ in attention shape ({tuple(shared.shape)} "
+                             f"vs {tuple(q.shape)}, e.g. prompts of different lengths): one cannot reuse the other's")
+        return shared
+
+    return core
 
 
 def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window: WindowSpec,
-              cond: int | None, write: bool = True) -> tuple[torch.Tensor, CallCost]:
+              cond: int | None, write: bool = True, peer: CfgPeer | None = None) -> tuple[torch.Tensor, CallCost]:
     """Run one layer at one step as ``action`` says; returns the module output and its cost.
 
-    cond: index (0/1) of the conditional CFG half, or ``None`` when this call has no CFG.
+    cond: index (0/1) of the conditional CFG half of a CFG-batched call, else ``None``.
     write: update ``cache`` (False for the trial runs of calibration).
+    peer: where CFG runs as separate calls (``cond`` is ``None``): the slot this call shares with
+        the other branch's call of the step (``asc``, ``wars+asc``).
     """
     m = action.method
-    if m in (ASC, WARS_ASC) and cond is None:
-        raise RuntimeError(f"method {m!r} needs a CFG-batched call, and this call has none")
+    sharing = m in (ASC, WARS_ASC)
+    if sharing and cond is None and peer is None:
+        raise RuntimeError(f"method {m!r} needs CFG: a CFG-batched call, or cond / uncond calls in their own "
+                           "cache contexts, and this call has neither")
     b = call.batch_size
     half = None if cond is None else slice(cond * (b // 2), (cond + 1) * (b // 2))
+    got = peer.take(m) if sharing and cond is None else None
 
     if m == AST:
         cached = cache.out[0] if isinstance(cache.out, tuple) else cache.out  # joint layers: (image, text)
         if cached is None or cached.shape[0] != b:
             raise RuntimeError("ast: no cached output from an earlier step of this generation")
         out, cost = cache.out, CallCost(0.0)
-    elif m == FULL and action.keep_res is not None and write:  # trial runs skip the residual
-        q, k, v = call.qkv()
-        rows = slice(None) if action.keep_res == "all" or cond is None else half
-        share = 1.0 if rows == slice(None) else 0.5
-        if tma_available(q, k, v):  # one kernel computes each tile once: the window, then the rest
-            if share == 1.0:
-                o, w = full_and_window_attention(q, k, v, window)
-            else:  # the residual of the conditional half only; the other half plain dense
-                o = torch.empty_like(q)
-                o[rows], w = full_and_window_attention(q[rows], k[rows], v[rows], window)
-                other = slice((1 - cond) * (b // 2), (2 - cond) * (b // 2))
-                o[other] = F.scaled_dot_product_attention(q[other], k[other], v[other])
-            extra = _mixed_fraction(window) * share  # boundary tiles are visited by both passes
-        else:  # dense attention and a separate window pass
-            o = F.scaled_dot_product_attention(q, k, v)
-            w = window_attention(q[rows], k[rows], v[rows], window)
-            extra = _tile_fraction(window) * share
-        cache.res, cache.res_rows = (o[rows] - w), ("all" if share == 1.0 else "cond")
-        out, cost = call.project(o), CallCost(1.0, extra)
-    elif m == FULL:
+    elif got is not None:  # the other CFG call of this step computed this layer's core: reuse it
+        out, cost = call.core(_reuse(got.heads)), CallCost(0.0)
+        if write and got.res is not None:  # refreshed by that asc step: it stands for this branch too
+            cache.res, cache.res_rows = got.res, "all"
+    elif m == FULL and not (action.keep_res is not None and write):  # trial runs skip the residual
         out, cost = call.full(), CallCost(1.0)
-    elif m == ASC:
-        out, cost = _both_halves(call.full(half)), CallCost(0.5)
-    elif m == WA:  # the ablation: the window alone, no residual
-        q, k, v = call.qkv()
-        out, cost = call.project(window_attention(q, k, v, window)), CallCost(_tile_fraction(window))
-    else:  # wars, wars+asc
-        if cache.res is None:
-            raise RuntimeError(f"{m}: no residual from an earlier full step of this generation")
-        rows = half if m == WARS_ASC else None
-        q, k, v = call.qkv(rows)
-        if m == WARS_ASC:
-            res = cache.res if cache.res_rows == "cond" else cache.res[half]
-        else:
-            if cache.res_rows != "all":
-                raise RuntimeError("wars: the cached residual holds only the conditional half")
-            res = cache.res
-        o = window_attention(q, k, v, window) + res
-        out = call.project(o)
-        if m == WARS_ASC:
-            out = _both_halves(out)
-        cost = CallCost(_tile_fraction(window) * (0.5 if m == WARS_ASC else 1.0))
+    else:
+        if m in (WARS, WARS_ASC) and cache.res is None:
+            raise RuntimeError(f"{m}: no residual from an earlier refreshing step of this generation")
+        refresh = m in (FULL, ASC) and action.keep_res is not None and write
+        made = {}
+
+        def core(q, k, v, key_padding_mask=None, heads=None):
+            if refresh or m not in (FULL, ASC):
+                _check_window(window, q)
+            if m in (FULL, ASC):
+                if refresh:
+                    part, other = slice(None), None  # asc: q holds the computed half / call only
+                    if m == FULL and action.keep_res == "cond" and half is not None:
+                        part, other = half, slice((1 - cond) * (b // 2), (2 - cond) * (b // 2))
+                    o, w, made["extra"] = _dense_and_window(q, k, v, key_padding_mask, window, part, other)
+                    made["res"] = o[part] - w
+                    made["rows"] = "all" if other is None else "cond"
+                else:
+                    o = _dense(q, k, v, key_padding_mask)
+            elif m == WA:  # the ablation: the window alone, no residual
+                o = window_attention(q, k, v, window, key_padding_mask=key_padding_mask)
+            else:  # wars, wars+asc
+                o = window_attention(q, k, v, window, key_padding_mask=key_padding_mask) + _residual(m, cache, q, half)
+            made["heads"] = o
+            return o
+
+        out = call.core(core, half if sharing else None)
+        share = 0.5 if sharing and half is not None else 1.0  # batched asc: the conditional half's rows
+        fraction = share if m in (FULL, ASC) else _tile_fraction(window) * share
+        cost = CallCost(fraction, made.get("extra", 0.0) * share)
+        if "res" in made:
+            cache.res = made["res"]
+            cache.res_rows = "shared" if m == ASC and half is not None else made["rows"]
+        if sharing and half is None:  # the first CFG call of this step: leave it for the other call
+            peer.put(m, made["heads"], made.get("res"))
 
     if write:
         if action.keep_out:
@@ -289,6 +453,11 @@ def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window
     return out, cost
 
 
+def _flat(out):
+    """A layer output as one tensor: joint layers return (image, text) pairs, scored together."""
+    return torch.cat([t.flatten() for t in out]) if isinstance(out, tuple) else out
+
+
 @functools.lru_cache(maxsize=64)
 def _tile_fraction(window: WindowSpec) -> float:
     return window_tile_fraction(window)
@@ -298,10 +467,6 @@ def _tile_fraction(window: WindowSpec) -> float:
 def _mixed_fraction(window: WindowSpec) -> float:
     """Fraction of the 128 x 128 tiles the window boundary cuts (computed by both fused passes)."""
     return float((window_tile_classes(window, 128, 128) == 1).float().mean())
-
-
-def _both_halves(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x], dim=0)
 
 
 def relative_l1(o: torch.Tensor, o2: torch.Tensor) -> float:
@@ -346,13 +511,20 @@ class DiTFastAttn:
     every cache kept), ``write=False`` leaves the caches untouched (trial runs), ``scoring``
     lists candidates to score on each layer's own output (``scores[layer][candidate]``) with
     ``score_loss`` (the configured search loss).
+
+    The step context (``ditaccel.runtime.StepContext``) says how CFG runs: ``cond`` (batched) or
+    ``branch`` / ``branches`` / ``shared`` (separate calls, see :class:`CfgPeer`).
     """
 
     name = "ditfastattn"
 
-    def __init__(self, methods: list[list[str]], window: str = "band1d", window_size: float = 0.25):
+    def __init__(self, methods: list[list[str]], window: str = "band1d", window_size: float = 0.25,
+                 residual_refresh: str = "full"):
+        if residual_refresh not in RESIDUAL_REFRESHES:
+            raise ValueError(f"residual_refresh must be one of {RESIDUAL_REFRESHES}, got {residual_refresh!r}")
         self.methods = methods
-        self.schedules = [layer_schedule(row) for row in methods]
+        self.residual_refresh = residual_refresh
+        self.schedules = [layer_schedule(row, residual_refresh) for row in methods]
         self.window_kind, self.window_size = window, window_size
         self.uses_asc = any(m in (ASC, WARS_ASC) for row in methods for m in row)
         self.trial: list[str] | None = None
@@ -386,27 +558,46 @@ class DiTFastAttn:
         if ctx.step >= self.num_steps:
             raise ValueError(f"num_inference_steps: step {ctx.step} is past the plan's {self.num_steps} steps")
         if ctx.cond is None and self.uses_asc:
-            raise ValueError(
-                "plan uses asc (sharing across the CFG halves) but this generation has no CFG-batched call "
-                "(guidance_scale <= 1?). Calibrate without CFG, or apply plan.without_asc().")
+            if ctx.branch is None:
+                raise ValueError(
+                    "plan uses asc (sharing across the CFG halves) but this generation has no CFG-batched call "
+                    "(guidance_scale <= 1?) and no separate cond / uncond calls in their own cache contexts. "
+                    "Calibrate without CFG, or apply plan.without_asc().")
+            if ctx.step > 0 and ctx.branches < 2:
+                raise ValueError(
+                    "plan uses asc (sharing across the CFG calls) but this generation makes one transformer call "
+                    "per step (no unconditional call: guidance_scale / true_cfg_scale <= 1, or no negative "
+                    "prompt?). Calibrate without CFG, or apply plan.without_asc().")
 
     def new_cache(self) -> LayerCache:
         return LayerCache()
 
-    def window(self, grid: tuple[int, int]) -> WindowSpec:
-        if grid not in self._windows:
-            self._windows[grid] = make_window(self.window_kind, self.window_size, grid)
-        return self._windows[grid]
+    def window(self, grid: tuple[int, int], text_tokens: int = 0, text_position: str | None = None,
+               frames: int = 1) -> WindowSpec:
+        key = (tuple(grid), text_tokens, text_position, frames)
+        if key not in self._windows:
+            self._windows[key] = make_window(self.window_kind, self.window_size, grid, text_tokens, text_position,
+                                             frames)
+        return self._windows[key]
+
+    def action(self, layer: int, step: int) -> StepAction:
+        """What ``layer`` does at ``step``: the plan's schedule, or during calibration the trial column's
+        method with every cache kept."""
+        if self.trial is not None:
+            return calibration_action(self.trial[layer], self.residual_refresh)
+        return self.schedules[layer][step]
 
     def attention(self, ctx, layer: int, call: AttentionCall, cache: LayerCache):
-        if self.trial is not None:
-            action = CALIBRATION_ACTION[self.trial[layer]]
-        else:
-            action = self.schedules[layer][ctx.step]
-        window = self.window(ctx.grid)
-        out, cost = run_layer(action, call, cache, window, ctx.cond, write=self.write)
+        action = self.action(layer, ctx.step)
+        window = self.window(ctx.grid, ctx.text_tokens, ctx.text_position, ctx.frames)
+        peer = None
+        if ctx.cond is None and ctx.branch is not None and ctx.shared is not None:
+            peer = CfgPeer(ctx.shared, layer, ctx.step, ctx.branch)
+        out, cost = run_layer(action, call, cache, window, ctx.cond, write=self.write, peer=peer)
         if self.scoring and ctx.step > 0:
+            cfg = ctx.cond is not None or (peer is not None and ctx.branches >= 2)
             self.scores[layer] = {
-                c: self.score_loss(out, run_layer(CALIBRATION_ACTION[c], call, cache, window, ctx.cond, write=False)[0])
-                for c in self.scoring if ctx.cond is not None or c not in (ASC, WARS_ASC)}
+                c: self.score_loss(_flat(out), _flat(run_layer(calibration_action(c, self.residual_refresh), call,
+                                                               cache, window, ctx.cond, write=False, peer=peer)[0]))
+                for c in self.scoring if cfg or c not in (ASC, WARS_ASC)}
         return out, cost.fraction + cost.extra_window, action.method

@@ -79,6 +79,18 @@ class ModelAdapter:
                 mods.append(getattr(block, self.attention))
         return mods
 
+    def token_frames(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> int:
+        """Frames of the token grid (``token_grid`` stacks their rows): ⌈F/pt⌉ for a video latent,
+        1 otherwise."""
+        if hidden_states.ndim != 5:
+            return 1
+        p = getattr(transformer.config, self.patch_size_attr)
+        if isinstance(p, (tuple, list)):
+            pt = p[0]
+        else:
+            pt = (getattr(transformer.config, self.patch_size_t_attr, None) if self.patch_size_t_attr else None) or 1
+        return -(-hidden_states.shape[1 if self.video_layout == "BFCHW" else 2] // pt)
+
     def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the visual token grid for a latent input of shape (B, C, H, W); for
         video (``video_layout``) the frames stack their rows: (⌈F/pt⌉ · H/ph, W/pw), which is the

@@ -3,6 +3,7 @@ exported here), and the trained pixel-space testbed: its data (``data``), pipeli
 classifiers (``classifier``) and training (``train``, over ``recipes``, ``training``,
 ``checkpoint`` and one module per model)."""
 
+from .flux import tiny_flux_pipeline
 from .video import (
     build_clip_tokenizer,
     build_llama_tokenizer,
@@ -24,6 +25,7 @@ __all__ = [
     "build_clip_tokenizer",
     "build_llama_tokenizer",
     "tiny_cogvideox_pipeline",
+    "tiny_flux_pipeline",
     "tiny_hunyuan_video_pipeline",
     "tiny_wan_pipeline",
     "DIT_LABELS",
