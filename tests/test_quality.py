@@ -17,6 +17,7 @@ IMAGE_LABELS = ["dense", "D1", "D2", "D3", "D4", "D5", "D6", "D2 wars", "D4 wars
                 "D6 wa"]
 VIDEO_PARAMS = [("dense", "—", "—")] + [(s, ha, lse) for s in ("0.7", "0.8", "0.9") for ha in ("yes", "no")
                                         for lse in ("yes", "no")]
+VIDEO_DFA_LABELS = ["dense"] + [f"D{i}" for i in range(1, 7)] + [f"D{i} official" for i in range(1, 7)]
 METRIC_COLUMNS = ["attn FLOPs", "PSNR dB", "PSNR min", "SSIM", "FD→data", "FD↔dense", "accuracy", "time s",
                   "speed-up", "methods"]
 
@@ -32,7 +33,7 @@ def _main(argv):
 
 @pytest.fixture(scope="module")
 def toy_run(weights, tmp_path_factory):
-    """Both tables at toy size into a QUALITY.md that already has hand-written prose."""
+    """All three tables at toy size into a QUALITY.md that already has hand-written prose."""
     folder = tmp_path_factory.mktemp("quality")
     md, results = folder / "QUALITY.md", folder / "results"
     md.write_text("# Quality\n\nHand-written prose.\n")
@@ -85,16 +86,20 @@ def test_sections_have_the_rows_and_columns(toy_run):
     head, rows = _table(_section(text, "quality-video"))
     assert head == [*TABLE_COLUMNS["video"], *METRIC_COLUMNS]
     assert [tuple(r[:3]) for r in rows] == VIDEO_PARAMS
-    for name in ("quality-image", "quality-video"):
+    head, rows = _table(_section(text, "quality-video-ditfastattn"))
+    assert head == [*TABLE_COLUMNS["video-ditfastattn"], *METRIC_COLUMNS]
+    assert [r[0] for r in rows] == VIDEO_DFA_LABELS
+    assert [r[2] for r in rows[1:]] == ["relative"] * 6 + ["official"] * 6 and rows[6][1] == "0.15"
+    for name in ("quality-image", "quality-video", "quality-video-ditfastattn"):
         section = _section(text, name)
         assert "Toy run" in section and "guidance" in section and "steps" in section
-        assert re.search(r"Reproduce: `ditaccel quality --only \w+ .*--toy`", section)
+        assert re.search(r"Reproduce: `ditaccel quality --only [\w-]+ .*--toy`", section)
         assert "Most compressing setting with mean PSNR against dense ≥ 30 dB" in section
 
 
 def test_json_is_strict_and_finite_and_dense_row_is_exact(toy_run):
     _, results, _ = toy_run
-    for which, n_rows in (("image", 13), ("video", 13)):
+    for which, n_rows in (("image", 13), ("video", 13), ("video-ditfastattn", 13)):
         (path,) = results.glob(f"*-quality-{which}.json")
         d = _strict_json(path)
         assert d["table"] == which and d["toy"] is True and len(d["rows"]) == n_rows
@@ -110,6 +115,12 @@ def test_json_is_strict_and_finite_and_dense_row_is_exact(toy_run):
     (video,) = results.glob("*-quality-video.json")
     rows = _strict_json(video)["rows"]
     assert {"object", "motion"} <= set(rows[1]["accuracy_factors"])
+    (dfa,) = results.glob("*-quality-video-ditfastattn.json")
+    dfa_rows = {r["label"]: r for r in _strict_json(dfa)["rows"]}
+    assert {"object", "motion"} <= set(dfa_rows["D1"]["accuracy_factors"])
+    # every D-level row ran a plan calibrated for it (the toy model's plans are all ast after step 0;
+    # that the video model's calls can run wars / asc is tests/test_ditfastattn_core.py's)
+    assert all(r["calibration_s"] > 0 and r["method_counts"]["full"] >= 1 for r in dfa_rows.values() if r["label"] != "dense")
     by_label = {r["label"]: r for r in rows}
     # the LSE-cache ablation re-runs full attention at the second search: more attention work
     assert by_label["s=0.8 -lse"]["attention_flops_ratio"] > by_label["s=0.8"]["attention_flops_ratio"]
@@ -120,13 +131,13 @@ def test_json_is_strict_and_finite_and_dense_row_is_exact(toy_run):
 def test_files_are_few_and_linked(toy_run):
     md, results, _ = toy_run
     files = sorted(p.name for p in results.iterdir())
-    assert len(files) == 6
-    for which in ("image", "video"):
-        assert {f for f in files if f"quality-{which}" in f} == {
+    assert len(files) == 9
+    for which in ("image", "video", "video-ditfastattn"):
+        assert {f for f in files if f"quality-{which}." in f or f"quality-{which}-samples" in f} == {
             f"{files[0][:10]}-cpu-quality-{which}{ext}" for ext in (".json", ".png", "-samples.png")}
         section = _section(md.read_text(), f"quality-{which}")
         for f in files:
-            if f"quality-{which}" in f:
+            if f"quality-{which}." in f or f"quality-{which}-samples" in f:
                 assert f"results/{f}" in section
                 assert (results / f).read_bytes()[:4] in (b"{\n \"", b"\x89PNG")
 
@@ -142,7 +153,7 @@ def test_rerun_replaces_sections(toy_run, weights):
         assert after.count(f"<!-- bench:{name}:start -->") == after.count(f"<!-- bench:{name}:end -->") == 1
     assert _section(after, "quality-video") == _section(before, "quality-video")
     assert after.startswith("# Quality\n\nHand-written prose.\n")
-    assert len(list(results.iterdir())) == 6  # the same files, rewritten
+    assert len(list(results.iterdir())) == 9  # the same files, rewritten
 
 
 def test_missing_weights_are_a_clear_error(tmp_path, weights):

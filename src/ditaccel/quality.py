@@ -9,6 +9,9 @@ same seeds and inputs give the same dense samples for every row, so they are gen
   without it (``wa``), at D2, D4, D6.
 * **video** (AdaSpa, its Table 1): the pixel-space video CogVideoX with sparsity 0.7 / 0.8 / 0.9,
   head-adaptive sparsity on/off, LSE cache on/off (12 rows).
+* **video-ditfastattn** (the video analogue of DiTFastAttn's Table 1): the same video model with a
+  plan calibrated per threshold D1..D6 (the paper's 1D band over the flattened frame, row, column
+  order; text rows and columns dense), with our loss and with the official one.
 
 Each table starts with a ``dense`` row: dense attention run through ditaccel (a plan of all
 ``full``), so its PSNR against the plain dense set (∞ when exact) and its attention FLOPs (100%)
@@ -64,24 +67,29 @@ __all__ = [
     "MIN_PSNR",
     "SPARSITIES",
     "TABLES",
+    "TESTBED",
     "Setting",
     "image_settings",
     "main",
     "most_compressing",
     "run_quality",
     "run_table",
+    "table_settings",
+    "video_ditfastattn_settings",
     "video_settings",
 ]
 
-TABLES = ("image", "video")
+TABLES = ("image", "video", "video-ditfastattn")
+#: the trained testbed model each table runs on
+TESTBED = {"image": "image", "video": "video", "video-ditfastattn": "video"}
 #: the PSNR (dB, mean against dense) a setting must keep to count as "within quality"
 MIN_PSNR = 30.0
 #: thresholds of the residual-sharing ablation (window-only searches)
 ABLATION_THRESHOLDS = ("D2", "D4", "D6")
 SPARSITIES = (0.7, 0.8, 0.9)
 #: rows shown next to dense in the sample grids
-GRID_SETTINGS = {"image": ("D4", "D6"), "video": ("s=0.8", "s=0.9")}
-GRID_SAMPLES = {"image": 6, "video": 3}
+GRID_SETTINGS = {"image": ("D4", "D6"), "video": ("s=0.8", "s=0.9"), "video-ditfastattn": ("D2", "D4")}
+GRID_SAMPLES = {"image": 6, "video": 3, "video-ditfastattn": 3}
 GRID_FRAMES = 4
 #: about how many pixels a sample (or frame) is wide in the grid
 GRID_TILE_PX = {"image": 192, "video": 128}
@@ -111,8 +119,10 @@ class Setting:
 
 
 #: per table: its title and the names of its parameter columns
-TABLE_TITLES = {"image": "Image testbed: DiTFastAttn vs dense", "video": "Video testbed: AdaSpa vs dense"}
-TABLE_COLUMNS = {"image": ("setting", "δ", "candidates"), "video": ("sparsity", "head-adaptive", "LSE cache")}
+TABLE_TITLES = {"image": "Image testbed: DiTFastAttn vs dense", "video": "Video testbed: AdaSpa vs dense",
+                "video-ditfastattn": "Video testbed: DiTFastAttn vs dense"}
+TABLE_COLUMNS = {"image": ("setting", "δ", "candidates"), "video": ("sparsity", "head-adaptive", "LSE cache"),
+                 "video-ditfastattn": ("setting", "δ", "loss")}
 
 
 def image_settings(thresholds: tuple[str, ...] = tuple(PRESETS),
@@ -148,6 +158,26 @@ def video_settings(sparsities: tuple[float, ...] = SPARSITIES,
     return rows
 
 
+def video_ditfastattn_settings(thresholds: tuple[str, ...] = tuple(PRESETS)) -> list[Setting]:
+    """Dense, then DiTFastAttn at each threshold with our search loss and with the official one
+    (``DiTFastAttnConfig(loss="official")``, the signed max: it compresses less at the same δ)."""
+    rows = [Setting("dense", "dense", ("dense", "—", "—"))]
+    for loss, group, suffix in (("relative", "DiTFastAttn", ""), ("official", "DiTFastAttn (official loss)", " official")):
+        for name in thresholds:
+            config = DiTFastAttnConfig(threshold=name, loss=loss, show_progress=False)
+            rows.append(Setting(name + suffix, group, (name + suffix, f"{config.threshold:g}", loss), config))
+    return rows
+
+
+def table_settings(which: str, block_size: int = FULL_SIZE["block_size"]) -> list[Setting]:
+    """The default rows of table ``which``."""
+    if which == "image":
+        return image_settings()
+    if which == "video":
+        return video_settings(block_size=block_size)
+    return video_ditfastattn_settings()
+
+
 # ------------------------------------------------------------------------------ measuring
 def _all_full_plan(pipe, steps: int):
     n_layers = len(adapter_for(pipe.transformer).attention_modules(pipe.transformer))
@@ -160,7 +190,7 @@ def _default_guidance(pipe) -> float:
 
 def _inputs(pipe, which: str, n: int) -> list:
     """Class ids ``i % classes`` (image) or balanced captions (video), as ``evaluate``'s defaults."""
-    if which == "image":
+    if TESTBED[which] == "image":
         return [i % pipe.transformer.config.num_embeds_ada_norm for i in range(n)]
     return VideoCaptions.captions(VideoCaptions().balanced_labels(n, 0))
 
@@ -186,9 +216,9 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
     """Measure every setting of one table against one dense set on a trained testbed model.
 
     Args:
-        which: ``"image"`` or ``"video"``.
-        settings: the rows (default ``image_settings()`` / ``video_settings()``).
-        weights_dir: folder with ``<which>/`` and ``<which>_classifier/`` (default: shipped weights).
+        which: one of ``TABLES``; the model is ``TESTBED[which]``.
+        settings: the rows (default ``table_settings(which)``).
+        weights_dir: folder with ``<testbed>/`` and ``<testbed>_classifier/`` (default: shipped weights).
         device, dtype: where and in which precision the pipeline runs (the classifier: float32).
         n, steps, batch_size, guidance_scale, n_reference: as ``evaluate`` (defaults: ``FULL_SIZE``;
             guidance ``None``: the pipeline's default, recorded in the result).
@@ -204,10 +234,10 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
     """
     if which not in TABLES:
         raise ValueError(f"which must be one of {TABLES}, got {which!r}")
-    settings = settings if settings is not None else (image_settings() if which == "image" else video_settings())
-    n = FULL_SIZE[f"samples_{which}"] if n is None else n
+    settings = settings if settings is not None else table_settings(which)
+    n = FULL_SIZE[f"samples_{TESTBED[which]}"] if n is None else n
     t0 = time.perf_counter()
-    pipe, clf = load_trained(which, weights_dir=weights_dir, device=device, dtype=dtype)
+    pipe, clf = load_trained(TESTBED[which], weights_dir=weights_dir, device=device, dtype=dtype)
     guidance = _default_guidance(pipe) if guidance_scale is None else float(guidance_scale)
     kw = dict(n=n, steps=steps, batch_size=batch_size, guidance_scale=guidance, classifier=clf,
               n_reference=n_reference, inputs=_inputs(pipe, which, n), warmup=str(device).startswith("cuda"))
@@ -307,7 +337,7 @@ def render_section(result: dict, env: dict, command: str, links: dict[str, str],
     if "plot" in links:
         lines += ["", f"![PSNR and accuracy against attention FLOPs]({links['plot']})"]
     if "grid" in links:
-        what = ("one column per class, rows: dense and the compressed settings" if which == "image" else
+        what = ("one column per class, rows: dense and the compressed settings" if TESTBED[which] == "image" else
                 f"{GRID_FRAMES} frames per sample, rows: each sample dense and compressed")
         lines += ["", f"Samples ({what}):", "", f"![samples]({links['grid']})"]
     return "\n".join(lines)
@@ -351,20 +381,20 @@ def save_grid(result: dict, path: str | os.PathLike) -> None:
     each sample one row per setting (``GRID_FRAMES`` frames spread over the clip)."""
     samples = result["samples"]
     first = next(iter(samples.values()))
-    if result["table"] == "image":
+    if TESTBED[result["table"]] == "image":
         rows = [(label, to_uint8(x)) for label, x in samples.items()]
     else:
         n = min(len(x) for x in samples.values())
         rows = [(f"#{i} {label}", video_frames(x[i], GRID_FRAMES)) for i in range(n) for label, x in samples.items()]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    side_by_side(rows, path, scale=max(1, round(GRID_TILE_PX[result["table"]] / first.shape[-1])))
+    side_by_side(rows, path, scale=max(1, round(GRID_TILE_PX[TESTBED[result["table"]]] / first.shape[-1])))
 
 
 # ------------------------------------------------------------------------------ the command
 def check_weights(weights_dir, tables: tuple[str, ...]) -> Path:
     """The weights folder, or a ``ValueError`` naming ``--weights`` and the missing folder."""
     root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    for which in tables:
+    for which in dict.fromkeys(TESTBED.get(t, t) for t in tables):
         for part in (which, f"{which}_classifier"):
             if not (root / part).is_dir():
                 what = "classifiers" if part.endswith("classifier") else which
@@ -384,7 +414,7 @@ def check_weights_arg(weights: str | None, tables: tuple[str, ...]):
 
 def _command(which: str, *, weights_dir, device: str, dtype: str, n: int, steps: int, batch_size: int,
              guidance_scale: float | None, toy: bool) -> str:
-    option = "--samples-image" if which == "image" else "--samples-video"
+    option = f"--samples-{TESTBED[which]}"
     parts = ["ditaccel quality --only", which, option, str(n), "--steps", str(steps), "--batch-size",
              str(batch_size), "--device", device, "--dtype", dtype]
     if guidance_scale is not None:
@@ -441,7 +471,7 @@ def run_quality(only: str | None = None, *, weights_dir=None, device: str | None
                 raise ValueError(f"{key}: must be a positive integer, got {value!r}")
             size[key] = value
     for key in ("samples_image", "samples_video"):
-        if key.removeprefix("samples_") in tables and size[key] < 2:
+        if key.removeprefix("samples_") in {TESTBED[t] for t in tables} and size[key] < 2:
             raise ValueError(f"{key}: the Fréchet distances need at least 2 samples, got {size[key]}")
     device, dtype, out_md, results_dir = resolve_run(device, dtype, out_md, results_dir, toy, "quality")
     no_plot = missing_matplotlib()
@@ -450,8 +480,8 @@ def run_quality(only: str | None = None, *, weights_dir=None, device: str | None
     md_dir = os.path.dirname(os.path.abspath(out_md))
     results = {}
     for which in tables:
-        n = size[f"samples_{which}"]
-        settings = image_settings() if which == "image" else video_settings(block_size=size["block_size"])
+        n = size[f"samples_{TESTBED[which]}"]
+        settings = table_settings(which, block_size=size["block_size"])
         result = run_table(which, settings, weights_dir=root, device=device, dtype=TOOL_DTYPES[dtype], n=n,
                            steps=size["steps"], batch_size=size["batch_size"], guidance_scale=guidance_scale,
                            n_reference=size["n_reference"], grid=("dense", *GRID_SETTINGS[which]),
@@ -479,8 +509,8 @@ def run_quality(only: str | None = None, *, weights_dir=None, device: str | None
 
 
 DESCRIPTION = ("Quality tables on the trained testbed models: DiTFastAttn D1..D6 and the residual-sharing ablation "
-               "(image), AdaSpa sparsity x head-adaptive x LSE cache (video), each against dense with the same "
-               "seeds. Writes QUALITY.md sections, raw JSON, plots and sample grids.")
+               "(image), AdaSpa sparsity x head-adaptive x LSE cache (video), DiTFastAttn D1..D6 with both search "
+               "losses (video-ditfastattn), each against dense with the same seeds. Writes QUALITY.md sections, raw JSON, plots and sample grids.")
 
 
 def add_arguments(p) -> None:
@@ -491,14 +521,14 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=list(TOOL_DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--samples-image", type=positive_int, help=f"image samples, 2 or more (default: "
                    f"{FULL_SIZE['samples_image']}; --toy {TOY_SIZE['samples_image']})")
-    p.add_argument("--samples-video", type=positive_int, help=f"video samples, 2 or more (default: "
+    p.add_argument("--samples-video", type=positive_int, help=f"video samples (both video tables), 2 or more (default: "
                    f"{FULL_SIZE['samples_video']}; --toy {TOY_SIZE['samples_video']})")
     p.add_argument("--steps", type=positive_int, help=f"denoising steps of both tables (default: "
                    f"{FULL_SIZE['steps']}; --toy {TOY_SIZE['steps']})")
     p.add_argument("--batch-size", type=positive_int, help=f"samples per pipeline call (default: "
                    f"{FULL_SIZE['batch_size']}; --toy {TOY_SIZE['batch_size']})")
     p.add_argument("--guidance-scale", type=float_in(0.0), help="CFG scale (default: each pipeline's own)")
-    p.add_argument("--only", choices=list(TABLES), help="one table (default: both)")
+    p.add_argument("--only", choices=list(TABLES), help="one table (default: all)")
     p.add_argument("--out-md", help="the Markdown file to update (default: QUALITY.md; --toy: a temporary file)")
     p.add_argument("--results-dir", help="where JSON and PNGs go (default: docs/results; --toy: next to --out-md)")
     p.add_argument("--toy", action="store_true", help="toy sample counts and steps on the CPU, to check the "
@@ -516,7 +546,7 @@ def check_run_args(args) -> None:
         check_out_dir("--results-dir", args.results_dir)
     for which in ("image", "video"):
         n = getattr(args, f"samples_{which}")
-        if n is not None and n < 2 and args.only in (None, which):
+        if n is not None and n < 2 and (args.only is None or TESTBED.get(args.only, args.only) == which):
             raise UsageError(f"--samples-{which}", f"the Fréchet distances need at least 2 samples, got {n}")
 
 
