@@ -734,10 +734,10 @@ def test_eval_progress_bars(tmp_path, capsys, monkeypatch):
 
     def fake(which, method, progress=None, **kw):
         seen["progress"] = progress
-        from ditaccel.evaluate import _generate
+        from ditaccel.evaluate import generate_samples
 
         pipe = cli.load_pipeline("tiny-dit", "cpu", __import__("torch").float32)
-        _generate(pipe, "image", [1, 2, 3], [0, 1, 2], 2, 2, {}, progress=progress, desc="dense")
+        generate_samples(pipe, "image", [1, 2, 3], [0, 1, 2], 2, 2, {}, progress=progress, desc="dense")
         return {"psnr": 1.0}
 
     monkeypatch.setattr(ditaccel.evaluate, "evaluate_trained", fake)

@@ -221,7 +221,7 @@ def _call_params(pipe) -> set[str]:
     return set(inspect.signature(type(pipe).__call__).parameters)
 
 
-def _pipe_kind(pipe) -> str:
+def pipe_kind(pipe) -> str:
     params = _call_params(pipe)
     if "class_labels" in params:
         return "image"
@@ -248,7 +248,7 @@ def _to_samples(out, kind: str) -> torch.Tensor:
     return images.float().cpu().contiguous()
 
 
-def _default_inputs(pipe, kind: str, n: int, seed: int):
+def default_inputs(pipe, kind: str, n: int, seed: int):
     if kind == "image":
         k = pipe.transformer.config.num_embeds_ada_norm
         k = k if k is not None and k < 1000 else len(getattr(pipe, "labels", {}) or range(8))
@@ -256,7 +256,7 @@ def _default_inputs(pipe, kind: str, n: int, seed: int):
     return VideoCaptions.captions(VideoCaptions().balanced_labels(n, seed))
 
 
-def _generate(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs, on_batch=None, progress=None,
+def generate_samples(pipe, kind, inputs, seeds, steps, batch_size, call_kwargs, on_batch=None, progress=None,
               desc: str = "generate"):
     """Samples of ``seeds`` in batches, and the seconds the pipeline calls took. ``progress``: a
     ``tqdm``-like factory for a bar counting samples (the caller's; None: quiet)."""
@@ -291,7 +291,7 @@ def _uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _reference_batches(kind, samples, labels, n_ref, seed, batch_size):
+def reference_batches(kind, samples, labels, n_ref, seed, batch_size):
     """Procedural data with the conditioning distribution of the generated set (labels cycled),
     in [0, 1], ``batch_size`` at a time from one generator (deterministic, bounded memory)."""
     g = torch.Generator().manual_seed(seed)
@@ -551,9 +551,9 @@ class _Generation:
     def generate(self, desc: str, on_batch=None):
         """(samples, seconds) of every seed; with ``warmup``, the first batch once, untimed, before."""
         if self.warmup:
-            _generate(self.pipe, self.kind, self.inputs[:self.batch_size], self.seeds[:self.batch_size], self.steps,
+            generate_samples(self.pipe, self.kind, self.inputs[:self.batch_size], self.seeds[:self.batch_size], self.steps,
                       self.batch_size, self.call_kwargs)
-        return _generate(self.pipe, self.kind, self.inputs, self.seeds, self.steps, self.batch_size, self.call_kwargs,
+        return generate_samples(self.pipe, self.kind, self.inputs, self.seeds, self.steps, self.batch_size, self.call_kwargs,
                          on_batch, progress=self.progress, desc=desc)
 
 
@@ -563,7 +563,7 @@ def _prepare(pipe, *, n, seeds, steps, inputs, guidance_scale, batch_size, torch
     passed, seeds ``0 .. n-1``, default inputs, ``guidance_scale`` into the call settings)."""
     if not hasattr(pipe, "transformer") and callable(pipe):
         pipe = pipe()
-    kind = _pipe_kind(pipe)
+    kind = pipe_kind(pipe)
     if kind == "text-image":
         raise ValueError("evaluate: text-to-image pipelines are not supported yet (class-conditional images and "
                          "text-to-video are)")
@@ -575,7 +575,7 @@ def _prepare(pipe, *, n, seeds, steps, inputs, guidance_scale, batch_size, torch
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != n:
         raise ValueError(f"seeds: expected {n} seeds, got {len(seeds)}")
-    inputs = list(_default_inputs(pipe, kind, n, 0) if inputs is None else inputs)
+    inputs = list(default_inputs(pipe, kind, n, 0) if inputs is None else inputs)
     if len(inputs) != n:
         raise ValueError(f"inputs: expected {n} class labels / prompts, got {len(inputs)}")
     call_kwargs = dict(call_kwargs or {})
@@ -596,7 +596,7 @@ def _plan_for(gen: _Generation, method, calibration_inputs, calibration_seed: in
     ``DiTFastAttnConfig`` is calibrated into a plan here, anything else is passed on as it is."""
     if not isinstance(method, ditaccel.DiTFastAttnConfig):
         return method, 0.0
-    cal = list(calibration_inputs) if calibration_inputs is not None else _default_inputs(gen.pipe, gen.kind, 8, 1)
+    cal = list(calibration_inputs) if calibration_inputs is not None else default_inputs(gen.pipe, gen.kind, 8, 1)
     t0 = time.perf_counter()
     plan = ditaccel.calibrate(gen.pipe, method, num_inference_steps=gen.steps, **{gen.input_key: cal},
                               generator=torch.Generator().manual_seed(calibration_seed), **gen.call_kwargs)
@@ -670,7 +670,7 @@ def _classifier_metrics(classifier, gen: _Generation, dense, compressed, labels,
         f_ref, f_dense = reused["features_reference"], reused["features_dense"]
     else:
         f_ref = torch.cat([classifier_features(classifier, chunk, batch_size=bs)
-                           for chunk in _reference_batches(gen.kind, dense, labels, n_reference, reference_seed, bs)])
+                           for chunk in reference_batches(gen.kind, dense, labels, n_reference, reference_seed, bs)])
         f_dense = classifier_features(classifier, dense, batch_size=bs)
     if return_features:
         out.update(features_dense=f_dense, features_reference=f_ref)
@@ -700,7 +700,7 @@ def _torchmetrics_metrics(gen: _Generation, names, feature_extractors, dense, co
         raise ValueError("torchmetrics: needs a method (they compare dense and compressed sets)")
 
     def reference():
-        return _reference_batches(gen.kind, dense, labels, n_reference, reference_seed, gen.batch_size)
+        return reference_batches(gen.kind, dense, labels, n_reference, reference_seed, gen.batch_size)
 
     if gen.kind == "image":
         names_of = getattr(gen.pipe, "labels", None) or {}

@@ -184,11 +184,11 @@ def _all_full_plan(pipe, steps: int):
     return Plan.from_methods(pipe, [[FULL] * steps for _ in range(n_layers)], cfg=True)
 
 
-def _default_guidance(pipe) -> float:
+def default_guidance(pipe) -> float:
     return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
 
 
-def _inputs(pipe, which: str, n: int) -> list:
+def table_inputs(pipe, which: str, n: int) -> list:
     """Class ids ``i % classes`` (image) or balanced captions (video), as ``evaluate``'s defaults."""
     if TESTBED[which] == "image":
         return [i % pipe.transformer.config.num_embeds_ada_norm for i in range(n)]
@@ -238,9 +238,9 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
     n = FULL_SIZE[f"samples_{TESTBED[which]}"] if n is None else n
     t0 = time.perf_counter()
     pipe, clf = load_trained(TESTBED[which], weights_dir=weights_dir, device=device, dtype=dtype)
-    guidance = _default_guidance(pipe) if guidance_scale is None else float(guidance_scale)
+    guidance = default_guidance(pipe) if guidance_scale is None else float(guidance_scale)
     kw = dict(n=n, steps=steps, batch_size=batch_size, guidance_scale=guidance, classifier=clf,
-              n_reference=n_reference, inputs=_inputs(pipe, which, n), warmup=str(device).startswith("cuda"))
+              n_reference=n_reference, inputs=table_inputs(pipe, which, n), warmup=str(device).startswith("cuda"))
     bar = progress(total=len(settings) + 1, desc=f"quality {which}", unit="row") if progress is not None else None
     dense = evaluate(pipe, None, return_samples=True, **kw)
     if bar is not None:

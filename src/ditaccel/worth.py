@@ -58,9 +58,9 @@ from .baselines import measure_flops
 from .bench.report import environment, jsonable, missing_matplotlib, result_stem, update_markdown, write_json
 from .cli_support import TOOL_DTYPES, positive_int, float_in, printer, progress_bar, tool_main
 from .evaluate import (
-    _default_inputs,
-    _pipe_kind,
-    _reference_batches,
+    default_inputs,
+    pipe_kind,
+    reference_batches,
     classifier_accuracy,
     classifier_features,
     frechet_distance,
@@ -68,13 +68,13 @@ from .evaluate import (
     psnr,
     ssim,
 )
-from .evaluate import _generate as generate
+from .evaluate import generate_samples as generate
 from .kernels.block_mass import attention_with_lse, block_mass
 from .kernels.block_sparse import block_sparse_attention, block_sparse_flops, mask_to_indices
 from .methods.adaspa import AdaSpaConfig, keep_counts, text_blocks, topk_blocks
 from .methods.ditfastattn import PRESETS, DiTFastAttnConfig
 from .models import adapter_for
-from .quality import _default_guidance, _inputs, check_run_args, check_weights, resolve_run
+from .quality import default_guidance, table_inputs, check_run_args, check_weights, resolve_run
 from .runtime import install
 from .testbed.data import VideoCaptions
 
@@ -526,7 +526,7 @@ def _quality(run: _Run, samples: torch.Tensor) -> dict:
 
 def _calibrate(run: _Run, config: DiTFastAttnConfig, steps: int):
     key = "class_labels" if run.kind == "image" else "prompt"
-    cal = _default_inputs(run.pipe, run.kind, 8, 1)
+    cal = default_inputs(run.pipe, run.kind, 8, 1)
     return ditaccel.calibrate(run.pipe, config, num_inference_steps=steps, **{key: cal},
                               generator=torch.Generator().manual_seed(10_007), **run.call_kwargs)
 
@@ -631,9 +631,9 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
         raise ValueError(f"which must be 'image' or 'video', got {which!r}")
     t0 = time.perf_counter()
     pipe, clf = load_trained(which, weights_dir=weights_dir, device=device, dtype=dtype)
-    kind = _pipe_kind(pipe)
-    guidance = _default_guidance(pipe) if guidance_scale is None else float(guidance_scale)
-    inputs = list(_inputs(pipe, which, n))
+    kind = pipe_kind(pipe)
+    guidance = default_guidance(pipe) if guidance_scale is None else float(guidance_scale)
+    inputs = list(table_inputs(pipe, which, n))
     if settings is None:
         make = image_settings if which == "image" else video_settings
         settings = make(pipe, reference_steps=reference_steps, call_kwargs={"guidance_scale": guidance},
@@ -648,7 +648,7 @@ def run_table(which: str, settings: list[Setting] | None = None, *, weights_dir=
     run.reference, run.reference_time = _generate(run, reference_steps)
     run.features_reference = torch.cat([
         classifier_features(clf, chunk, batch_size=batch_size)
-        for chunk in _reference_batches(kind, run.reference, run.labels, n_reference, 1_000_003, batch_size)])
+        for chunk in reference_batches(kind, run.reference, run.labels, n_reference, 1_000_003, batch_size)])
     run.profile = call_profile(pipe, _call_kwargs(run, 1, 1))
     reference = {"steps": reference_steps, "time_s": run.reference_time, **_quality(run, run.reference)}
     if bar is not None:

@@ -195,7 +195,7 @@ def _interpreter_problem() -> str | None:
     return None
 
 
-def _select(only: str | None) -> list[Case]:
+def select_cases(only: str | None) -> list[Case]:
     if only is None:
         return list(CASES)
     by_name = {c.name: c for c in CASES}
@@ -217,7 +217,7 @@ def run_all(only: str | None = None, device: str | None = None, dry_run: bool = 
     fresh temporary folder. A case that raises is reported and skipped, the others still run.
     Returns 0, or 1 if a case failed; bad arguments raise ``ValueError``.
     """
-    selected = _select(only)
+    selected = select_cases(only)
     if dry_run and device not in (None, "cpu"):
         raise ValueError(f"--device {device}: --dry-run runs on the CPU; leave --device out")
     device = "cpu" if dry_run else (device or default_device())

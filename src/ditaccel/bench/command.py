@@ -21,7 +21,7 @@ from ..cli_support import (
     subcommands,
     tool_main,
 )
-from .cases import CASES, _select, run_all
+from .cases import CASES, select_cases, run_all
 from .kernel_cases import SPARSITY_KEPT, bench_adaspa, bench_attention, bench_sparsity
 from .model_cases import MODELS, bench_adaspa_step, bench_step, bench_sweep
 from .report import (
@@ -138,7 +138,7 @@ def _check_args(args) -> str | None:
     if args.what == "all":
         if args.dry_run and args.device not in (None, "cpu"):
             raise UsageError("--device", f"{args.device!r}: --dry-run runs on the CPU; leave --device out")
-        _select(args.only)
+        select_cases(args.only)
         check_out_file("--out-md", args.out_md)
         if args.results_dir is not None:
             check_out_dir("--results-dir", args.results_dir)
