@@ -30,6 +30,7 @@ from .model_cases import (
     bench_pixart_plan,
     bench_step,
     bench_sweep,
+    bench_video_ditfastattn,
 )
 from .report import (
     _sweep_title,
@@ -49,6 +50,7 @@ from .report import (
     markdown_sparsity,
     markdown_step,
     markdown_sweep,
+    markdown_video_ditfastattn,
     missing_matplotlib,
     pixart_plan_shapes,
     plot_sparsity,
@@ -57,6 +59,7 @@ from .report import (
     sparsity_shapes,
     step_shapes,
     update_markdown,
+    video_ditfastattn_shapes,
     write_json,
 )
 
@@ -141,6 +144,11 @@ CASES: list[Case] = [
                                                  overrides=TOY_PIXART if m.startswith("pixart") else
                                                  TOY_HUNYUAN))
       for m in ("pixart-sigma-2k", "hunyuan-video-720p")],
+    *[Case(f"{m}-ditfastattn", bench_video_ditfastattn, markdown_video_ditfastattn, video_ditfastattn_shapes,
+           f"ditaccel bench all --only {m}-ditfastattn", kwargs=dict(model=m),
+           dry_kwargs=dict(latent=(2, 8, 8), text_tokens=8, dtype=torch.float32, warmup_steps=1,
+                           overrides=TOY_HUNYUAN if m.startswith("hunyuan") else TOY_WAN))
+      for m in ("wan2.1-14b-720p", "hunyuan-video-720p")],
     Case("pixart-sigma-2k-plan-50", bench_pixart_plan, markdown_pixart_plan,
          pixart_plan_shapes, "ditaccel bench all --only pixart-sigma-2k-plan-50",
          dry_kwargs=dict(steps=12, dtype=torch.float32, overrides=TOY_PIXART)),

@@ -20,6 +20,7 @@ from diffusers import (
 )
 
 from ..cli_support import call_params, pipeline_inputs, load_pipeline, psnr
+from ..models import adapter_for
 from ..plan import Plan
 from ..runtime import install, remove
 from ..viz import to_uint8
@@ -344,6 +345,116 @@ def bench_hunyuan_adaspa(frames: int = 33, height: int = 90, width: int = 160, t
                           + count["research"] * res["research_ms"] + count["sparse"] * res["sparse_ms"])
     res["dense_50_ms"] = 50 * res["dense_ms"]
     res["speedup_50"] = res["dense_50_ms"] / res["total_50_ms"]
+    return res
+
+
+#: Wan2.1-T2V-14B transformer architecture (diffusers config), random weights
+WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+
+#: full-size video models of the DiTFastAttn step benchmark: (transformer class, config, 720p latent
+#: frames x height x width; Wan 81 frames, HunyuanVideo 129 frames)
+VIDEO_MODELS = {
+    "wan2.1-14b-720p": (WanTransformer3DModel, WAN_14B, (21, 90, 160)),
+    "hunyuan-video-720p": (HunyuanVideoTransformer3DModel, HUNYUAN_VIDEO, (33, 90, 160)),
+}
+
+#: step kinds of the video DiTFastAttn benchmark, one uniform plan column each (``full`` first: it
+#: keeps the window residual the later ``wars`` steps read)
+VIDEO_STEP_KINDS = ("full", "wars", "asc", "wars+asc", "ast")
+
+
+def video_plan_50(steps: int = 50, refresh: int = 10) -> list[str]:
+    """One method per step (every layer alike): ``full`` every ``refresh`` steps, otherwise the cycle
+    ast, wars+asc, wars, asc (the mix of the paper's D4-D6 plans)."""
+    cycle = ("ast", "wars+asc", "wars", "asc")
+    return ["full" if s % refresh == 0 else cycle[(s - 1) % len(cycle)] for s in range(steps)]
+
+
+def _video_calls(model: str, tr, latent, text_tokens: int, device: str, dtype):
+    """One CFG step of ``model``: the conditional and the unconditional call, each under its diffusers
+    cache context (as ``WanPipeline`` runs them; HunyuanVideo with ``true_cfg_scale > 1``)."""
+    f, h, w = latent
+    if model.startswith("hunyuan"):
+        cond = hunyuan_inputs(f, h, w, text_tokens, device, dtype)
+        uncond = {**cond, "encoder_hidden_states": torch.randn_like(cond["encoder_hidden_states"])}
+    else:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(1, 16, f, h, w, device=device, dtype=dtype, generator=g)
+        ctx = torch.randn(1, text_tokens, tr.config.text_dim, device=device, dtype=dtype, generator=g)
+        cond = {"hidden_states": x, "encoder_hidden_states": ctx}
+        uncond = {"hidden_states": x, "encoder_hidden_states": torch.randn_like(ctx)}
+
+    def step(t: float) -> float:
+        ms = 0.0
+        for branch, kw in (("cond", cond), ("uncond", uncond)):
+            with tr.cache_context(branch):
+                ms += _cuda_time(lambda: tr(timestep=torch.tensor([t], device=device), **kw), device)
+        return ms
+
+    return step
+
+
+def bench_video_ditfastattn(model: str = "hunyuan-video-720p", device: str = "cuda", dtype=torch.bfloat16,
+                            latent: tuple[int, int, int] | None = None, text_tokens: int = 256,
+                            window: str = "band1d", window_size: float = 0.25, warmup_steps: int = 2,
+                            overrides: dict | None = None) -> dict:
+    """DiTFastAttn on a full-size video transformer (random weights) with CFG as two calls per step:
+    one timed step of each kind in :data:`VIDEO_STEP_KINDS` (every layer alike), dense in the same
+    run, and the 50-step plan :func:`video_plan_50` composed from those per-step times and per-step
+    attention FLOPs (``ditaccel.stats``' FLOPs per method). Peak memory of dense and of the plan's
+    generation. ``warmup_steps`` plan steps run first (compile and autotune the window kernels);
+    ``overrides`` replaces config entries (toy sizes for dry runs)."""
+    cls, config, default_latent = VIDEO_MODELS[model]
+    latent = tuple(latent or default_latent)
+    torch.manual_seed(0)
+    with torch.device(device):
+        tr = cls(**{**config, **(overrides or {})})
+    tr = tr.to(dtype).eval().requires_grad_(False)
+    step = _video_calls(model, tr, latent, text_tokens, device, dtype)
+    n_layers = len(adapter_for(tr).attention_modules(tr))
+    kinds = list(VIDEO_STEP_KINDS)
+    times = torch.linspace(999, 1, len(kinds)).round().tolist()
+    p = 2  # both families patchify 2 x 2 in space, 1 in time
+    res = {"model": model, "latent": list(latent), "video_tokens": latent[0] * (latent[1] // p) * (latent[2] // p),
+           "text_tokens": text_tokens, "layers": n_layers, "window": window, "window_size": window_size,
+           "cfg": "two calls per step (cond, uncond)", **_meta(device, dtype)}
+    with torch.no_grad(), dense_sdpa_context():
+        step(999.0)  # warm-up
+        base = _peak_reset(device)
+        res["dense_step_ms"] = step(999.0)
+        res["dense_peak_bytes"] = _peak(device, base)
+        if warmup_steps:
+            warm = Plan.from_methods(tr, [kinds[:warmup_steps] for _ in range(n_layers)], cfg=True, window=window,
+                                     window_size=window_size)
+            ditaccel.apply(tr, warm)
+            try:
+                for t in times[:warmup_steps]:
+                    step(t)
+            finally:
+                ditaccel.remove(tr)
+        plan = Plan.from_methods(tr, [list(kinds) for _ in range(n_layers)], cfg=True, window=window,
+                                 window_size=window_size)
+        ditaccel.apply(tr, plan)
+        try:
+            base = _peak_reset(device)
+            per_step = [step(t) for t in times]
+            res["plan_peak_bytes"] = _peak(device, base)
+            st = ditaccel.stats(tr)
+        finally:
+            ditaccel.remove(tr)
+    # every step is one method in every layer: its share of the generation's attention FLOPs, times
+    # the number of steps, is that step's attention FLOPs as a fraction of a dense step
+    flops = {k: st.attention_flops_by_method.get(k, 0.0) * len(kinds) for k in kinds}
+    res["steps"] = [{"kind": k, "ms": ms, "speedup": res["dense_step_ms"] / ms, "attention_flops": flops[k]}
+                    for k, ms in zip(kinds, per_step)]
+    by = dict(zip(kinds, per_step))
+    plan50 = video_plan_50()
+    res["plan_50"] = {k: plan50.count(k) for k in kinds}
+    res["total_50_ms"] = sum(by[k] for k in plan50)
+    res["dense_50_ms"] = 50 * res["dense_step_ms"]
+    res["speedup_50"] = res["dense_50_ms"] / res["total_50_ms"]
+    res["attention_flops_50"] = sum(flops[k] for k in plan50) / len(plan50)
+    res["cache_bytes_peak"] = st.cache_bytes_peak
     return res
 
 
