@@ -328,3 +328,63 @@ def test_calibration_without_the_sparse_candidate_is_unchanged(pipe):
     kw["generator"] = gen(0)
     p2 = ditaccel.calibrate(pipe, ditaccel.DiTFastAttnConfig(**base, adaspa=ditaccel.AdaSpaConfig()), **kw)
     assert p1.methods == p2.methods and p1.version == p2.version == 1 and "adaspa" not in p2.metadata
+
+
+# ------------------------------------------------------------------ video families
+VIDEO_STEPS = 5
+
+
+def _video_call(pipe, family):
+    from test_video_pipelines import COG_KW, FRAMES, PROMPT, SIZE, WAN_KW
+
+    kw = {"wan": WAN_KW, "cogvideox": COG_KW, "hunyuan": {}}[family]
+    return pipe(prompt=PROMPT, num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=VIDEO_STEPS,
+                generator=gen(0), output_type="latent", **kw).frames
+
+
+@pytest.fixture(scope="module", params=["wan", "cogvideox", "hunyuan"])
+def video(request):
+    from ditaccel.testbed.video import tiny_cogvideox_pipeline, tiny_hunyuan_video_pipeline, tiny_wan_pipeline
+
+    make = {"wan": tiny_wan_pipeline, "cogvideox": tiny_cogvideox_pipeline, "hunyuan": tiny_hunyuan_video_pipeline}
+    return request.param, make[request.param]()
+
+
+def test_video_families_adaspa_rows_give_adaspa_exactly(video):
+    """Text prefix with batched CFG (CogVideoX), CFG as two calls (Wan), text suffix with padding
+    (HunyuanVideo): AdaSpa's rows in a mixed plan are AdaSpa, bit for bit; remove is exact."""
+    family, pipe = video
+    dense = _video_call(pipe, family)
+    cfg = ditaccel.AdaSpaConfig(**ADASPA)
+    ditaccel.apply(pipe, cfg)
+    try:
+        ref, st_ref = _video_call(pipe, family), ditaccel.stats(pipe)
+    finally:
+        ditaccel.remove(pipe)
+    row = ["full" if w == "dense" else w for w in cfg.schedule(VIDEO_STEPS)]
+    assert row == ["full", "search", "sparse", "research", "sparse"]
+    plan = Plan.from_methods(pipe, [row] * 2, cfg=family != "hunyuan", adaspa=dict(ADASPA))
+    ditaccel.apply(pipe, plan)
+    try:
+        out, st = _video_call(pipe, family), ditaccel.stats(pipe)
+    finally:
+        ditaccel.remove(pipe)
+    assert torch.equal(out, ref) and not torch.equal(out, dense)
+    assert st.attention_flops_ratio == st_ref.attention_flops_ratio
+    assert st.details["density_per_layer"] == st_ref.details["density_per_layer"]
+    assert torch.equal(_video_call(pipe, family), dense)
+
+
+def test_video_families_sharing_and_sparsity_in_one_plan(video):
+    family, pipe = video
+    share = "asc" if family != "hunyuan" else "full"  # HunyuanVideo here: guidance-distilled, no CFG
+    rows = [["full", share, "wars", "ast", "wars"], ["search", "sparse", "ast", "research", "sparse"]]
+    plan = Plan.from_methods(pipe, rows, cfg=family != "hunyuan", adaspa=dict(ADASPA))
+    ditaccel.apply(pipe, plan)
+    try:
+        out, st = _video_call(pipe, family), ditaccel.stats(pipe)
+    finally:
+        ditaccel.remove(pipe)
+    calls = 2 if family == "wan" else 1  # Wan: cond and uncond calls, each with its own caches
+    expected = {m: k * calls for m, k in Plan.counts(plan).items() if k}
+    assert torch.isfinite(out).all() and st.method_counts == expected and st.attention_flops_ratio < 1
