@@ -388,3 +388,11 @@ def test_video_families_sharing_and_sparsity_in_one_plan(video):
     calls = 2 if family == "wan" else 1  # Wan: cond and uncond calls, each with its own caches
     expected = {m: k * calls for m, k in Plan.counts(plan).items() if k}
     assert torch.isfinite(out).all() and st.method_counts == expected and st.attention_flops_ratio < 1
+
+
+def test_plan_heat_map_shows_adaspa_entries(plan, tmp_path):
+    from ditaccel.viz import METHOD_COLORS, plot_plan
+
+    assert {"search", "research", "sparse"} <= set(METHOD_COLORS)
+    plot_plan(plan, tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").read_bytes().startswith(b"\x89PNG")
