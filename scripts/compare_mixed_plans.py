@@ -27,15 +27,15 @@ MIXED_CANDIDATES = ("ast", "sparse", "wars+asc", "wars", "asc")
 
 
 def methods(thresholds, sparsities, mixed_sparsity):
+    """(name, method) rows: per threshold DiTFastAttn then the mixed plan, then AdaSpa per sparsity."""
     out = []
     for d in thresholds:
         out.append((f"ditfastattn {d}", ditaccel.DiTFastAttnConfig(threshold=d, show_progress=False)))
-    for s in sparsities:
-        out.append((f"adaspa s={s}", ditaccel.AdaSpaConfig(sparsity=s)))
-    for d in thresholds:
         out.append((f"mixed {d} (s={mixed_sparsity})", ditaccel.DiTFastAttnConfig(
             threshold=d, candidates=MIXED_CANDIDATES, adaspa=ditaccel.AdaSpaConfig(sparsity=mixed_sparsity),
             show_progress=False)))
+    for s in sparsities:
+        out.append((f"adaspa s={s}", ditaccel.AdaSpaConfig(sparsity=s)))
     return out
 
 
@@ -66,6 +66,12 @@ def main(argv=None):
         rows.append(row)
         print(f"{name:<26} {100 * row['attention_flops_ratio']:9.1f}% {row['psnr']:8.2f} "
               f"{row['calibration_s']:8.1f}  {row['method_counts']}", flush=True)
+        if a.json:  # after every row: a run cut short keeps what it measured
+            _write(a, rows, t0)
+    return 0
+
+
+def _write(a, rows, t0):
     if a.json:
         doc = {"date": datetime.date.today().isoformat(), "device": f"cpu ({platform.processor() or platform.machine()}, "
                f"{a.threads} threads)", "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
@@ -74,7 +80,6 @@ def main(argv=None):
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")
-    return 0
 
 
 if __name__ == "__main__":
