@@ -26,13 +26,13 @@ from ditaccel.testbed.pixel import load_video_pipeline
 MIXED_CANDIDATES = ("ast", "sparse", "wars+asc", "wars", "asc")
 
 
-def methods(thresholds, sparsities, mixed_sparsity):
+def methods(thresholds, sparsities, mixed_sparsity, mixed_candidates=MIXED_CANDIDATES):
     """(name, method) rows: per threshold DiTFastAttn then the mixed plan, then AdaSpa per sparsity."""
     out = []
     for d in thresholds:
         out.append((f"ditfastattn {d}", ditaccel.DiTFastAttnConfig(threshold=d, show_progress=False)))
         out.append((f"mixed {d} (s={mixed_sparsity})", ditaccel.DiTFastAttnConfig(
-            threshold=d, candidates=MIXED_CANDIDATES, adaspa=ditaccel.AdaSpaConfig(sparsity=mixed_sparsity),
+            threshold=d, candidates=tuple(mixed_candidates), adaspa=ditaccel.AdaSpaConfig(sparsity=mixed_sparsity),
             show_progress=False)))
     for s in sparsities:
         out.append((f"adaspa s={s}", ditaccel.AdaSpaConfig(sparsity=s)))
@@ -47,6 +47,9 @@ def main(argv=None):
     p.add_argument("--thresholds", default="D2,D4")
     p.add_argument("--sparsities", default="0.5,0.8")
     p.add_argument("--mixed-sparsity", type=float, default=0.8)
+    p.add_argument("--mixed-candidates", default=",".join(MIXED_CANDIDATES),
+                   help="the mixed plans' candidate order (the greedy search takes the first within budget)")
+    p.add_argument("--only", default="ditfastattn,mixed,adaspa", help="which kinds of rows to run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the rows and the run's settings here")
     a = p.parse_args(argv)
@@ -58,7 +61,9 @@ def main(argv=None):
     rows = []
     print(f"{'method':<26} {'attn FLOPs':>10} {'PSNR dB':>8} {'calib s':>8}  counts")
     for name, method in methods(a.thresholds.split(","), [float(s) for s in a.sparsities.split(",")],
-                                a.mixed_sparsity):
+                                a.mixed_sparsity, a.mixed_candidates.split(",")):
+        if name.split()[0] not in a.only.split(","):
+            continue
         r = evaluate(pipe, method, n=a.n, steps=a.steps, dense=dense, calibration_inputs=cal)
         row = {"method": name, "attention_flops_ratio": r["attention_flops_ratio"], "psnr": r["psnr"],
                "psnr_min": r["psnr_min"], "calibration_s": r.get("calibration_s", 0.0),

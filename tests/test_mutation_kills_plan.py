@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ditaccel.plan import FORMAT, VERSION, Plan, PlanError
+from ditaccel.plan import FORMAT, Plan, PlanError
 
 METHODS = [["full", "wars", "ast"], ["asc", "full", "wars+asc"]]  # 2 layers x 3 steps
 
