@@ -396,3 +396,17 @@ def test_plan_heat_map_shows_adaspa_entries(plan, tmp_path):
     assert {"search", "research", "sparse"} <= set(METHOD_COLORS)
     plot_plan(plan, tmp_path / "plan.png")
     assert (tmp_path / "plan.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_comparison_script_rows():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compare_mixed_plans",
+                                                  Path(__file__).parents[1] / "scripts" / "compare_mixed_plans.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.methods(["D2"], [0.8], 0.5)
+    assert [n for n, _ in rows] == ["ditfastattn D2", "mixed D2 (s=0.5)", "adaspa s=0.8"]
+    mixed = rows[1][1]
+    assert "sparse" in mixed.candidates and mixed.adaspa.sparsity == 0.5 and mixed.threshold == 0.05
