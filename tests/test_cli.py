@@ -80,7 +80,7 @@ def _corrupt(d, case):
     if case == "garbage":
         return "{ this is not json"
     if case == "version":
-        d["version"] = 2
+        d["version"] = 3
     elif case == "method-name":
         d["methods"][0][1] = "sparse"
     elif case == "metadata-key":

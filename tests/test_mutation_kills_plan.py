@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ditaccel.plan import FORMAT, VERSION, Plan, PlanError
+from ditaccel.plan import FORMAT, Plan, PlanError
 
 METHODS = [["full", "wars", "ast"], ["asc", "full", "wars+asc"]]  # 2 layers x 3 steps
 
@@ -61,7 +61,7 @@ def test_summary_exact_with_only_the_required_keys():
 def test_to_dict_is_independent_of_the_plan():
     p = Plan(copy.deepcopy(METHODS), _md(grid=[4, 4]))
     d = p.to_dict()
-    assert d == {"format": FORMAT, "version": VERSION, "method": "ditfastattn", "metadata": p.metadata,
+    assert d == {"format": FORMAT, "version": 1, "method": "ditfastattn", "metadata": p.metadata,
                  "methods": METHODS}
     d["methods"][0][0] = "wars"
     d["metadata"]["grid"][0] = 99

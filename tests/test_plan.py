@@ -66,7 +66,7 @@ def test_save_load_round_trip(plan, tmp_path):
     with open(path) as f:
         d = json.load(f)
     assert d["format"] == FORMAT == "ditaccel.plan"
-    assert d["version"] == VERSION == 1
+    assert d["version"] == 1 and VERSION == 2  # a plan without AdaSpa entries is still written as version 1
     assert d["methods"] == ROWS
     loaded = Plan.load(path)
     assert loaded.methods == plan.methods
@@ -161,7 +161,7 @@ DOCUMENT_CASES = {
     "json-string": (lambda d: "ditaccel.plan", r"^plan: .*JSON object"),
     "format-wrong": (_set("format", "ditaccel.plan.v2"), r"^format: expected 'ditaccel.plan'"),
     "format-missing": (_del("format"), r"^format: expected"),
-    "version-newer": (_set("version", 2), r"^version: .*2 is newer"),
+    "version-newer": (_set("version", 3), r"^version: .*3 is newer"),
     "version-zero": (_set("version", 0), r"^version: expected a positive integer"),
     "version-negative": (_set("version", -1), r"^version: expected a positive integer"),
     "version-string": (_set("version", "1"), r"^version: expected a positive integer, got '1'"),
@@ -174,7 +174,9 @@ DOCUMENT_CASES = {
     "method-unknown": (_set("method", "adaspa"), r"^method: unknown plan method 'adaspa'"),
     "methods-not-list": (_set("methods", "full"), r"^methods: must be a list"),
     "methods-row-not-list": (_set("methods", 1, "full"), r"^methods: must be a list"),
-    "unknown-method-name": (_set("methods", 1, 2, "sparse"), r"^methods\[1\]\[2\]: unknown method 'sparse'"),
+    "unknown-method-name": (_set("methods", 1, 2, "dense"), r"^methods\[1\]\[2\]: unknown method 'dense'"),
+    "format-2-entry-in-version-1": (_set("methods", 1, 2, "sparse"),
+                                    r"^methods\[1\]\[2\]: 'sparse' is a format-2 entry .*version 1"),
     "method-name-not-string": (_set("methods", 0, 1, 7), r"^methods\[0\]\[1\]: unknown method 7"),
     "ragged-rows": (_methods(lambda m: m[1].pop()), r"^methods\[1\]: 5 steps, but metadata.num_steps is 6"),
     "too-few-layers": (_methods(lambda m: m.pop()), r"^methods: 2 layers, but metadata.num_layers is 3"),

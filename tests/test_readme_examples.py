@@ -49,9 +49,10 @@ def _serve(monkeypatch, cls, make, model_id: str) -> list:
 
 def test_one_example_per_method():
     examples = usage_examples()
-    assert len(examples) == 2
+    assert len(examples) == 3
     assert "DiTFastAttnConfig" in examples[0] and "ditaccel.calibrate(" in examples[0]
     assert "AdaSpaConfig" in examples[1]
+    assert '"sparse"' in examples[2] and "ditaccel.calibrate(" in examples[2]  # mixed plans
     for code in examples:  # self-contained: their own imports
         assert "import ditaccel" in code and "import torch" in code and "from diffusers import" in code
 
@@ -105,3 +106,28 @@ def test_adaspa_example(tmp_path, monkeypatch, capsys):
     assert 0 < st.attention_flops_ratio < 1 and len(st.details["density_per_layer"]) == 2
     assert len(scope["video"]) == 17
     assert str(st.attention_flops_ratio) in capsys.readouterr().out
+
+
+def test_mixed_plan_example(tmp_path, monkeypatch, capsys):
+    from diffusers import WanPipeline
+
+    from ditaccel.testbed.video import tiny_wan_pipeline
+
+    code = usage_examples()[2]
+    calls = _serve(monkeypatch, WanPipeline, tiny_wan_pipeline, "Wan-AI/Wan2.1-T2V-14B-Diffusers")
+    call = WanPipeline.__call__
+
+    @functools.wraps(call)
+    def small(self, *args, **kwargs):
+        for key, value in (("num_frames", 17), ("height", 64), ("width", 64)):
+            kwargs.setdefault(key, value)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(WanPipeline, "__call__", small)
+    scope = _run(code, tmp_path, monkeypatch)
+    assert len(calls) == 1 and get_runtime(scope["pipe"]) is None
+    plan = ditaccel.Plan.load(tmp_path / "wan-mixed.plan.json")
+    assert plan.num_steps == 20 and plan.metadata["adaspa"]["sparsity"] == 0.8
+    assert len(scope["video"]) == 17
+    out = capsys.readouterr().out
+    assert plan.version == 2 and plan.counts()["sparse"] > 0 and "mixed: 20 steps" in out

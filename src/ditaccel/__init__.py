@@ -19,7 +19,9 @@ import os
 from ._version import __version__
 from .calibrate import calibrate
 from .methods.adaspa import AdaSpa, AdaSpaConfig
+from .methods.adaspa import PLAN_ENTRIES
 from .methods.ditfastattn import PRESETS, DiTFastAttn, DiTFastAttnConfig
+from .methods.mixed import MixedPlan
 from .models import adapter_for
 from .plan import Plan, PlanError
 from .processors import CALL_KINDS
@@ -34,7 +36,8 @@ def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None,
         pipe_or_transformer: the pipeline (preferred: its scheduler tells ditaccel where each
             generation starts) or a bare transformer.
         plan_or_config: a DiTFastAttn ``Plan`` (or the path of a plan file) from ``calibrate``,
-            or an ``AdaSpaConfig`` (no calibration: AdaSpa searches online).
+            a mixed plan (format 2: DiTFastAttn's and AdaSpa's entries per layer and step), or an
+            ``AdaSpaConfig`` (no calibration: AdaSpa searches online).
         cfg: override the per-call detection of batched classifier-free guidance.
         num_inference_steps: AdaSpa on a bare transformer: the step count its schedule is for
             (a pipeline's scheduler tells it at every generation).
@@ -61,12 +64,15 @@ def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None,
     _, transformer = split_target(pipe_or_transformer)
     plan.check_model(transformer)
     kind = adapter_for(transformer).attention_call
-    unsupported = sorted(m for m, c in plan.counts().items() if c and m not in CALL_KINDS[kind].methods)
+    # AdaSpa's entries run through ``core`` (every call kind has it), like AdaSpa itself
+    unsupported = sorted(m for m, c in plan.counts().items()
+                         if c and m not in CALL_KINDS[kind].methods and m not in PLAN_ENTRIES)
     if unsupported:
         raise ValueError(f"plan_or_config: methods {unsupported} are not supported for {type(transformer).__name__} "
                          f"yet (its attention convention {kind!r} runs {sorted(CALL_KINDS[kind].methods)})")
-    method = DiTFastAttn(plan.methods, plan.metadata["window"], plan.metadata["window_size"],
-                         plan.metadata.get("residual_refresh", "full"))
+    args = (plan.methods, plan.metadata["window"], plan.metadata["window_size"],
+            plan.metadata.get("residual_refresh", "full"))
+    method = MixedPlan(*args, adaspa=plan.adaspa_config()) if plan.is_mixed else DiTFastAttn(*args)
     method.expected_grid = plan.metadata.get("grid")
     install(pipe_or_transformer, method, cfg=cfg)
 

@@ -10,6 +10,7 @@ later steps hold.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from tqdm.auto import tqdm
 
+from .methods.adaspa import SCHEDULE_FIELDS, SEARCH, SPARSE
 from .methods.ditfastattn import ASC, FULL, WARS_ASC, DiTFastAttn, DiTFastAttnConfig, loss_function
+from .methods.mixed import MixedPlan
 from .models import adapter_for
 from .plan import Plan, new_metadata
 from .processors import CALL_KINDS
@@ -183,6 +186,18 @@ class _GreedySearchHook(ModelHook):
         return out
 
 
+def with_searches(row: list[str]) -> list[str]:
+    """One layer's calibrated row as a mixed plan: the ``full`` step whose mask a ``sparse`` run
+    used (during calibration every written ``full`` step searched one; the run reads the layer's
+    latest) becomes ``"search"``. Step 0 is always ``full``, so every sparse run has one."""
+    row = list(row)
+    for s, m in enumerate(row):
+        if m == SPARSE:
+            j = max(i for i in range(s) if row[i] in (FULL, SEARCH))
+            row[j] = SEARCH
+    return row
+
+
 def calibrate(pipe, config: DiTFastAttnConfig | None = None, num_inference_steps: int = 20,
               **pipe_call_kwargs) -> Plan:
     """Search a DiTFastAttn plan for ``pipe`` by running it once on the calibration inputs.
@@ -214,12 +229,17 @@ def calibrate(pipe, config: DiTFastAttnConfig | None = None, num_inference_steps
     adapter = adapter_for(transformer)
     n_layers = len(adapter.attention_modules(transformer))
     runnable = CALL_KINDS[adapter.attention_call].methods
-    candidates = tuple(c for c in config.candidates if c in runnable)  # never offer what the family cannot run
+    # never offer what the family cannot run (AdaSpa's sparse attention runs at every family's core)
+    candidates = tuple(c for c in config.candidates if c in runnable or c == SPARSE)
     if "output_type" in inspect.signature(type(pipe).__call__).parameters:
         pipe_call_kwargs.setdefault("output_type", "latent")
 
-    method = DiTFastAttn([[FULL] * num_inference_steps for _ in range(n_layers)], config.window, config.window_size,
-                         config.residual_refresh)
+    rows = [[FULL] * num_inference_steps for _ in range(n_layers)]
+    if SPARSE in candidates:  # mixed: every written full step also searches a mask for later sparse trials
+        method = MixedPlan(rows, config.window, config.window_size, config.residual_refresh, config.adaspa)
+        method.search_full_steps = True
+    else:
+        method = DiTFastAttn(rows, config.window, config.window_size, config.residual_refresh)
     method.trial = [FULL] * n_layers
     method.score_loss = loss_function(config.loss)
     runtime = install(pipe, method, cfg=config.cfg)
@@ -241,7 +261,10 @@ def calibrate(pipe, config: DiTFastAttnConfig | None = None, num_inference_steps
         raise RuntimeError(f"calibration saw no transformer call for steps {missing}; does the pipeline run "
                            f"num_inference_steps={num_inference_steps} steps?")
     grid = hook.grid
-    methods = [[hook.columns[s][i] for s in range(num_inference_steps)] for i in range(n_layers)]
+    methods = [with_searches([hook.columns[s][i] for s in range(num_inference_steps)]) for i in range(n_layers)]
+    mixed = {}
+    if any(SPARSE in row for row in methods):
+        mixed["adaspa"] = {k: v for k, v in dataclasses.asdict(config.adaspa).items() if k not in SCHEDULE_FIELDS}
     batch = pipe_call_kwargs.get("class_labels", pipe_call_kwargs.get("prompt"))
     md = new_metadata(
         transformer, num_inference_steps, bool(hook.cfg_seen), config.window, config.window_size,
@@ -257,6 +280,7 @@ def calibrate(pipe, config: DiTFastAttnConfig | None = None, num_inference_steps
         calibration_inputs=len(batch) if isinstance(batch, (list, tuple)) else 1,
         calibration_seconds=round(time.perf_counter() - t0, 3),
         step_loss=[round(hook.losses[s], 6) for s in range(num_inference_steps)],
+        **mixed,
     )
     return Plan(methods, md)
 

@@ -18,12 +18,17 @@ from typing import Any
 import torch
 
 from ._version import __version__
+from .methods.adaspa import PLAN_ENTRIES, RESEARCH, SCHEDULE_FIELDS, SEARCH, SPARSE, AdaSpaConfig
 from .methods.ditfastattn import (ALL_METHODS, ASC, FULL, METHODS, RESIDUAL_REFRESHES, WA, WARS, WARS_ASC,
                                   WINDOW_KINDS, refreshes_residual)
 from .runtime import split_target
 
 FORMAT = "ditaccel.plan"
-VERSION = 1
+#: the newest format this version reads and writes: 2 = mixed plans (AdaSpa's entries too); a plan
+#: without AdaSpa entries is still written as version 1, which every ditaccel reads
+VERSION = 2
+#: every entry a plan may hold: DiTFastAttn's methods (format 1) and AdaSpa's (format 2)
+ENTRIES: tuple[str, ...] = ALL_METHODS + PLAN_ENTRIES
 
 #: metadata keys every plan carries, with their types
 REQUIRED_METADATA: dict[str, type | tuple[type, ...]] = {
@@ -56,7 +61,13 @@ def library_version() -> str:
 @dataclass
 class Plan:
     """``methods[layer][step]`` in ``{"full", "wars", "ast", "asc", "wars+asc"}`` (or the ablation
-    method ``"wa"``: window attention without the residual) plus metadata.
+    method ``"wa"``: window attention without the residual) plus metadata. A mixed plan (format
+    version 2) may also hold AdaSpa's entries ``"search"`` (dense attention that also searches the
+    layer's block mask; a ``full`` step for DiTFastAttn's rules), ``"research"`` (re-search from the
+    cached LSE, then block-sparse attention) and ``"sparse"`` (block-sparse attention with the
+    layer's latest mask); see ``ditaccel.methods.mixed``. It then needs ``metadata["adaspa"]``:
+    AdaSpa's per-call settings (``AdaSpaConfig`` fields but its schedule fields, e.g.
+    ``{"sparsity": 0.8, "block_size": 64}``).
 
     Metadata (all written by ``calibrate``): ``model_class``, ``config_fingerprint``,
     ``num_layers``, ``num_steps``, ``cfg``, ``window``, ``window_size`` (required),
@@ -83,9 +94,24 @@ class Plan:
         return len(self.methods[0]) if self.methods else 0
 
     def counts(self) -> dict[str, int]:
-        """(layer, step) pairs per method: every paper method, and the ablation methods in use."""
+        """(layer, step) pairs per method: every paper method, and the ablation and AdaSpa entries in use."""
         c = Counter(m for row in self.methods for m in row)
-        return {m: c.get(m, 0) for m in ALL_METHODS if m in METHODS or c.get(m)}
+        return {m: c.get(m, 0) for m in ENTRIES if m in METHODS or c.get(m)}
+
+    @property
+    def is_mixed(self) -> bool:
+        """Whether any entry is AdaSpa's (``"search"``, ``"research"``, ``"sparse"``)."""
+        return any(m in PLAN_ENTRIES for row in self.methods for m in row)
+
+    @property
+    def version(self) -> int:
+        """The format version this plan is written as: 2 for a mixed plan, else 1."""
+        return 2 if self.is_mixed else 1
+
+    def adaspa_config(self) -> AdaSpaConfig | None:
+        """AdaSpa's settings of a mixed plan (``metadata["adaspa"]``), else ``None``."""
+        d = self.metadata.get("adaspa")
+        return None if d is None else AdaSpaConfig(**d)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -115,19 +141,49 @@ class Plan:
         for i, row in enumerate(rows):
             if len(row) != md["num_steps"]:
                 raise PlanError(f"methods[{i}]: {len(row)} steps, but metadata.num_steps is {md['num_steps']}")
-            seen_refresh = False
+            seen_refresh = seen_search = False
             for s, m in enumerate(row):
                 where = f"methods[{i}][{s}]"
-                if m not in ALL_METHODS:
-                    raise PlanError(f"{where}: unknown method {m!r}; known: {ALL_METHODS}")
-                if s == 0 and m not in (FULL, ASC, WA):
-                    raise PlanError(f"{where}: step 0 must compute attention ('full', 'asc' or 'wa'), got {m!r}")
+                if not isinstance(m, str) or m not in ENTRIES:
+                    raise PlanError(f"{where}: unknown method {m!r}; known: {ENTRIES}")
+                if s == 0 and m not in (FULL, ASC, WA, SEARCH):
+                    raise PlanError(f"{where}: step 0 must compute attention ('full', 'asc', 'wa' or 'search'), "
+                                    f"got {m!r}")
+                if m in (SPARSE, RESEARCH) and not seen_search:
+                    what = "its cached LSE" if m == RESEARCH else "its block mask"
+                    raise PlanError(f"{where}: {m!r} needs an earlier 'search' step of the same layer ({what})")
+                seen_search |= m == SEARCH
                 if m in (WARS, WARS_ASC) and not seen_refresh:
                     raise PlanError(f"{where}: {m!r} needs an earlier {refreshing} step of the same layer (its "
                                     "residual)")
                 if m in (ASC, WARS_ASC) and not md["cfg"]:
                     raise PlanError(f"{where}: {m!r} needs CFG, but metadata.cfg is false")
-                seen_refresh |= refreshes_residual(m, refresh)
+                seen_refresh |= refreshes_residual(m, refresh) or m == SEARCH
+        self._validate_adaspa()
+
+    def _validate_adaspa(self) -> None:
+        md = self.metadata
+        if not self.is_mixed:
+            if "adaspa" in md:
+                raise PlanError("metadata.adaspa: AdaSpa settings in a plan without 'search', 'research' or "
+                                "'sparse' entries")
+            return
+        if "adaspa" not in md:
+            raise PlanError("metadata.adaspa: missing (a plan with 'search' / 'research' / 'sparse' entries needs "
+                            "AdaSpa's settings, e.g. {\"sparsity\": 0.8, \"block_size\": 64})")
+        d = md["adaspa"]
+        if not isinstance(d, dict):
+            raise PlanError(f"metadata.adaspa: expected an object, got {d!r}")
+        known = set(AdaSpaConfig.__dataclass_fields__) - set(SCHEDULE_FIELDS)
+        for key in d:
+            if key in SCHEDULE_FIELDS:
+                raise PlanError(f"metadata.adaspa.{key}: a schedule setting; in a plan the entries are the schedule")
+            if key not in known:
+                raise PlanError(f"metadata.adaspa.{key}: unknown AdaSpa setting; known: {sorted(known)}")
+        try:
+            AdaSpaConfig(**d)
+        except (ValueError, TypeError) as e:
+            raise PlanError(f"metadata.adaspa: {e}") from None
 
     def check_model(self, transformer: torch.nn.Module) -> None:
         """Raise ``PlanError`` if this plan was made for another model."""
@@ -161,7 +217,7 @@ class Plan:
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy({"format": FORMAT, "version": VERSION, "method": self.method,
+        return copy.deepcopy({"format": FORMAT, "version": self.version, "method": self.method,
                               "metadata": self.metadata, "methods": self.methods})
 
     @classmethod
@@ -179,6 +235,12 @@ class Plan:
         for key in ("metadata", "methods"):
             if key not in d:
                 raise PlanError(f"{key}: missing")
+        if v == 1 and isinstance(d["methods"], list):
+            for i, row in enumerate(d["methods"]):
+                for s, m in enumerate(row if isinstance(row, list) else []):
+                    if isinstance(m, str) and m in PLAN_ENTRIES:
+                        raise PlanError(f"methods[{i}][{s}]: {m!r} is a format-2 entry (mixed plans), but the "
+                                        "file says version 1")
         return cls(methods=d["methods"], metadata=d["metadata"], method=d.get("method", "ditfastattn"))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -201,13 +263,15 @@ class Plan:
     def summary(self) -> str:
         md = self.metadata
         n = self.num_layers * self.num_steps
-        lines = [f"ditaccel plan ({self.method}, format {VERSION})",
+        lines = [f"ditaccel plan ({self.method}, format {self.version})",
                  f"  model      {md['model_class']} [{md['config_fingerprint']}], {self.num_layers} layers",
                  f"  steps      {self.num_steps} ({md.get('scheduler', '?')}), cfg={md['cfg']}",
                  f"  tokens     {md.get('tokens', '?')} (grid {md.get('grid', '?')})",
                  f"  window     {md['window']}, size {md['window_size']}"
                  + (f", residual refreshed at {md['residual_refresh']} steps" if "residual_refresh" in md else ""),
                  f"  threshold  {md.get('threshold', '?')}"]
+        if self.is_mixed:
+            lines.append("  adaspa     " + ", ".join(f"{k}={v}" for k, v in sorted(md["adaspa"].items())))
         if isinstance(md.get("calibration_seconds"), (int, float)):
             lines.append(f"  calibrated in {md['calibration_seconds']:.1f} s on {md.get('calibration_inputs', '?')} inputs")
         for m, c in self.counts().items():

@@ -8,7 +8,9 @@ import numpy as np
 
 #: one colour per method, light = more compute saved (``wa``: the ablation without the residual)
 METHOD_COLORS = {"full": "#3b4cc0", "wars": "#7fb3d5", "asc": "#f4a582", "wars+asc": "#d6604d", "ast": "#fde0c5",
-                 "wa": "#9e9e9e"}
+                 "wa": "#9e9e9e",
+                 # mixed plans (format 2): AdaSpa's entries in greens, dark = more compute
+                 "search": "#1b7837", "research": "#5aae61", "sparse": "#a6dba0"}
 
 
 def plot_plan(plan, path: str | os.PathLike, title: str | None = None) -> None:

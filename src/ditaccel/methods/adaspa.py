@@ -31,6 +31,16 @@ from ..kernels.tiles import compact_columns
 
 HEAD_RULES = ("tiers", "mass", "top_p")
 
+#: AdaSpa's per-(layer, step) work, as entries of a mixed plan (``ditaccel.methods.mixed``) and as the
+#: words of :meth:`AdaSpaConfig.schedule`: ``"search"`` dense attention that also searches the block
+#: mask with a fresh LSE (output dense), ``"research"`` a search from the cached LSE followed by
+#: block-sparse attention with the new mask, ``"sparse"`` block-sparse attention with the latest mask
+SEARCH, RESEARCH, SPARSE = "search", "research", "sparse"
+PLAN_ENTRIES: tuple[str, ...] = (SEARCH, RESEARCH, SPARSE)
+#: the AdaSpaConfig fields that say *when* AdaSpa searches and runs sparse: in a mixed plan its
+#: entries say that, so these fields are not used there
+SCHEDULE_FIELDS: tuple[str, ...] = ("warmup", "search_at", "lse_cache", "dense_last", "dense_layers")
+
 
 def _real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

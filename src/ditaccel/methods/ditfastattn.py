@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..kernels.tiles import tma_available
 from ..kernels.window import WindowSpec, window_attention, window_tile_classes, window_tile_fraction
 from ..kernels.window_residual import full_and_window_attention
+from .adaspa import SPARSE, AdaSpaConfig
 
 FULL, WARS, AST, ASC, WARS_ASC, WA = "full", "wars", "ast", "asc", "wars+asc", "wa"
 #: the paper's methods
@@ -104,6 +105,16 @@ class DiTFastAttnConfig:
             (the two halves of the latent input are identical); set it when that heuristic
             cannot hold (e.g. a batch of one prompt repeated twice without CFG).
         show_progress: show a progress bar during calibration.
+        adaspa: AdaSpa's settings for mixed plans (``None``: none). With it, ``"sparse"`` (AdaSpa's
+            block-sparse attention with the layer's mask) may be listed in ``candidates`` and the
+            greedy search tries it like any candidate (the first within budget wins), e.g.
+            ``candidates=("ast", "sparse", "wars+asc", "wars", "asc")``. Its mask is the one searched
+            at the layer's last ``full`` step before the sparse run: calibration searches a mask at
+            every ``full`` step, and the written plan (format 2) turns each full step that a sparse
+            run reads into ``"search"`` (dense + block mass: 1.5 dense passes in the FLOP count,
+            as AdaSpa's first search). AdaSpa's schedule fields (``warmup``, ``search_at``,
+            ``lse_cache``, ``dense_last``, ``dense_layers``) are not used: the plan is the schedule.
+            Needs ``search="greedy"``.
     """
 
     threshold: float | str = 0.1
@@ -115,6 +126,7 @@ class DiTFastAttnConfig:
     residual_refresh: str = "full"
     cfg: bool | None = None
     show_progress: bool = True
+    adaspa: AdaSpaConfig | None = None
 
     def __post_init__(self):
         if isinstance(self.threshold, str):
@@ -129,10 +141,16 @@ class DiTFastAttnConfig:
         if not (0.0 < self.window_size <= 1.0):
             raise ValueError(f"window_size must be in (0, 1], got {self.window_size!r}")
         self.candidates = tuple(self.candidates)
-        searchable = CANDIDATES + ABLATION_METHODS
+        searchable = CANDIDATES + ABLATION_METHODS + (SPARSE,)
         bad = [c for c in self.candidates if c not in searchable]
         if bad or len(set(self.candidates)) != len(self.candidates):
             raise ValueError(f"candidates must be distinct values among {searchable}, got {self.candidates!r}")
+        if self.adaspa is not None and not isinstance(self.adaspa, AdaSpaConfig):
+            raise ValueError(f"adaspa must be an AdaSpaConfig or None, got {self.adaspa!r}")
+        if SPARSE in self.candidates and self.adaspa is None:
+            raise ValueError("candidates: 'sparse' needs AdaSpa's settings: DiTFastAttnConfig(adaspa=AdaSpaConfig(...))")
+        if SPARSE in self.candidates and self.search != "greedy":
+            raise ValueError(f"search: the 'sparse' candidate is searched by search='greedy' only, got {self.search!r}")
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
         if self.loss not in LOSSES:
