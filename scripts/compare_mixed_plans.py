@@ -20,7 +20,7 @@ import time
 import torch
 
 import ditaccel
-from ditaccel.evaluate import _default_inputs, evaluate
+from ditaccel.evaluate import default_inputs, evaluate
 from ditaccel.testbed.pixel import load_video_pipeline
 
 MIXED_CANDIDATES = ("ast", "sparse", "wars+asc", "wars", "asc")
@@ -57,7 +57,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     pipe = load_video_pipeline()
     dense = evaluate(pipe, None, n=a.n, steps=a.steps, return_samples=True)
-    cal = _default_inputs(pipe, "video", a.calibration, 1)  # balanced captions, as evaluate's default
+    cal = default_inputs(pipe, "video", a.calibration, 1)  # balanced captions, as evaluate's default
     rows = []
     print(f"{'method':<26} {'attn FLOPs':>10} {'PSNR dB':>8} {'calib s':>8}  counts")
     for name, method in methods(a.thresholds.split(","), [float(s) for s in a.sparsities.split(",")],
