@@ -83,12 +83,13 @@ def test_ditfastattn_example(tmp_path, monkeypatch, capsys):
     assert "attention FLOPs" in capsys.readouterr().out  # print(ditaccel.stats(pipe))
 
 
-def test_adaspa_example(tmp_path, monkeypatch, capsys):
+def _serve_small_wan(monkeypatch):
+    """``WanPipeline.from_pretrained`` of the released 14B id serves the tiny offline Wan pipeline,
+    whose calls default to 17 frames of 64 x 64; returns the recorded ``from_pretrained`` calls."""
     from diffusers import WanPipeline
 
     from ditaccel.testbed.video import tiny_wan_pipeline
 
-    code = usage_examples()[1]
     calls = _serve(monkeypatch, WanPipeline, tiny_wan_pipeline, "Wan-AI/Wan2.1-T2V-14B-Diffusers")
     call = WanPipeline.__call__
 
@@ -99,6 +100,12 @@ def test_adaspa_example(tmp_path, monkeypatch, capsys):
         return call(self, *args, **kwargs)
 
     monkeypatch.setattr(WanPipeline, "__call__", small)
+    return calls
+
+
+def test_adaspa_example(tmp_path, monkeypatch, capsys):
+    code = usage_examples()[1]
+    calls = _serve_small_wan(monkeypatch)
     scope = _run(code, tmp_path, monkeypatch)
     assert len(calls) == 1
     assert get_runtime(scope["pipe"]) is None
@@ -109,21 +116,8 @@ def test_adaspa_example(tmp_path, monkeypatch, capsys):
 
 
 def test_mixed_plan_example(tmp_path, monkeypatch, capsys):
-    from diffusers import WanPipeline
-
-    from ditaccel.testbed.video import tiny_wan_pipeline
-
     code = usage_examples()[2]
-    calls = _serve(monkeypatch, WanPipeline, tiny_wan_pipeline, "Wan-AI/Wan2.1-T2V-14B-Diffusers")
-    call = WanPipeline.__call__
-
-    @functools.wraps(call)
-    def small(self, *args, **kwargs):
-        for key, value in (("num_frames", 17), ("height", 64), ("width", 64)):
-            kwargs.setdefault(key, value)
-        return call(self, *args, **kwargs)
-
-    monkeypatch.setattr(WanPipeline, "__call__", small)
+    calls = _serve_small_wan(monkeypatch)
     scope = _run(code, tmp_path, monkeypatch)
     assert len(calls) == 1 and get_runtime(scope["pipe"]) is None
     plan = ditaccel.Plan.load(tmp_path / "wan-mixed.plan.json")

@@ -413,7 +413,7 @@ def bench_video_ditfastattn(model: str = "hunyuan-video-720p", device: str = "cu
     n_layers = len(adapter_for(tr).attention_modules(tr))
     kinds = list(VIDEO_STEP_KINDS)
     times = torch.linspace(999, 1, len(kinds)).round().tolist()
-    p = 2  # both families patchify 2 x 2 in space, 1 in time
+    p = tr.config.patch_size if isinstance(tr.config.patch_size, int) else tr.config.patch_size[-1]  # spatial
     res = {"model": model, "latent": list(latent), "video_tokens": latent[0] * (latent[1] // p) * (latent[2] // p),
            "text_tokens": text_tokens, "layers": n_layers, "window": window, "window_size": window_size,
            "cfg": "two calls per step (cond, uncond)", **_meta(device, dtype)}
