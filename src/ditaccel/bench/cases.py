@@ -146,7 +146,7 @@ CASES: list[Case] = [
       for m in ("pixart-sigma-2k", "hunyuan-video-720p")],
     *[Case(f"{m}-ditfastattn", bench_video_ditfastattn, markdown_video_ditfastattn, video_ditfastattn_shapes,
            f"ditaccel bench all --only {m}-ditfastattn", kwargs=dict(model=m),
-           dry_kwargs=dict(latent=(2, 8, 8), text_tokens=8, dtype=torch.float32, warmup_steps=1,
+           dry_kwargs=dict(latent=(2, 8, 8), text_tokens=8, dtype=torch.float32,
                            overrides=TOY_HUNYUAN if m.startswith("hunyuan") else TOY_WAN))
       for m in ("wan2.1-14b-720p", "hunyuan-video-720p")],
     Case("pixart-sigma-2k-plan-50", bench_pixart_plan, markdown_pixart_plan,

@@ -5,6 +5,7 @@ on a tiny model (``sweep``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import statistics
 import time
@@ -358,20 +359,43 @@ VIDEO_MODELS = {
     "hunyuan-video-720p": (HunyuanVideoTransformer3DModel, HUNYUAN_VIDEO, (33, 90, 160)),
 }
 
-#: step kinds of the video DiTFastAttn benchmark, one uniform plan column each (``full`` first: it
-#: keeps the window residual the later ``wars`` steps read)
-VIDEO_STEP_KINDS = ("full", "wars", "asc", "wars+asc", "ast")
+
+@dataclasses.dataclass(frozen=True)
+class VideoSetup:
+    """How the video DiTFastAttn case runs a model.
+
+    cfg: CFG as two calls per step (``WanPipeline``'s default); ``False``: one call per step
+        (HunyuanVideo is guidance-distilled: ``HunyuanVideoPipeline`` runs one call unless
+        ``true_cfg_scale > 1``, so ``asc`` / ``wars+asc`` do not apply).
+    groups: the step kinds, measured as short plans (every layer alike) that each fit in one
+        GPU's memory: a kind's caches are one (B, H, L, D) tensor per layer per CFG branch (Wan
+        2.1-14B 720p: 31 GB per kind and branch; HunyuanVideo 720p: 44 GB), so a residual and an
+        ``ast`` output of both branches at once (124 GB on Wan) do not fit beside the weights.
+    cycle: the 50-step plan's methods between its ``full`` steps (every 10 steps); its kinds are
+        one of ``groups`` (``("full", *cycle kinds)``), whose measured peak memory is the plan's.
+    """
+
+    cfg: bool
+    groups: tuple[tuple[str, ...], ...]
+    cycle: tuple[str, ...]
 
 
-def video_plan_50(steps: int = 50, refresh: int = 10) -> list[str]:
-    """One method per step (every layer alike): ``full`` every ``refresh`` steps, otherwise the cycle
-    :data:`PLAN_CYCLE` of the PixArt plan (about 21% of the attention FLOPs at a quarter-size window)."""
-    return ["full" if s % refresh == 0 else PLAN_CYCLE[(s - 1) % len(PLAN_CYCLE)] for s in range(steps)]
+VIDEO_SETUPS = {
+    "wan2.1-14b-720p": VideoSetup(True, (("full", "wars"), ("full", "ast"), ("asc",), ("full", "wars+asc")),
+                                  ("wars+asc",)),
+    "hunyuan-video-720p": VideoSetup(False, (("full", "wars", "ast"),), ("wars", "ast")),
+}
 
 
-def _video_calls(model: str, tr, latent, text_tokens: int, device: str, dtype):
-    """One CFG step of ``model``: the conditional and the unconditional call, each under its diffusers
-    cache context (as ``WanPipeline`` runs them; HunyuanVideo with ``true_cfg_scale > 1``)."""
+def video_plan_50(cycle: tuple[str, ...], steps: int = 50, refresh: int = 10) -> list[str]:
+    """One method per step (every layer alike): ``full`` every ``refresh`` steps (each refreshes the
+    window residual), otherwise ``cycle`` over and over."""
+    return ["full" if s % refresh == 0 else cycle[(s % refresh - 1) % len(cycle)] for s in range(steps)]
+
+
+def _video_calls(model: str, tr, latent, text_tokens: int, device: str, dtype, cfg: bool):
+    """One step of ``model``: with ``cfg`` the conditional and the unconditional call, each under its
+    diffusers cache context (as ``WanPipeline`` runs them); without, one call."""
     f, h, w = latent
     if model.startswith("hunyuan"):
         cond = hunyuan_inputs(f, h, w, text_tokens, device, dtype)
@@ -382,10 +406,11 @@ def _video_calls(model: str, tr, latent, text_tokens: int, device: str, dtype):
         ctx = torch.randn(1, text_tokens, tr.config.text_dim, device=device, dtype=dtype, generator=g)
         cond = {"hidden_states": x, "encoder_hidden_states": ctx}
         uncond = {"hidden_states": x, "encoder_hidden_states": torch.randn_like(ctx)}
+    branches = (("cond", cond), ("uncond", uncond)) if cfg else (("cond", cond),)
 
     def step(t: float) -> float:
         ms = 0.0
-        for branch, kw in (("cond", cond), ("uncond", uncond)):
+        for branch, kw in branches:
             with tr.cache_context(branch):
                 ms += _cuda_time(lambda: tr(timestep=torch.tensor([t], device=device), **kw), device)
         return ms
@@ -395,65 +420,73 @@ def _video_calls(model: str, tr, latent, text_tokens: int, device: str, dtype):
 
 def bench_video_ditfastattn(model: str = "hunyuan-video-720p", device: str = "cuda", dtype=torch.bfloat16,
                             latent: tuple[int, int, int] | None = None, text_tokens: int = 256,
-                            window: str = "band1d", window_size: float = 0.25, warmup_steps: int = 2,
+                            window: str = "band1d", window_size: float = 0.25, warmup: bool = True,
                             overrides: dict | None = None) -> dict:
-    """DiTFastAttn on a full-size video transformer (random weights) with CFG as two calls per step:
-    one timed step of each kind in :data:`VIDEO_STEP_KINDS` (every layer alike), dense in the same
-    run, and the 50-step plan :func:`video_plan_50` composed from those per-step times and per-step
-    attention FLOPs (``ditaccel.stats``' FLOPs per method). Peak memory of dense and of the plan's
-    generation. ``warmup_steps`` plan steps run first (compile and autotune the window kernels);
-    ``overrides`` replaces config entries (toy sizes for dry runs)."""
+    """DiTFastAttn on a full-size video transformer (random weights), run as :data:`VIDEO_SETUPS` says
+    (CFG as two calls on Wan, one call on HunyuanVideo): one timed step of each kind, in short plans
+    that each fit in memory (every layer alike), dense in the same run, and the 50-step plan
+    :func:`video_plan_50` composed from those per-step times and per-step attention FLOPs
+    (``ditaccel.stats``' FLOPs per method). Peak memory of dense and of each plan. ``warmup``: run the
+    first plan once untimed first (compiles and autotunes the window kernels); ``overrides`` replaces
+    config entries (toy sizes for dry runs)."""
     cls, config, default_latent = VIDEO_MODELS[model]
+    setup = VIDEO_SETUPS[model]
     latent = tuple(latent or default_latent)
     torch.manual_seed(0)
     with torch.device(device):
         tr = cls(**{**config, **(overrides or {})})
     tr = tr.to(dtype).eval().requires_grad_(False)
-    step = _video_calls(model, tr, latent, text_tokens, device, dtype)
+    step = _video_calls(model, tr, latent, text_tokens, device, dtype, setup.cfg)
     n_layers = len(adapter_for(tr).attention_modules(tr))
-    kinds = list(VIDEO_STEP_KINDS)
-    times = torch.linspace(999, 1, len(kinds)).round().tolist()
     p = tr.config.patch_size if isinstance(tr.config.patch_size, int) else tr.config.patch_size[-1]  # spatial
     res = {"model": model, "latent": list(latent), "video_tokens": latent[0] * (latent[1] // p) * (latent[2] // p),
            "text_tokens": text_tokens, "layers": n_layers, "window": window, "window_size": window_size,
-           "cfg": "two calls per step (cond, uncond)", **_meta(device, dtype)}
+           "cfg": "two calls per step (cond, uncond)" if setup.cfg else "none (one call per step)",
+           "groups": [list(g) for g in setup.groups], **_meta(device, dtype)}
+
+    def run_plan(kinds) -> tuple[list[float], int, object]:
+        plan = Plan.from_methods(tr, [list(kinds) for _ in range(n_layers)], cfg=setup.cfg, window=window,
+                                 window_size=window_size)
+        times = torch.linspace(999, 1, len(kinds)).round().tolist()
+        ditaccel.apply(tr, plan)
+        try:
+            base = _peak_reset(device)
+            ms = [step(t) for t in times]
+            return ms, _peak(device, base), ditaccel.stats(tr)
+        finally:
+            ditaccel.remove(tr)
+
     with torch.no_grad(), dense_sdpa_context():
         step(999.0)  # warm-up
         base = _peak_reset(device)
         res["dense_step_ms"] = step(999.0)
         res["dense_peak_bytes"] = _peak(device, base)
-        if warmup_steps:
-            warm = Plan.from_methods(tr, [kinds[:warmup_steps] for _ in range(n_layers)], cfg=True, window=window,
-                                     window_size=window_size)
-            ditaccel.apply(tr, warm)
-            try:
-                for t in times[:warmup_steps]:
-                    step(t)
-            finally:
-                ditaccel.remove(tr)
-        plan = Plan.from_methods(tr, [list(kinds) for _ in range(n_layers)], cfg=True, window=window,
-                                 window_size=window_size)
-        ditaccel.apply(tr, plan)
-        try:
-            base = _peak_reset(device)
-            per_step = [step(t) for t in times]
-            res["plan_peak_bytes"] = _peak(device, base)
-            st = ditaccel.stats(tr)
-        finally:
-            ditaccel.remove(tr)
-    # every step is one method in every layer: its share of the generation's attention FLOPs, times
-    # the number of steps, is that step's attention FLOPs as a fraction of a dense step
-    flops = {k: st.attention_flops_by_method.get(k, 0.0) * len(kinds) for k in kinds}
-    res["steps"] = [{"kind": k, "ms": ms, "speedup": res["dense_step_ms"] / ms, "attention_flops": flops[k]}
-                    for k, ms in zip(kinds, per_step)]
-    by = dict(zip(kinds, per_step))
-    plan50 = video_plan_50()
-    res["plan_50"] = {k: plan50.count(k) for k in kinds}
+        if warmup:
+            run_plan(setup.groups[0])
+        timed: dict[str, list[float]] = {}
+        flops: dict[str, float] = {}
+        res["plans"] = []
+        for kinds in setup.groups:
+            ms, peak, st = run_plan(kinds)
+            for k, t in zip(kinds, ms):
+                timed.setdefault(k, []).append(t)
+                # every step is one method in every layer: its share of the plan's attention FLOPs, times
+                # the plan's steps, is that step's attention FLOPs as a fraction of a dense step
+                flops[k] = st.attention_flops_by_method.get(k, 0.0) * len(kinds)
+            res["plans"].append({"kinds": list(kinds), "step_ms": ms, "peak_bytes": peak,
+                                 "cache_bytes_peak": st.cache_bytes_peak})
+    by = {k: statistics.median(v) for k, v in timed.items()}
+    res["steps"] = [{"kind": k, "ms": by[k], "speedup": res["dense_step_ms"] / by[k], "attention_flops": flops[k]}
+                    for k in by]
+    plan50 = video_plan_50(setup.cycle)
+    kinds50 = tuple(dict.fromkeys(plan50))
+    res["plan_50"] = {k: plan50.count(k) for k in kinds50}
     res["total_50_ms"] = sum(by[k] for k in plan50)
     res["dense_50_ms"] = 50 * res["dense_step_ms"]
     res["speedup_50"] = res["dense_50_ms"] / res["total_50_ms"]
     res["attention_flops_50"] = sum(flops[k] for k in plan50) / len(plan50)
-    res["cache_bytes_peak"] = st.cache_bytes_peak
+    own = next(g for g in res["plans"] if set(g["kinds"]) == set(kinds50))  # the plan with the same caches
+    res["plan_peak_bytes"], res["cache_bytes_peak"] = own["peak_bytes"], own["cache_bytes_peak"]
     return res
 
 

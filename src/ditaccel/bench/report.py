@@ -465,23 +465,26 @@ def markdown_hunyuan(r: dict) -> str:
 def video_ditfastattn_shapes(r: dict) -> str:
     return (f"{r['model']} transformer, random weights, {r['layers']} attention layers, latent "
             f"{'×'.join(map(str, r['latent']))} = {r['video_tokens']:,} video + {r['text_tokens']} text tokens, "
-            f"{r['dtype']}, CFG as two calls per step, window {r['window']} {r['window_size']:g}; one measured step "
-            "of each kind (every layer alike), the 50-step plan composed from them")
+            f"{r['dtype']}, CFG: {r['cfg']}, window {r['window']} {r['window_size']:g}; one measured step "
+            "of each kind (every layer alike) in plans that fit in memory ("
+            + "; ".join(" → ".join(g) for g in r["groups"]) + "), the 50-step plan composed from them")
 
 
 def markdown_video_ditfastattn(r: dict) -> str:
     d = r["dense_step_ms"]
     gib = 2**30
     c = r["plan_50"]
-    rows = ["| step kind (cond + uncond call) | ms | attention FLOPs | speed-up |", "|---|---|---|---|",
+    calls = "cond + uncond call" if r["cfg"].startswith("two") else "one call"
+    rows = [f"| step kind ({calls}) | ms | attention FLOPs | speed-up |", "|---|---|---|---|",
             f"| dense | {d:.0f} | 100% | 1.00× |"]
     rows += [f"| {s['kind']} | {s['ms']:.0f} | {100 * s['attention_flops']:.1f}% | {s['speedup']:.2f}× |"
              for s in r["steps"]]
     mix = ", ".join(f"{n} {k}" for k, n in c.items() if n)
     rows += [f"| **50 steps** ({mix}) at {100 * r['attention_flops_50']:.1f}% attention FLOPs | "
-             f"{r['total_50_ms'] / 1e3:.1f} s vs {r['dense_50_ms'] / 1e3:.1f} s dense | | **{r['speedup_50']:.2f}×** |",
-             f"| peak GPU memory | {r['plan_peak_bytes'] / gib:.1f} GiB vs {r['dense_peak_bytes'] / gib:.1f} GiB dense "
-             f"(caches {r['cache_bytes_peak'] / gib:.2f} GiB) | | |"]
+             f"{r['total_50_ms'] / 1e3:.1f} s vs {r['dense_50_ms'] / 1e3:.1f} s dense | | **{r['speedup_50']:.2f}×** |"]
+    rows += [f"| peak GPU memory, plan {' → '.join(g['kinds'])} | {g['peak_bytes'] / gib:.1f} GiB vs "
+             f"{r['dense_peak_bytes'] / gib:.1f} GiB dense (caches {g['cache_bytes_peak'] / gib:.2f} GiB) | | |"
+             for g in r["plans"]]
     return "\n".join(rows)
 
 
