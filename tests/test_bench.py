@@ -344,3 +344,27 @@ def test_video_ditfastattn_case_composes_the_50_step_plan_from_its_steps():
     assert r["attention_flops_50"] == pytest.approx(sum(steps[k]["attention_flops"] for k in wan50) / 50)
     assert r["speedup_50"] == pytest.approx(50 * r["dense_step_ms"] / r["total_50_ms"])
     assert r["plan_peak_bytes"] == r["plans"][-1]["peak_bytes"]  # the full → wars+asc plan
+
+
+def test_calibrate_case_counts_passes_and_stops_greedy_at_its_budget():
+    """The full-size calibration case at toy size (2 layers, 4 steps): transformer passes within the bounds
+    of its docstring, and a search past its budget stops after 2 decided steps with an estimate for the rest."""
+    from ditaccel.bench.model_cases import TOY_PIXART, bench_calibrate
+    from ditaccel.bench.report import markdown_calibrate
+
+    r = bench_calibrate(steps=4, text_tokens=8, dtype=torch.float32, device="cpu", greedy_budget_s=0.0,
+                        overrides={**TOY_PIXART, "num_layers": 2})
+    n, c = 2, 4  # layers, candidates (CFG: all four)
+    assert r["layers"] == n and r["tokens"] == 64 and r["batch"] == 2 and r["delta"] == pytest.approx(0.1)
+    assert r["dense"]["passes"] == 4
+    local, greedy = r["searches"]
+    # local: step 0 reference + written; then reference, 1..ceil(log2(n*c + 1)) = 4 trials, written
+    assert local["completed"] and local["steps_decided"] == 4 and 2 + 3 * 3 <= local["passes"] <= 2 + 3 * 6
+    assert local["attention_flops_ratio"] > 0 and sum(local["plan_counts"].values()) == n * r["steps"]
+    # greedy, budget 0: stopped once 2 steps were decided (step 1: reference, n..n*c trials, written)
+    assert not greedy["completed"] and greedy["steps_decided"] == 2 and len(greedy["step_seconds"]) == 2
+    assert 2 + n + 2 <= greedy["passes"] <= 2 + n * c + 2
+    assert greedy["estimated_seconds"] == pytest.approx(greedy["seconds"] + 2 * greedy["step_seconds"][1])
+    assert "attention_flops_ratio" not in greedy
+    table = markdown_calibrate(r)
+    assert "| `greedy` calibration | 2 of 4: stopped at the 0 s budget |" in table and "(estimated)" in table

@@ -166,6 +166,18 @@ def test_calibrate_pixart(tmp_path, capsys):
     assert plan.metadata["cfg"] is True  # PixArt batches the CFG halves
 
 
+def test_calibrate_window_and_residual_refresh_options(tmp_path, capsys):
+    """--window neighborhood3d and --residual-refresh full+asc reach the config and the plan's metadata."""
+    path = tmp_path / "P.json"
+    assert cli.main(["calibrate", "--model", "tiny-pixart", "--steps", "3", "--prompt", "a red circle",
+                     "--search", "local", "--window", "neighborhood3d", "--residual-refresh", "full+asc",
+                     "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "window neighborhood3d, residual refresh full+asc" in out
+    plan = Plan.load(path)
+    assert plan.metadata["window"] == "neighborhood3d" and plan.metadata["residual_refresh"] == "full+asc"
+    assert plan.metadata["search"] == "local"
+
 # ------------------------------------------------------------------ demo
 def test_demo(tmp_path, capsys):
     out_dir = tmp_path / "DIR"
@@ -314,6 +326,10 @@ BAD_INPUT = [  # (argv with {tmp} for a temp folder, the field the error names, 
     (["calibrate", "--model", "tiny-dit", "--threshold", "D9", "--out", "{tmp}/P.json"], "--threshold", "preset"),
     (["calibrate", "--model", "tiny-dit", "--threshold", "-0.1", "--out", "{tmp}/P.json"], "--threshold", ">= 0"),
     (["calibrate", "--model", "tiny-dit", "--window-size", "0", "--out", "{tmp}/P.json"], "--window-size", "(0"),
+    (["calibrate", "--model", "tiny-dit", "--window", "neighborhood4d", "--out", "{tmp}/P.json"], "--window",
+     "invalid choice: 'neighborhood4d' (choose from 'band1d', 'neighborhood2d', 'neighborhood3d')"),
+    (["calibrate", "--model", "tiny-dit", "--residual-refresh", "asc", "--out", "{tmp}/P.json"], "--residual-refresh",
+     "invalid choice: 'asc' (choose from 'full', 'full+asc')"),
     (["calibrate", "--model", "tiny-dit", "--class-labels", "-1", "--out", "{tmp}/P.json"], "--class-labels", ">= 0"),
     (["calibrate", "--model", "tiny-dit", "--dtype", "fp8", "--out", "{tmp}/P.json"], "--dtype", "fp8"),
     (["calibrate", "--model", "tiny-dit", "--device", "tpu9", "--out", "{tmp}/P.json"], "--device", "tpu9"),

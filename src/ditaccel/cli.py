@@ -44,7 +44,7 @@ from .cli_support import (
     subcommand,
     subcommands,
 )
-from .methods.ditfastattn import PRESETS
+from .methods.ditfastattn import PRESETS, RESIDUAL_REFRESHES, WINDOW_KINDS
 from .plan import Plan
 from .quality import check_weights_arg
 from .testbed import train
@@ -244,9 +244,9 @@ def cmd_calibrate(args) -> int:
     check_out_file("--out", args.out)
     _check_calibration_steps(args.steps)
     cfg = _ditfastattn_config(args, window=args.window, window_size=args.window_size, search=args.search,
-                              show_progress=progress_on(args))
+                              residual_refresh=args.residual_refresh, show_progress=progress_on(args))
     print(f"calibrating {args.model}: {args.steps} steps, {_threshold_line(args.threshold, cfg)}, "
-          f"search {cfg.search}, window {cfg.window}")
+          f"search {cfg.search}, window {cfg.window}, residual refresh {cfg.residual_refresh}")
     pipe = load_pipeline(args.model, device, dtype)
     _check_class_labels(pipe, args.class_labels)
     kw = pipeline_inputs(pipe, args.prompt, args.class_labels, 8 if is_class_conditional(pipe) else 6)
@@ -431,11 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--steps", type=POSITIVE, default=20, help="denoising steps the plan is for (2 or more)")
     p.add_argument("--threshold", type=_threshold, default="0.1", help="δ (float) or a preset D1..D6")
-    p.add_argument("--window", default="band1d", choices=["band1d", "neighborhood2d"], help="window attention kind")
+    p.add_argument("--window", default="band1d", choices=list(WINDOW_KINDS),
+                   help="window attention kind (neighborhood3d: a box over frames, rows and columns; on images the "
+                        "2D box)")
     p.add_argument("--window-size", type=float_in(0.0, 1.0, low_open=True), default=0.25,
                    help="window size, a fraction of the tokens in (0, 1]")
     p.add_argument("--search", default="greedy", choices=["greedy", "local"],
                    help="greedy: the paper's search; local: per-layer scores + end-to-end binary search (faster)")
+    p.add_argument("--residual-refresh", default="full", choices=list(RESIDUAL_REFRESHES),
+                   help="which steps refresh the window residual that wars steps add: full steps only, or also asc "
+                        "steps (full+asc, as thu-nics/DiTFastAttn's code)")
     p.add_argument("--prompt", action="append", help="calibration caption (repeat); default: 6 built-in")
     p.add_argument("--class-labels", type=SEED, nargs="+", help="DiT class ids; default: 8 spread ids")
     p.add_argument("--guidance-scale", type=GUIDANCE, help="default: the pipeline's")

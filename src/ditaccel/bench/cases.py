@@ -26,6 +26,7 @@ from .model_cases import (
     TOY_WAN,
     bench_adaspa_step,
     bench_attention_share,
+    bench_calibrate,
     bench_hunyuan_adaspa,
     bench_pixart_plan,
     bench_step,
@@ -37,6 +38,7 @@ from .report import (
     adaspa_shapes,
     adaspa_step_shapes,
     attention_shapes,
+    calibrate_shapes,
     attention_share_shapes,
     environment,
     hunyuan_shapes,
@@ -45,6 +47,7 @@ from .report import (
     markdown_adaspa_step,
     markdown_attention,
     markdown_attention_share,
+    markdown_calibrate,
     markdown_hunyuan,
     markdown_pixart_plan,
     markdown_sparsity,
@@ -152,6 +155,9 @@ CASES: list[Case] = [
     Case("pixart-sigma-2k-plan-50", bench_pixart_plan, markdown_pixart_plan,
          pixart_plan_shapes, "ditaccel bench all --only pixart-sigma-2k-plan-50",
          dry_kwargs=dict(steps=12, dtype=torch.float32, overrides=TOY_PIXART)),
+    Case("calibrate-pixart-sigma-2k", bench_calibrate, markdown_calibrate, calibrate_shapes,
+         "ditaccel bench all --only calibrate-pixart-sigma-2k",
+         dry_kwargs=dict(steps=3, text_tokens=8, dtype=torch.float32, overrides=TOY_PIXART)),
 ]
 
 

@@ -1,7 +1,7 @@
 """Model cases of ``ditaccel bench``: full-size architectures with random weights (no downloads):
 per-step time under a DiTFastAttn plan (``step``) or AdaSpa (``adaspa-step``), a 50-step PixArt
-plan, HunyuanVideo 720p under AdaSpa, the attention share of a step, and the calibration sweep
-on a tiny model (``sweep``)."""
+plan, HunyuanVideo 720p under AdaSpa, the attention share of a step, the calibration sweep on a
+tiny model (``sweep``) and the time of calibration itself at full size (``bench_calibrate``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from diffusers import (
     DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
     HunyuanVideoTransformer3DModel,
+    PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     WanTransformer3DModel,
 )
@@ -24,6 +26,8 @@ from ..cli_support import call_params, pipeline_inputs, load_pipeline, psnr
 from ..models import adapter_for
 from ..plan import Plan
 from ..runtime import install, remove
+from ..testbed import random_prompt_embeds
+from ..testbed.tiny import PIXART_SCHEDULER_CONFIG
 from ..viz import to_uint8
 from .harness import _cuda_time, _dtype_name, _meta, _peak, _peak_reset, dense_sdpa_context
 from .report import device_name
@@ -177,6 +181,150 @@ def bench_sweep(model: str = "tiny-dit", steps: int = 20, device: str = "cpu", t
             "search": search, "torch_threads": torch.get_num_threads(),
             "calibration_inputs": len(next(iter(calib.values()))), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "rows": rows}
+
+
+def pixart_pipeline(model: str, device: str, dtype: torch.dtype, overrides: dict | None = None) -> PixArtSigmaPipeline:
+    """A PixArt-Σ pipeline around :func:`build_transformer`'s random-weight transformer, with the released
+    model's scheduler (DPM-Solver++, 2nd order) and neither text encoder nor VAE: call it with
+    ``prompt_embeds`` (:func:`ditaccel.testbed.random_prompt_embeds`) and ``output_type="latent"``."""
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None,
+                               transformer=build_transformer(model, device, dtype, overrides=overrides),
+                               scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class _OutOfTime(Exception):
+    """Raised by the step callback of a calibration whose time budget is spent."""
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_calibrate(model: str = "pixart-sigma-2k", steps: int = 20, threshold: float | str = "D4",
+                    searches=("local", "greedy"), prompts: int = 1, text_tokens: int = 300,
+                    guidance_scale: float = 4.5, window: str = "band1d", greedy_budget_s: float | None = 240.0,
+                    device: str = "cuda", dtype=torch.bfloat16, overrides: dict | None = None) -> dict:
+    """The wall time of ``ditaccel.calibrate`` on the full-size PixArt-Σ 2K pipeline (random weights;
+    2048 × 2048 → 256 × 256 latent → 16,384 tokens, 28 layers), each search in ``searches`` at one
+    threshold, beside one dense generation of the same ``steps`` in the same run.
+
+    The calibration inputs are ``prompts`` random T5 embeddings (``text_tokens`` × 4096, the mask
+    keeping a random prefix; the negative prompt one token, as the empty prompt encodes) with CFG
+    (batch 2 × ``prompts``), so no text encoder is needed, and ``output_type="latent"``, so no VAE
+    runs (dense generation likewise: the denoising loop alone). A 2-step dense generation and a
+    2-step ``local`` calibration run first (cuDNN and the window kernels warm up and autotune).
+    Each found plan then generates once (its attention FLOPs from ``ditaccel.stats``, its time).
+
+    Forward passes of the transformer (one pass: the CFG batch), from ``calibrate.py``, with n = 28
+    layers, c = 4 candidates, S steps:
+
+    * dense generation: S.
+    * ``local``: step 0: 2 (the all-``full`` reference, the written column); every later step: the
+      reference, which also scores each candidate on each layer's own output (about 0.9 of a layer's
+      attention more: ``asc`` on half the batch and two window passes), a binary search over at
+      most n·c = 112 distinct scores (at most 7 passes), and the written column: at most
+      2 + 9 (S − 1) = 173 passes at S = 20: about 9× a dense generation (the scoring adds about
+      0.65 of a pass per step, the compressed trial columns cost less than a dense pass).
+    * ``greedy`` (the paper's): step 0: 2; every later step: the reference, n to n·c trials (each
+      layer tries candidates until one is within budget) and the written column:
+      2 + (S − 1)(n + 2) … 2 + (S − 1)(n·c + 2) = 572 … 2,168 passes at S = 20: 29–108× a dense
+      generation, each trial a little cheaper than a dense pass (its first layers compress).
+
+    At about 0.3 s per dense pass on an H200: dense ≈ 6 s, ``local`` ≈ 1 min, ``greedy`` 2–11 min.
+    So that the case fits in one 10-minute command, ``greedy`` stops after the first step that ends
+    past ``greedy_budget_s`` seconds (None: never; at least 2 steps decided, so it overruns by at most
+    one step, ≤ 114 passes ≈ 35 s); the result then says how many of the ``steps`` it decided and
+    estimates the whole search as its time plus the mean time of its steps after step 0 for each step
+    left (its plan is not written, so its plan columns stay empty).
+    ``overrides`` replaces transformer config entries (toy sizes for dry runs)."""
+    pipe = pixart_pipeline(model, device, dtype, overrides)
+    tr = pipe.transformer
+    n_layers = len(adapter_for(tr).attention_modules(tr))
+    model_bytes = _peak_reset(device)
+    emb, mask, neg, neg_mask = random_prompt_embeds(pipe, batch=prompts, seq_len=text_tokens)
+    side = tr.config.sample_size * pipe.vae_scale_factor
+    call = dict(prompt=None, negative_prompt=None, prompt_embeds=emb, prompt_attention_mask=mask,
+                negative_prompt_embeds=neg, negative_prompt_attention_mask=neg_mask, guidance_scale=guidance_scale,
+                height=side, width=side, use_resolution_binning=False, output_type="latent")
+    passes = [0]  # transformer passes: the first block runs once in every pass, whatever the plan
+    counter = tr.transformer_blocks[0].register_forward_pre_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
+
+    def config(search):
+        return ditaccel.DiTFastAttnConfig(threshold=threshold, window=window, search=search, show_progress=False)
+
+    def generate(n):
+        passes[0] = 0
+        _sync(device)
+        t0 = time.perf_counter()
+        pipe(num_inference_steps=n, generator=torch.Generator(device).manual_seed(1), **call)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    def calibrate(search, n, budget=None):
+        marks = []  # seconds from the start (t0, below) at the end of each decided step
+
+        def on_step(i, t, latents):
+            _sync(device)
+            marks.append(time.perf_counter() - t0)
+            if budget is not None and 2 <= len(marks) < n and marks[-1] > budget:
+                raise _OutOfTime
+
+        passes[0] = 0
+        _sync(device)
+        t0 = time.perf_counter()
+        try:
+            plan = ditaccel.calibrate(pipe, config(search), num_inference_steps=n,
+                                      generator=torch.Generator(device).manual_seed(1), callback=on_step, **call)
+        except _OutOfTime:
+            plan = None
+        _sync(device)
+        return plan, time.perf_counter() - t0, marks
+
+    cfg = config("local")
+    res = {"model": model, "layers": n_layers, "heads": tr.config.num_attention_heads,
+           "head_dim": tr.config.attention_head_dim, "image": [side, side],
+           "latent": [tr.config.sample_size] * 2, "tokens": (tr.config.sample_size // tr.config.patch_size) ** 2,
+           "prompts": prompts, "batch": 2 * prompts, "text_tokens": text_tokens, "guidance_scale": guidance_scale,
+           "steps": steps, "scheduler": type(pipe.scheduler).__name__, "threshold": threshold,
+           "delta": cfg.threshold, "window": window, "window_size": cfg.window_size,
+           "greedy_budget_s": greedy_budget_s, "model_bytes": model_bytes, **_meta(device, dtype)}
+    try:
+        with torch.no_grad(), dense_sdpa_context():
+            generate(min(2, steps))  # warm-up: cuDNN
+            calibrate("local", min(2, steps))  # warm-up: the window kernels (compile, autotune)
+            _peak_reset(device)
+            dense_s = generate(steps)
+            res["dense"] = {"seconds": dense_s, "passes": passes[0], "pass_seconds": dense_s / passes[0],
+                            "peak_bytes": _peak(device, 0)}
+            res["searches"] = []
+            for search in searches:
+                _peak_reset(device)
+                plan, seconds, marks = calibrate(search, steps, greedy_budget_s if search == "greedy" else None)
+                step_s = [b - a for a, b in zip([0.0, *marks], marks)]
+                done = len(marks)
+                row = {"search": search, "completed": plan is not None, "steps_decided": done, "seconds": seconds,
+                       "step_seconds": step_s, "passes": passes[0], "passes_per_step": passes[0] / max(done, 1),
+                       "peak_bytes": _peak(device, 0)}
+                row["estimated_seconds"] = seconds if plan is not None else (
+                    seconds + statistics.mean(step_s[1:]) * (steps - done))
+                row["vs_dense"] = row["estimated_seconds"] / dense_s
+                if plan is not None:
+                    ditaccel.apply(pipe, plan)
+                    try:
+                        plan_s = generate(steps)
+                        st = ditaccel.stats(pipe)
+                    finally:
+                        ditaccel.remove(pipe)
+                    row.update(attention_flops_ratio=st.attention_flops_ratio, plan_counts=plan.counts(),
+                               plan_seconds=plan_s, plan_speedup=dense_s / plan_s,
+                               max_step_loss=max(plan.metadata["step_loss"]))
+                res["searches"].append(row)
+    finally:
+        counter.remove()
+    return res
 
 
 def bench_adaspa_step(frames: int = 21, height: int = 60, width: int = 104, steps: int = 10, sparsities=(0.8, 0.9),

@@ -501,3 +501,35 @@ def markdown_attention_share(r: dict) -> str:
         "|---|---|---|",
         f"| {r['dense_ms']:.1f} ms | {r['no_core_ms']:.1f} ms | **{100 * r['share']:.1f}%** |",
     ])
+
+
+def calibrate_shapes(r: dict) -> str:
+    return (f"{r['model']} pipeline, random weights, {r['layers']} layers ({r['heads']} heads × {r['head_dim']}), "
+            f"{r['image'][0]}×{r['image'][1]} (latent {r['latent'][0]}×{r['latent'][1]}, {r['tokens']:,} tokens), "
+            f"{r['prompts']} calibration prompt(s) as random T5 embeddings ({r['text_tokens']} tokens) with CFG "
+            f"(guidance {r['guidance_scale']:g}, batch {r['batch']}), {r['steps']} steps ({r['scheduler']}), "
+            f"δ = {r['threshold']} ({r['delta']:g}), window {r['window']} {r['window_size']:g}, {r['dtype']}; no text "
+            "encoder, no VAE (`output_type=\"latent\"`)")
+
+
+def markdown_calibrate(r: dict) -> str:
+    """The Markdown table of a ``bench_calibrate`` result: dense generation, then each search."""
+    gib = 2**30
+    d = r["dense"]
+    rows = ["| | steps decided | transformer passes (per step) | wall time | × dense generation | plan's attention "
+            "FLOPs | generation with the plan | peak GPU memory |", "|---|---|---|---|---|---|---|---|",
+            f"| dense generation | {r['steps']} | {d['passes']} ({d['passes'] / r['steps']:.1f}) | "
+            f"{d['seconds']:.1f} s | 1.0× | 100% | | {d['peak_bytes'] / gib:.1f} GiB |"]
+    for x in r["searches"]:
+        if x["completed"]:
+            decided, time = f"{x['steps_decided']}", f"**{x['seconds']:.1f} s**"
+            counts = ", ".join(f"{m} {n}" for m, n in x["plan_counts"].items() if n)
+            flops = f"{100 * x['attention_flops_ratio']:.1f}% ({counts})"
+            plan = f"{x['plan_seconds']:.1f} s ({x['plan_speedup']:.2f}×)"
+        else:
+            decided = f"{x['steps_decided']} of {r['steps']}: stopped at the {r['greedy_budget_s']:g} s budget"
+            time = f"{x['seconds']:.1f} s; all {r['steps']} steps ≈ **{x['estimated_seconds']:.0f} s** (estimated)"
+            flops = plan = "—"
+        rows.append(f"| `{x['search']}` calibration | {decided} | {x['passes']} ({x['passes_per_step']:.1f}) | "
+                    f"{time} | {x['vs_dense']:.1f}× | {flops} | {plan} | {x['peak_bytes'] / gib:.1f} GiB |")
+    return "\n".join(rows)
