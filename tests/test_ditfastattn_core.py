@@ -767,3 +767,17 @@ def test_the_step_context_knows_the_latent_frames():
     v15 = SimpleNamespace(config=SimpleNamespace(patch_size=2, patch_size_t=2))  # CogVideoX 1.5: 2 frames a patch
     assert COGVIDEOX.token_frames(v15, torch.zeros(1, 5, 16, 20, 30)) == 3
     assert COGVIDEOX.token_frames(v15, torch.zeros(1, 16, 20, 30)) == 1
+
+
+def test_peak_cache_bytes_count_both_cfg_branches_at_once():
+    """With CFG as two calls each branch keeps its own residuals: the reported peak is their sum (it was
+    the larger branch alone), exactly the bytes of 2 branches x 2 layers x one (B, H, L, D) residual."""
+    tr, call = _wan()
+    ditaccel.apply(tr, _plan(tr, [["full", "wars", "wars", "wars", "wars"]] * 2))
+    try:
+        generate(tr, call, "calls")
+        st = ditaccel.stats(tr)
+    finally:
+        ditaccel.remove(tr)
+    res = 1 * 2 * 192 * 16 * 4  # B x H x L x D float32
+    assert st.cache_bytes_peak == 2 * 2 * res

@@ -277,8 +277,9 @@ class Runtime:
         st.flops_dense += dense_flops
         st.flops_done += fraction * dense_flops
         st.flops_by_method[name] += fraction * dense_flops
-        nbytes = sum(c.nbytes() for c in st.caches.values()) + self.cross.nbytes()
-        st.cache_bytes_peak = max(st.cache_bytes_peak, nbytes)
+        # every branch's caches at once: with CFG as two calls both branches hold theirs
+        nbytes = sum(c.nbytes() for s in self.state_manager._state_cache.values() for c in s.caches.values())
+        st.cache_bytes_peak = max(st.cache_bytes_peak, nbytes + self.cross.nbytes())
         return out
 
     def stats(self) -> Stats:
