@@ -3,7 +3,11 @@ block-sparse (AdaSpa), window, full + window and all tiles (dense), next to dens
 (cuDNN first) and compiled FlexAttention with the same masks, each output spot-checked
 against an fp32 reference before it is timed.
 
-    python scripts/tune_tiles.py --out DIR [--only sparse,window,dense]
+    python scripts/tune_tiles.py --out DIR [--only sparse,window,variants]
+
+``variants`` times source variants of the kernel's key loop (Triton's ``warp_specialize``, loop
+pipelining with ``tl.range(num_stages=...)``) on the block-sparse case, each loaded from a patched
+copy of kernels/tiles.py, spot-checked, beside the shipped kernel and dense cuDNN.
 
 Writes DIR/tune_tiles.json and prints one line per case. Used to choose the defaults in
 kernels/tiles.py (CONFIGS), block_sparse.py (query_blocks) and window.py (tile size).
@@ -16,6 +20,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -187,6 +192,71 @@ def window_cases(reps):
             record(case="window_shape_dense_tiles", bs=bs, cfg=cfg, tma=tma, ms=ms, vs_dense=ms / dense)
 
 
+#: kernel-source variants: (old, new) replacements in kernels/tiles.py
+LOOP = "for j in range(0, cnt):"
+VARIANTS = {
+    "shipped": [],
+    "warp_specialize": [(LOOP, "for j in tl.range(0, cnt, warp_specialize=True):")],
+    "loop_stages2": [(LOOP, "for j in tl.range(0, cnt, num_stages=2):")],
+    "loop_stages3": [(LOOP, "for j in tl.range(0, cnt, num_stages=3):")],
+}
+
+
+def load_variant(name: str):
+    """kernels/tiles.py with VARIANTS[name] applied, imported as a sibling module (its relative imports work)."""
+    import importlib.util
+    import inspect
+    import tempfile
+
+    from ditaccel.kernels import tiles as shipped
+
+    src = inspect.getsource(shipped)
+    for old, new in VARIANTS[name]:
+        assert src.count(old) == 1, old
+        src = src.replace(old, new)
+    path = os.path.join(tempfile.mkdtemp(), f"tiles_{name}.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(f"ditaccel.kernels.tiles_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def variant_cases(L, H, D, reps):
+    dev = "cuda"
+    q, k, v = structured_qkv(L // 4096, 64, 64, H, D, dev, torch.bfloat16)
+    scale = 1 / math.sqrt(D)
+    with dense_sdpa_context():
+        dense = timed(lambda: F.scaled_dot_product_attention(q, k, v), reps)
+    record(case="variants_dense_sdpa", L=L, H=H, D=D, ms=dense)
+    rows = torch.randint(0, L, (64,), device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for bs in (64, 128):
+        nb = -(-L // bs)
+        for keep in (0.1, 0.2):
+            mask = (torch.rand(1, H, nb, nb, device=dev, generator=g) < keep) | torch.eye(nb, dtype=torch.bool, device=dev)
+            idx, cnt = mask_to_indices(mask)
+            tiles = tile_list(idx, cnt, bs, 1)
+            tm = block_rows_mask(mask, rows, bs, L)
+            for name in VARIANTS:
+                try:
+                    mod = load_variant(name)
+                    for cfg in CONFIGS:
+                        fn = lambda: mod.tile_attention(q, k, v, tiles, scale=scale, configs=(cfg,))  # noqa: E731
+                        try:
+                            err = spot_check(fn(), q, k, v, tm, rows, scale)
+                            ms = timed(fn, reps)
+                        except Exception as e:  # noqa: BLE001 - record and go on
+                            record(case="variant", variant=name, bs=bs, keep=keep, cfg=cfg, error=str(e)[:300])
+                            continue
+                        record(case="variant", variant=name, bs=bs, keep=keep, cfg=cfg, ms=ms, speedup=dense / ms,
+                               err=err, density=float(mask.float().mean()))
+                except Exception as e:  # noqa: BLE001
+                    record(case="variant", variant=name, bs=bs, keep=keep, error=str(e)[:300])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -209,6 +279,8 @@ def main():
             window_cases(args.reps)
         if "sparse" in only:
             sparse_cases(args.tokens, 24, 128, args.reps)
+        if "variants" in only:
+            variant_cases(args.tokens, 24, 128, args.reps)
     finally:
         with open(os.path.join(args.out, "tune_tiles.json"), "w") as f:
             json.dump({"meta": meta, "seconds": time.time() - t0, "results": RESULTS}, f, indent=1)
