@@ -44,7 +44,7 @@ from .cli_support import (
     subcommand,
     subcommands,
 )
-from .methods.ditfastattn import PRESETS
+from .methods.ditfastattn import CACHE_DTYPES, PRESETS
 from .plan import Plan
 from .quality import check_weights_arg
 from .testbed import train
@@ -244,9 +244,10 @@ def cmd_calibrate(args) -> int:
     check_out_file("--out", args.out)
     _check_calibration_steps(args.steps)
     cfg = _ditfastattn_config(args, window=args.window, window_size=args.window_size, search=args.search,
-                              show_progress=progress_on(args))
+                              cache_dtype=args.cache_dtype, show_progress=progress_on(args))
     print(f"calibrating {args.model}: {args.steps} steps, {_threshold_line(args.threshold, cfg)}, "
-          f"search {cfg.search}, window {cfg.window}")
+          f"search {cfg.search}, window {cfg.window}" + (f", caches in {cfg.cache_dtype}"
+                                                         if cfg.cache_dtype != "model" else ""))
     pipe = load_pipeline(args.model, device, dtype)
     _check_class_labels(pipe, args.class_labels)
     kw = pipeline_inputs(pipe, args.prompt, args.class_labels, 8 if is_class_conditional(pipe) else 6)
@@ -436,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window size, a fraction of the tokens in (0, 1]")
     p.add_argument("--search", default="greedy", choices=["greedy", "local"],
                    help="greedy: the paper's search; local: per-layer scores + end-to-end binary search (faster)")
+    p.add_argument("--cache-dtype", default="model", choices=list(CACHE_DTYPES),
+                   help="how the plan stores its caches between steps: model (the model's dtype) or float8 (e4m3 "
+                   "with per-head scales: about half the memory of bf16); the search runs with them (default: model)")
     p.add_argument("--prompt", action="append", help="calibration caption (repeat); default: 6 built-in")
     p.add_argument("--class-labels", type=SEED, nargs="+", help="DiT class ids; default: 8 spread ids")
     p.add_argument("--guidance-scale", type=GUIDANCE, help="default: the pipeline's")
