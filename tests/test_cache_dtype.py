@@ -80,7 +80,12 @@ def test_quantization_keeps_the_dtype_and_never_overflows_to_nan():
     q = quantize_fp8(t, 2)
     deq = q.dequantize()
     assert deq.dtype == torch.bfloat16 and torch.isfinite(deq).all()
-    assert (q.data.float().abs() <= FP8_MAX).all()
+    assert (q.data.float().abs() <= FP8_MAX).all() and q.data[0, 0, 0, 0].float().item() == FP8_MAX
+    for head in range(3):  # every head's largest value lands on 448, and no rounding turns it into NaN
+        assert q.data[0, head].float().abs().max().item() == FP8_MAX
+    tiny = torch.full((1, 1, 4, 2), 1e-44)  # amax / 448 underflows to 0 in float32: the guard catches it
+    tiny[0, 0, 0, 0] = 0.0
+    assert torch.isfinite(quantize_fp8(tiny, 2).dequantize()).all()
     assert torch.allclose(deq.float(), t.float(), rtol=1 / 16, atol=0)
     assert torch.equal(t, t.clone())  # the input is untouched
 
