@@ -31,12 +31,12 @@ FILES=("$@")
 tests_for() {
   case "$1" in
     src/ditaccel/plan.py) echo tests/test_plan.py tests/test_ditfastattn.py tests/test_calibrate_loss.py \
-      tests/test_mutation_kills_plan.py ;;
+      tests/test_mutation_kills_plan.py tests/test_cache_dtype.py ;;
     src/ditaccel/calibrate.py) echo tests/test_greedy_reference.py tests/test_calibrate_loss.py \
       tests/test_ditfastattn.py tests/test_mutation_kills_calibrate.py ;;
     src/ditaccel/methods/ditfastattn.py) echo tests/test_ditfastattn.py tests/test_ditfastattn_wa.py \
       tests/test_greedy_reference.py tests/test_calibrate_loss.py tests/test_plan.py \
-      tests/test_mutation_kills_ditfastattn.py tests/test_mutation_kills_calibrate.py ;;
+      tests/test_mutation_kills_ditfastattn.py tests/test_mutation_kills_calibrate.py tests/test_cache_dtype.py ;;
     src/ditaccel/methods/adaspa.py) echo tests/test_adaspa.py tests/test_adaspa_options.py \
       tests/test_adaspa_reference.py tests/test_adaspa_memory.py tests/test_runtime_checks.py \
       tests/test_video_adapters.py tests/test_mutation_kills_adaspa.py ;;

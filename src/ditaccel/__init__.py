@@ -72,7 +72,9 @@ def apply(pipe_or_transformer, plan_or_config, *, cfg: bool | None = None,
                          f"yet (its attention convention {kind!r} runs {sorted(CALL_KINDS[kind].methods)})")
     args = (plan.methods, plan.metadata["window"], plan.metadata["window_size"],
             plan.metadata.get("residual_refresh", "full"))
-    method = MixedPlan(*args, adaspa=plan.adaspa_config()) if plan.is_mixed else DiTFastAttn(*args)
+    cache_dtype = plan.metadata.get("cache_dtype", "model")
+    method = (MixedPlan(*args, adaspa=plan.adaspa_config(), cache_dtype=cache_dtype) if plan.is_mixed
+              else DiTFastAttn(*args, cache_dtype=cache_dtype))
     method.expected_grid = plan.metadata.get("grid")
     install(pipe_or_transformer, method, cfg=cfg)
 

@@ -236,10 +236,11 @@ def calibrate(pipe, config: DiTFastAttnConfig | None = None, num_inference_steps
 
     rows = [[FULL] * num_inference_steps for _ in range(n_layers)]
     if SPARSE in candidates:  # mixed: every written full step also searches a mask for later sparse trials
-        method = MixedPlan(rows, config.window, config.window_size, config.residual_refresh, config.adaspa)
+        method = MixedPlan(rows, config.window, config.window_size, config.residual_refresh, config.adaspa,
+                           config.cache_dtype)
         method.search_full_steps = True
     else:
-        method = DiTFastAttn(rows, config.window, config.window_size, config.residual_refresh)
+        method = DiTFastAttn(rows, config.window, config.window_size, config.residual_refresh, config.cache_dtype)
     method.trial = [FULL] * n_layers
     method.score_loss = loss_function(config.loss)
     runtime = install(pipe, method, cfg=config.cfg)
@@ -277,6 +278,7 @@ def calibrate(pipe, config: DiTFastAttnConfig | None = None, num_inference_steps
         search=config.search,
         loss=config.loss,
         residual_refresh=config.residual_refresh,
+        cache_dtype=config.cache_dtype,
         calibration_inputs=len(batch) if isinstance(batch, (list, tuple)) else 1,
         calibration_seconds=round(time.perf_counter() - t0, 3),
         step_loss=[round(hook.losses[s], 6) for s in range(num_inference_steps)],

@@ -44,7 +44,7 @@ from .cli_support import (
     subcommand,
     subcommands,
 )
-from .methods.ditfastattn import PRESETS, RESIDUAL_REFRESHES, WINDOW_KINDS
+from .methods.ditfastattn import CACHE_DTYPES, PRESETS, RESIDUAL_REFRESHES, WINDOW_KINDS
 from .plan import Plan
 from .quality import check_weights_arg
 from .testbed import train
@@ -244,9 +244,11 @@ def cmd_calibrate(args) -> int:
     check_out_file("--out", args.out)
     _check_calibration_steps(args.steps)
     cfg = _ditfastattn_config(args, window=args.window, window_size=args.window_size, search=args.search,
-                              residual_refresh=args.residual_refresh, show_progress=progress_on(args))
+                              residual_refresh=args.residual_refresh, cache_dtype=args.cache_dtype,
+                              show_progress=progress_on(args))
     print(f"calibrating {args.model}: {args.steps} steps, {_threshold_line(args.threshold, cfg)}, "
-          f"search {cfg.search}, window {cfg.window}, residual refresh {cfg.residual_refresh}")
+          f"search {cfg.search}, window {cfg.window}, residual refresh {cfg.residual_refresh}"
+          + (f", caches in {cfg.cache_dtype}" if cfg.cache_dtype != "model" else ""))
     pipe = load_pipeline(args.model, device, dtype)
     _check_class_labels(pipe, args.class_labels)
     kw = pipeline_inputs(pipe, args.prompt, args.class_labels, 8 if is_class_conditional(pipe) else 6)
@@ -441,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-refresh", default="full", choices=list(RESIDUAL_REFRESHES),
                    help="which steps refresh the window residual that wars steps add: full steps only, or also asc "
                         "steps (full+asc, as thu-nics/DiTFastAttn's code)")
+    p.add_argument("--cache-dtype", default="model", choices=list(CACHE_DTYPES),
+                   help="how the plan stores its caches between steps: model (the model's dtype) or float8 (e4m3 "
+                   "with per-head scales: about half the memory of bf16); the search runs with them (default: model)")
     p.add_argument("--prompt", action="append", help="calibration caption (repeat); default: 6 built-in")
     p.add_argument("--class-labels", type=SEED, nargs="+", help="DiT class ids; default: 8 spread ids")
     p.add_argument("--guidance-scale", type=GUIDANCE, help="default: the pipeline's")

@@ -19,8 +19,8 @@ import torch
 
 from ._version import __version__
 from .methods.adaspa import PLAN_ENTRIES, RESEARCH, SCHEDULE_FIELDS, SEARCH, SPARSE, AdaSpaConfig
-from .methods.ditfastattn import (ALL_METHODS, ASC, FULL, METHODS, RESIDUAL_REFRESHES, WA, WARS, WARS_ASC,
-                                  WINDOW_KINDS, refreshes_residual)
+from .methods.ditfastattn import (ALL_METHODS, ASC, CACHE_DTYPES, FULL, METHODS, RESIDUAL_REFRESHES, WA, WARS,
+                                  WARS_ASC, WINDOW_KINDS, refreshes_residual)
 from .runtime import split_target
 
 FORMAT = "ditaccel.plan"
@@ -72,7 +72,10 @@ class Plan:
     Metadata (all written by ``calibrate``): ``model_class``, ``config_fingerprint``,
     ``num_layers``, ``num_steps``, ``cfg``, ``window``, ``window_size`` (required),
     ``residual_refresh`` (``"full"`` when absent: which steps refresh the ``wars`` residual, see
-    ``DiTFastAttnConfig``; it changes what the plan computes) and ``scheduler``, ``tokens``,
+    ``DiTFastAttnConfig``; it changes what the plan computes), ``cache_dtype`` (``"model"`` when
+    absent: how the caches kept between steps are stored, ``"model"`` or ``"float8"``, see
+    ``DiTFastAttnConfig``; :meth:`with_cache_dtype` makes the same plan with another) and
+    ``scheduler``, ``tokens``,
     ``grid``, ``threshold``, ``library_version``, ``created``, ``calibration_seconds``, ...
     (informative).
     """
@@ -132,6 +135,9 @@ class Plan:
         refresh = md.get("residual_refresh", "full")
         if refresh not in RESIDUAL_REFRESHES:
             raise PlanError(f"metadata.residual_refresh: unknown rule {refresh!r}; known: {RESIDUAL_REFRESHES}")
+        cache_dtype = md.get("cache_dtype", "model")
+        if not isinstance(cache_dtype, str) or cache_dtype not in CACHE_DTYPES:
+            raise PlanError(f"metadata.cache_dtype: unknown cache dtype {cache_dtype!r}; known: {CACHE_DTYPES}")
         refreshing = "'full'" if refresh == "full" else "'full' or 'asc'"
         rows = self.methods
         if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
@@ -215,6 +221,14 @@ class Plan:
         md = dict(self.metadata, cfg=False, derived_from="without_asc")
         return Plan([[swap.get(m, m) for m in row] for row in self.methods], md, self.method)
 
+    def with_cache_dtype(self, cache_dtype: str) -> Plan:
+        """The same plan with its caches stored as ``cache_dtype`` (``"model"`` or ``"float8"``; see
+        ``DiTFastAttnConfig.cache_dtype``), e.g. to compare both on one plan; its search ran with the
+        caches it was calibrated with."""
+        if not isinstance(cache_dtype, str) or cache_dtype not in CACHE_DTYPES:
+            raise PlanError(f"cache_dtype: unknown cache dtype {cache_dtype!r}; known: {CACHE_DTYPES}")
+        return Plan([list(r) for r in self.methods], dict(self.metadata, cache_dtype=cache_dtype), self.method)
+
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy({"format": FORMAT, "version": self.version, "method": self.method,
@@ -268,7 +282,8 @@ class Plan:
                  f"  steps      {self.num_steps} ({md.get('scheduler', '?')}), cfg={md['cfg']}",
                  f"  tokens     {md.get('tokens', '?')} (grid {md.get('grid', '?')})",
                  f"  window     {md['window']}, size {md['window_size']}"
-                 + (f", residual refreshed at {md['residual_refresh']} steps" if "residual_refresh" in md else ""),
+                 + (f", residual refreshed at {md['residual_refresh']} steps" if "residual_refresh" in md else "")
+                 + (f", caches in {md['cache_dtype']}" if md.get("cache_dtype", "model") != "model" else ""),
                  f"  threshold  {md.get('threshold', '?')}"]
         if self.is_mixed:
             lines.append("  adaspa     " + ", ".join(f"{k}={v}" for k, v in sorted(md["adaspa"].items())))

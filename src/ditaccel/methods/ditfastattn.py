@@ -53,6 +53,9 @@ SEARCHES = ("greedy", "local")
 RESIDUAL_REFRESHES = ("full", "full+asc")
 #: the search losses: ``"relative"`` (ours, symmetric) and ``"official"`` (thu-nics/DiTFastAttn's)
 LOSSES = ("relative", "official")
+#: how the caches kept between steps (``wars`` residuals, ``ast`` outputs) are stored: ``"model"``
+#: (the dtype the model computes in) or ``"float8"`` (float8_e4m3fn with float32 scales, see :class:`Float8Cache`)
+CACHE_DTYPES = ("model", "float8")
 
 
 @dataclass
@@ -101,6 +104,13 @@ class DiTFastAttnConfig:
             plain ``wars`` steps. Costs a window pass at such ``asc`` steps; a residual closer in
             time. Recorded as ``metadata["residual_refresh"]``; a plan runs with the rule it was
             calibrated with.
+        cache_dtype: how the caches kept between steps are stored. ``"model"`` (default): the window
+            residuals of ``wars`` and the outputs ``ast`` reuses stay in the model's dtype.
+            ``"float8"``: stored as float8_e4m3fn with a float32 scale (amax / 448) per (batch,
+            head) of a residual and per (batch, channel) of an output, dequantized to the
+            model's dtype when read: about half the cache memory of bf16 (a quarter of float32),
+            at a small quality cost (a quantization error of at most 1/16 of each value). The
+            search runs with the caches it configures; recorded as ``metadata["cache_dtype"]``.
         cfg: whether calls batch classifier-free guidance. ``None`` detects it per call
             (the two halves of the latent input are identical); set it when that heuristic
             cannot hold (e.g. a batch of one prompt repeated twice without CFG).
@@ -124,6 +134,7 @@ class DiTFastAttnConfig:
     search: str = "greedy"
     loss: str = "relative"
     residual_refresh: str = "full"
+    cache_dtype: str = "model"
     cfg: bool | None = None
     show_progress: bool = True
     adaspa: AdaSpaConfig | None = None
@@ -157,6 +168,7 @@ class DiTFastAttnConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.residual_refresh not in RESIDUAL_REFRESHES:
             raise ValueError(f"residual_refresh must be one of {RESIDUAL_REFRESHES}, got {self.residual_refresh!r}")
+        check_cache_dtype(self.cache_dtype)
         if self.cfg not in (None, True, False):
             raise ValueError(f"cfg must be None, True or False, got {self.cfg!r}")
 
@@ -269,6 +281,96 @@ class AttentionCall(Protocol):
         the batch; ``fn`` sees those rows only and its output stands for both halves."""
 
 
+# ------------------------------------------------------------------------------- cache storage
+def check_cache_dtype(cache_dtype) -> str:
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, got {cache_dtype!r}")
+    return cache_dtype
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+@dataclass
+class Float8Cache:
+    """A cached tensor stored in float8_e4m3fn: ``data * scale`` (``scale`` float32, broadcast over
+    the dimensions it has size 1 in) read back in ``dtype``.
+
+    Made by :func:`quantize_fp8`: the scale of each slice is its absolute maximum / 448 (e4m3's
+    largest finite value; 1 for an all-zero slice), so every value keeps e4m3's 3 mantissa bits:
+    the error of a value x is at most |x| / 16 + scale / 1024 (the second term: values that fall
+    into e4m3's subnormal range, below 2^-6 · scale)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.data.to(torch.float32) * self.scale).to(self.dtype)
+
+    def rows(self, rows: slice) -> Float8Cache:
+        """The batch rows ``rows`` (still stored in float8)."""
+        return Float8Cache(self.data[rows], self.scale[rows], self.dtype)
+
+
+def quantize_fp8(t: torch.Tensor, keep: int) -> Float8Cache:
+    """``t`` in float8_e4m3fn with one float32 scale per index of its first ``keep`` dimensions and of
+    its last dimension when ``keep`` is negative: ``keep=2`` on a (B, H, L, D) residual is a scale
+    per (batch, head), ``keep=-1`` on a (B, L, C) output a scale per (batch, channel)."""
+    if keep > 0:
+        dims = tuple(range(keep, t.ndim))
+    else:
+        dims = tuple(range(1, t.ndim - 1))
+    x = t.to(torch.float32)
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=dims, keepdim=True) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero slice (or an amax that underflows)
+    # |x / scale| <= 448 up to float32 rounding, which e4m3 rounds to 448 (it overflows to NaN only past 464)
+    return Float8Cache((x / scale).to(FP8), scale, t.dtype)
+
+
+def pack_cache(x, cache_dtype: str, keep: int):
+    """A tensor (or a joint layer's tuple of tensors, or ``None``) as the cache stores it under
+    ``cache_dtype``: unchanged (``"model"``) or :func:`quantize_fp8` (``"float8"``; ``keep`` as there)."""
+    if cache_dtype == "model" or x is None or isinstance(x, Float8Cache):
+        return x
+    if isinstance(x, tuple):
+        return tuple(pack_cache(t, cache_dtype, keep) for t in x)
+    return quantize_fp8(x, keep)
+
+
+def unpack_cache(x):
+    """What :func:`pack_cache` stored, back as the tensor (or tuple) the computation reads."""
+    if isinstance(x, Float8Cache):
+        return x.dequantize()
+    if isinstance(x, tuple):
+        return tuple(unpack_cache(t) for t in x)
+    return x
+
+
+def cache_nbytes(x) -> int:
+    """Bytes a cached value holds: a tensor's, a :class:`Float8Cache`'s (payload and scales), a
+    tuple's sum; 0 for ``None``."""
+    if x is None:
+        return 0
+    if isinstance(x, tuple):
+        return sum(cache_nbytes(t) for t in x)
+    if isinstance(x, Float8Cache):
+        return x.nbytes()
+    return x.numel() * x.element_size()
+
+
+#: per-(batch, head) scales of a (B, H, L, D) residual; per-(batch, channel) of a (B, L, C) output
+RES_SCALES, OUT_SCALES = 2, -1
+
+
 @dataclass
 class LayerCache:
     """One layer's caches in one CFG-branch state.
@@ -278,15 +380,34 @@ class LayerCache:
         ``"all"`` (every row of the call), ``"cond"`` (the conditional half of a CFG batch only)
         or ``"shared"`` (the conditional half, standing for both halves: refreshed at an ``asc``
         step under ``residual_refresh="full+asc"``).
+    cache_dtype: how ``out`` and ``res`` are stored (``CACHE_DTYPES``): ``"float8"`` keeps them as
+        :class:`Float8Cache` (a residual's scales per (batch, head), an output's per (batch, channel));
+        ``store_*`` packs, ``output()`` / ``residual()`` read them back in the model's dtype.
     """
 
-    out: torch.Tensor | None = None
-    res: torch.Tensor | None = None
+    out: torch.Tensor | tuple | Float8Cache | None = None
+    res: torch.Tensor | Float8Cache | None = None
     res_rows: str | None = None
+    cache_dtype: str = "model"
+
+    def store_out(self, out) -> None:
+        self.out = pack_cache(out, self.cache_dtype, OUT_SCALES)
+
+    def store_res(self, res, rows: str) -> None:
+        self.res, self.res_rows = pack_cache(res, self.cache_dtype, RES_SCALES), rows
+
+    def output(self):
+        return unpack_cache(self.out)
+
+    def residual(self, rows: slice | None = None) -> torch.Tensor:
+        """The residual (the batch rows ``rows`` of it), in the model's dtype."""
+        res = self.res
+        if rows is not None:
+            res = res.rows(rows) if isinstance(res, Float8Cache) else res[rows]
+        return unpack_cache(res)
 
     def nbytes(self) -> int:
-        outs = self.out if isinstance(self.out, tuple) else (self.out,)  # joint layers: (image, text)
-        return sum(t.numel() * t.element_size() for t in (*outs, self.res) if t is not None)
+        return cache_nbytes(self.out) + cache_nbytes(self.res)
 
     def release(self) -> None:
         self.out = self.res = self.res_rows = None
@@ -300,10 +421,10 @@ class SharedCore:
     step: int
     branch: str
     heads: torch.Tensor | None
-    res: torch.Tensor | None = None
+    res: torch.Tensor | Float8Cache | None = None  # as the cache stores it (``LayerCache.store_res``)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.heads, self.res) if t is not None)
+        return cache_nbytes(self.heads) + cache_nbytes(self.res)
 
     def release(self) -> None:
         self.heads = self.res = None
@@ -327,7 +448,7 @@ class CfgPeer:
         del self.slots[key]
         return got
 
-    def put(self, method: str, heads: torch.Tensor, res: torch.Tensor | None = None) -> None:
+    def put(self, method: str, heads: torch.Tensor, res: torch.Tensor | Float8Cache | None = None) -> None:
         self.slots[(self.layer, method)] = SharedCore(self.step, self.branch, heads, res)
 
 
@@ -375,11 +496,12 @@ def _residual(m: str, cache: LayerCache, q: torch.Tensor, half: slice | None) ->
     with batched CFG: the conditional half)."""
     rows = cache.res_rows
     if m == WARS_ASC and half is not None:
-        res = cache.res[half] if rows == "all" else cache.res
+        res = cache.residual(half if rows == "all" else None)
     elif rows == "cond" and half is not None:
         raise RuntimeError("wars: the cached residual holds only the conditional half")
     else:
-        res = torch.cat([cache.res, cache.res]) if rows == "shared" and half is not None else cache.res
+        res = cache.residual()
+        res = torch.cat([res, res]) if rows == "shared" and half is not None else res
     if res.shape != q.shape:
         raise RuntimeError(f"{m}: the cached residual {tuple(res.shape)} does not fit this call's attention "
                            f"{tuple(q.shape)}")
@@ -418,11 +540,11 @@ def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window
         cached = cache.out[0] if isinstance(cache.out, tuple) else cache.out  # joint layers: (image, text)
         if cached is None or cached.shape[0] != b:
             raise RuntimeError("ast: no cached output from an earlier step of this generation")
-        out, cost = cache.out, CallCost(0.0)
+        out, cost = cache.output(), CallCost(0.0)
     elif got is not None:  # the other CFG call of this step computed this layer's core: reuse it
         out, cost = call.core(_reuse(got.heads)), CallCost(0.0)
         if write and got.res is not None:  # refreshed by that asc step: it stands for this branch too
-            cache.res, cache.res_rows = got.res, "all"
+            cache.store_res(got.res, "all")  # stored already (as this cache stores it)
     elif m == FULL and not (action.keep_res is not None and write):  # trial runs skip the residual
         out, cost = call.full(), CallCost(1.0)
     else:
@@ -456,14 +578,14 @@ def run_layer(action: StepAction, call: AttentionCall, cache: LayerCache, window
         fraction = share if m in (FULL, ASC) else _tile_fraction(window) * share
         cost = CallCost(fraction, made.get("extra", 0.0) * share)
         if "res" in made:
-            cache.res = made["res"]
-            cache.res_rows = "shared" if m == ASC and half is not None else made["rows"]
+            cache.store_res(made["res"], "shared" if m == ASC and half is not None else made["rows"])
         if sharing and half is None:  # the first CFG call of this step: leave it for the other call
-            peer.put(m, made["heads"], made.get("res"))
+            peer.put(m, made["heads"], cache.res if "res" in made else None)
 
     if write:
         if action.keep_out:
-            cache.out = out
+            if m != AST:  # an ast step (calibration keeps every output) keeps what it read, as it is stored
+                cache.store_out(out)
         elif action.release_out or m != AST:
             cache.out = None
         if action.release_res:
@@ -537,11 +659,12 @@ class DiTFastAttn:
     name = "ditfastattn"
 
     def __init__(self, methods: list[list[str]], window: str = "band1d", window_size: float = 0.25,
-                 residual_refresh: str = "full"):
+                 residual_refresh: str = "full", cache_dtype: str = "model"):
         if residual_refresh not in RESIDUAL_REFRESHES:
             raise ValueError(f"residual_refresh must be one of {RESIDUAL_REFRESHES}, got {residual_refresh!r}")
         self.methods = methods
         self.residual_refresh = residual_refresh
+        self.cache_dtype = check_cache_dtype(cache_dtype)
         self.schedules = [layer_schedule(row, residual_refresh) for row in methods]
         self.window_kind, self.window_size = window, window_size
         self.uses_asc = any(m in (ASC, WARS_ASC) for row in methods for m in row)
@@ -588,7 +711,7 @@ class DiTFastAttn:
                     "prompt?). Calibrate without CFG, or apply plan.without_asc().")
 
     def new_cache(self) -> LayerCache:
-        return LayerCache()
+        return LayerCache(cache_dtype=self.cache_dtype)
 
     def window(self, grid: tuple[int, int], text_tokens: int = 0, text_position: str | None = None,
                frames: int = 1) -> WindowSpec:

@@ -32,8 +32,8 @@ from .ditfastattn import (FULL, DiTFastAttn, LayerCache, StepAction, _check_wind
 
 @dataclass
 class MixedCache(LayerCache):
-    """One layer's caches in one CFG-branch state: DiTFastAttn's (``out``, ``res``) and AdaSpa's
-    (``sparse``: LSE and packed mask)."""
+    """One layer's caches in one CFG-branch state: DiTFastAttn's (``out``, ``res``, stored as its
+    ``cache_dtype`` says) and AdaSpa's (``sparse``: LSE and packed mask, never quantized)."""
 
     sparse: AdaSpaCache = field(default_factory=AdaSpaCache)
 
@@ -81,15 +81,15 @@ class MixedPlan(DiTFastAttn):
     name = "mixed"
 
     def __init__(self, methods: list[list[str]], window: str = "band1d", window_size: float = 0.25,
-                 residual_refresh: str = "full", adaspa: AdaSpaConfig | None = None):
-        super().__init__(methods, window, window_size, residual_refresh)
+                 residual_refresh: str = "full", adaspa: AdaSpaConfig | None = None, cache_dtype: str = "model"):
+        super().__init__(methods, window, window_size, residual_refresh, cache_dtype)
         self.adaspa = AdaSpa(adaspa if adaspa is not None else AdaSpaConfig())
         self.schedules = [mixed_schedule(row, residual_refresh) for row in methods]
         self.releases = [sparse_releases(row) for row in methods]
         self.search_full_steps = False
 
     def new_cache(self) -> MixedCache:
-        return MixedCache()
+        return MixedCache(cache_dtype=self.cache_dtype)
 
     def action(self, layer: int, step: int) -> StepAction:
         if self.trial is not None and self.trial[layer] in PLAN_ENTRIES:
@@ -120,8 +120,8 @@ class MixedPlan(DiTFastAttn):
         fraction = stats["fraction"] + (_tile_fraction(window) if refresh else 0.0)
         if self.write:
             if "res" in made:
-                cache.res, cache.res_rows = made["res"], "all"
-            cache.out = out if action.keep_out else None
+                cache.store_res(made["res"], "all")
+            cache.store_out(out if action.keep_out else None)
             if self.trial is not None:
                 if m == SEARCH:
                     cache.sparse.lse = None  # calibration tries "sparse" only: no re-search reads it
