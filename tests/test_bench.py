@@ -368,3 +368,21 @@ def test_calibrate_case_counts_passes_and_stops_greedy_at_its_budget():
     assert "attention_flops_ratio" not in greedy
     table = markdown_calibrate(r)
     assert "| `greedy` calibration | 2 of 4: stopped at the 0 s budget |" in table and "(estimated)" in table
+
+
+def test_video_ditfastattn_case_with_float8_caches_runs_the_plan_that_fits_only_with_them(monkeypatch):
+    """float8 caches: Wan's wars+asc residuals and ast outputs of both branches together (the plan that
+    needs twice the bytes in bf16), and the plans really store float8: the same plan in float32 holds
+    three (layer, branch) tensors at its peak (two residuals and an output, or the CFG peer slot), in
+    float8 the two cached ones take a byte per element (plus scales), the peer slot stays float32."""
+    from ditaccel.bench import model_cases as mc
+
+    kw = dict(device="cpu", dtype=torch.float32, latent=(2, 8, 8), text_tokens=8, warmup=False, overrides=mc.TOY_WAN)
+    r = mc.bench_video_ditfastattn("wan2.1-14b-720p", cache_dtype="float8", **kw)
+    assert r["cache_dtype"] == "float8" and [g["kinds"] for g in r["plans"]] == [["full", "wars+asc", "ast"]]
+    assert r["plan_50"] == {"full": 5, "wars+asc": 25, "ast": 20}
+    monkeypatch.setitem(mc.VIDEO_SETUPS, "wan2.1-14b-720p", mc.VIDEO_SETUPS_FLOAT8["wan2.1-14b-720p"])
+    same = mc.bench_video_ditfastattn("wan2.1-14b-720p", **kw)
+    n = 2 * 32 * 16  # elements of one (1, H, L, D) residual = one (1, L, C) output
+    assert same["cache_bytes_peak"] == 3 * 4 * n
+    assert 4 * n + 2 * n < r["cache_bytes_peak"] < 4 * n + 2 * n + 4 * (2 * 2 + 2 * 32) + 1

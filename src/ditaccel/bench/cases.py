@@ -152,6 +152,10 @@ CASES: list[Case] = [
            dry_kwargs=dict(latent=(2, 8, 8), text_tokens=8, dtype=torch.float32,
                            overrides=TOY_HUNYUAN if m.startswith("hunyuan") else TOY_WAN))
       for m in ("wan2.1-14b-720p", "hunyuan-video-720p")],
+    Case("wan2.1-14b-720p-ditfastattn-float8", bench_video_ditfastattn, markdown_video_ditfastattn,
+         video_ditfastattn_shapes, "ditaccel bench all --only wan2.1-14b-720p-ditfastattn-float8",
+         kwargs=dict(model="wan2.1-14b-720p", cache_dtype="float8"),
+         dry_kwargs=dict(latent=(2, 8, 8), text_tokens=8, dtype=torch.float32, overrides=TOY_WAN)),
     Case("pixart-sigma-2k-plan-50", bench_pixart_plan, markdown_pixart_plan,
          pixart_plan_shapes, "ditaccel bench all --only pixart-sigma-2k-plan-50",
          dry_kwargs=dict(steps=12, dtype=torch.float32, overrides=TOY_PIXART)),

@@ -534,6 +534,13 @@ VIDEO_SETUPS = {
     "hunyuan-video-720p": VideoSetup(False, (("full", "wars", "ast"),), ("wars", "ast")),
 }
 
+#: with ``cache_dtype="float8"`` the caches take half the bytes, so Wan's ``wars+asc`` residuals and
+#: ``ast`` outputs of both branches fit together: the 50-step plan alternates them
+VIDEO_SETUPS_FLOAT8 = {
+    "wan2.1-14b-720p": VideoSetup(True, (("full", "wars+asc", "ast"),), ("wars+asc", "ast")),
+    "hunyuan-video-720p": VIDEO_SETUPS["hunyuan-video-720p"],
+}
+
 
 def video_plan_50(cycle: tuple[str, ...], steps: int = 50, refresh: int = 10) -> list[str]:
     """One method per step (every layer alike): ``full`` every ``refresh`` steps (each refreshes the
@@ -569,16 +576,17 @@ def _video_calls(model: str, tr, latent, text_tokens: int, device: str, dtype, c
 def bench_video_ditfastattn(model: str = "hunyuan-video-720p", device: str = "cuda", dtype=torch.bfloat16,
                             latent: tuple[int, int, int] | None = None, text_tokens: int = 256,
                             window: str = "band1d", window_size: float = 0.25, warmup: bool = True,
-                            overrides: dict | None = None) -> dict:
+                            cache_dtype: str = "model", overrides: dict | None = None) -> dict:
     """DiTFastAttn on a full-size video transformer (random weights), run as :data:`VIDEO_SETUPS` says
     (CFG as two calls on Wan, one call on HunyuanVideo): one timed step of each kind, in short plans
     that each fit in memory (every layer alike), dense in the same run, and the 50-step plan
     :func:`video_plan_50` composed from those per-step times and per-step attention FLOPs
     (``ditaccel.stats``' FLOPs per method). Peak memory of dense and of each plan. ``warmup``: run the
-    first plan once untimed first (compiles and autotunes the window kernels); ``overrides`` replaces
-    config entries (toy sizes for dry runs)."""
+    first plan once untimed first (compiles and autotunes the window kernels); ``cache_dtype``: the
+    plans' cache storage (``"float8"``: :data:`VIDEO_SETUPS_FLOAT8`); ``overrides`` replaces config
+    entries (toy sizes for dry runs)."""
     cls, config, default_latent = VIDEO_MODELS[model]
-    setup = VIDEO_SETUPS[model]
+    setup = (VIDEO_SETUPS_FLOAT8 if cache_dtype == "float8" else VIDEO_SETUPS)[model]
     latent = tuple(latent or default_latent)
     torch.manual_seed(0)
     with torch.device(device):
@@ -590,11 +598,12 @@ def bench_video_ditfastattn(model: str = "hunyuan-video-720p", device: str = "cu
     res = {"model": model, "latent": list(latent), "video_tokens": latent[0] * (latent[1] // p) * (latent[2] // p),
            "text_tokens": text_tokens, "layers": n_layers, "window": window, "window_size": window_size,
            "cfg": "two calls per step (cond, uncond)" if setup.cfg else "none (one call per step)",
+           "cache_dtype": cache_dtype,
            "groups": [list(g) for g in setup.groups], **_meta(device, dtype)}
 
     def run_plan(kinds) -> tuple[list[float], int, object]:
         plan = Plan.from_methods(tr, [list(kinds) for _ in range(n_layers)], cfg=setup.cfg, window=window,
-                                 window_size=window_size)
+                                 window_size=window_size).with_cache_dtype(cache_dtype)
         times = torch.linspace(999, 1, len(kinds)).round().tolist()
         ditaccel.apply(tr, plan)
         try:

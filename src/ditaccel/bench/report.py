@@ -465,7 +465,8 @@ def markdown_hunyuan(r: dict) -> str:
 def video_ditfastattn_shapes(r: dict) -> str:
     return (f"{r['model']} transformer, random weights, {r['layers']} attention layers, latent "
             f"{'×'.join(map(str, r['latent']))} = {r['video_tokens']:,} video + {r['text_tokens']} text tokens, "
-            f"{r['dtype']}, CFG: {r['cfg']}, window {r['window']} {r['window_size']:g}; one measured step "
+            f"{r['dtype']}, CFG: {r['cfg']}, window {r['window']} {r['window_size']:g}, caches in "
+            f"{'the model dtype' if r.get('cache_dtype', 'model') == 'model' else r['cache_dtype']}; one measured step "
             "of each kind (every layer alike) in plans that fit in memory ("
             + "; ".join(" → ".join(g) for g in r["groups"]) + "), the 50-step plan composed from them")
 
