@@ -386,3 +386,25 @@ def test_video_ditfastattn_case_with_float8_caches_runs_the_plan_that_fits_only_
     n = 2 * 32 * 16  # elements of one (1, H, L, D) residual = one (1, L, C) output
     assert same["cache_bytes_peak"] == 3 * 4 * n
     assert 4 * n + 2 * n < r["cache_bytes_peak"] < 4 * n + 2 * n + 4 * (2 * 2 + 2 * 32) + 1
+
+
+def test_pixart_plan_case_measures_both_cache_dtypes():
+    """``pixart-sigma-2k-plan-50`` runs the plan with caches in the model's dtype and in float8 (toy
+    sizes on the CPU): one Markdown row each; the float8 caches hold a quarter of float32's bytes
+    plus their scales; a result from before (one plan run, its keys at the top level) still renders."""
+    from ditaccel.bench.model_cases import TOY_PIXART, bench_pixart_plan
+    from ditaccel.bench.report import format_pixart_plan, markdown_pixart_plan, pixart_plan_shapes
+
+    r = bench_pixart_plan(device="cpu", dtype=torch.float32, steps=12, overrides=TOY_PIXART)
+    assert [p["cache_dtype"] for p in r["plans"]] == ["model", "float8"]
+    model, fp8 = (p["cache_bytes_peak"] for p in r["plans"])
+    unit = 2 * r["heads"] * r["tokens"] * r["head_dim"]  # one residual or output: 2 rows (CFG) x H x L x D
+    tensors = model // (4 * unit)  # caches held at the peak, each (besides its payload) with at most 2 x C scales
+    assert model == 4 * unit * tensors and 0 < fp8 - unit * tensors <= tensors * 2 * r["heads"] * r["head_dim"] * 4
+    assert r["plans"][0]["attention_flops_ratio"] == r["plans"][1]["attention_flops_ratio"]
+    md = markdown_pixart_plan(r)
+    assert md.count("| DiTFastAttn plan") == 2 and "caches float32 |" in md and "caches float8 |" in md
+    assert "float8" in pixart_plan_shapes(r) and format_pixart_plan(r).count("  plan (") == 2
+    old = {k: v for k, v in r.items() if k != "plans"}
+    old.update({k: v for k, v in r["plans"][0].items() if k != "cache_dtype"})
+    assert markdown_pixart_plan(old).count("| DiTFastAttn plan") == 1

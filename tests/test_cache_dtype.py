@@ -77,6 +77,7 @@ def test_output_quantization_is_per_batch_and_channel_as_the_reference():
 def test_quantization_keeps_the_dtype_and_never_overflows_to_nan():
     t = (torch.randn(2, 3, 16, 8) * 1e4).to(torch.bfloat16)
     t[0, 0, 0, 0] = 5e4  # the max of its head: scaled to 448 exactly
+    before = t.clone()
     q = quantize_fp8(t, 2)
     deq = q.dequantize()
     assert deq.dtype == torch.bfloat16 and torch.isfinite(deq).all()
@@ -87,7 +88,10 @@ def test_quantization_keeps_the_dtype_and_never_overflows_to_nan():
     tiny[0, 0, 0, 0] = 0.0
     assert torch.isfinite(quantize_fp8(tiny, 2).dequantize()).all()
     assert torch.allclose(deq.float(), t.float(), rtol=1 / 16, atol=0)
-    assert torch.equal(t, t.clone())  # the input is untouched
+    assert torch.equal(t, before)  # the input is untouched, in float32 too
+    t32 = before.float()
+    quantize_fp8(t32, 2)
+    assert torch.equal(t32, before.float())
 
 
 def test_cache_bytes_are_the_payload_and_the_scales():

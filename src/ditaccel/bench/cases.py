@@ -160,7 +160,7 @@ CASES: list[Case] = [
          pixart_plan_shapes, "ditaccel bench all --only pixart-sigma-2k-plan-50",
          dry_kwargs=dict(steps=12, dtype=torch.float32, overrides=TOY_PIXART)),
     Case("calibrate-pixart-sigma-2k", bench_calibrate, markdown_calibrate, calibrate_shapes,
-         "ditaccel bench all --only calibrate-pixart-sigma-2k",
+         "ditaccel bench all --only calibrate-pixart-sigma-2k", kwargs=dict(greedy_budget_s=100.0),
          dry_kwargs=dict(steps=3, text_tokens=8, dtype=torch.float32, overrides=TOY_PIXART)),
 ]
 

@@ -398,38 +398,49 @@ def paper_like_plan(num_layers: int, steps: int = 50, refresh: int = 10) -> list
 
 
 def bench_pixart_plan(device: str = "cuda", dtype=torch.bfloat16, steps: int = 50, model: str = "pixart-sigma-2k",
-                      dense_repeats: int = 1, overrides: dict | None = None) -> dict:
-    """50 transformer calls dense vs. the same 50 with :func:`paper_like_plan` applied.
+                      dense_repeats: int = 1, overrides: dict | None = None,
+                      cache_dtypes: tuple[str, ...] = ("model", "float8")) -> dict:
+    """50 transformer calls dense vs. the same 50 with :func:`paper_like_plan` applied, once per
+    entry of ``cache_dtypes`` (``DiTFastAttnConfig.cache_dtype``: caches in the model's dtype, in
+    float8): time, peak memory over dense and the caches' peak bytes of each, in ``res["plans"]``.
     ``overrides`` replaces config entries (toy sizes for dry runs)."""
     tr = build_transformer(model, device, dtype, overrides=overrides)
     inputs = model_inputs(model, tr, 2, device, dtype)
     n_layers = len(tr.transformer_blocks)
     timesteps = torch.linspace(999, 1, steps).round()
+    cfg = tr.config
 
     def generation():
         return [_cuda_time(lambda: tr(timestep=torch.full((2,), float(t), device=device), **inputs), device)
                 for t in timesteps]
 
-    res = {"model": model, "steps": steps, "batch": 2, "layers": n_layers, **_meta(device, dtype)}
+    res = {"model": model, "steps": steps, "batch": 2, "layers": n_layers, "heads": cfg.num_attention_heads,
+           "head_dim": cfg.attention_head_dim, "tokens": (cfg.sample_size // cfg.patch_size) ** 2,
+           **_meta(device, dtype)}
+    plan = Plan.from_methods(tr, paper_like_plan(n_layers, steps), cfg=True)
+    res["plan_counts"] = plan.counts()
+    res["plans"] = []
     with torch.no_grad(), dense_sdpa_context():
         generation()  # warm-up
         base = _peak_reset(device)
         dense = [sum(generation()) for _ in range(dense_repeats)]
         res["dense_ms"] = statistics.median(dense)
         res["dense_peak_bytes"] = _peak(device, base)
-        plan = Plan.from_methods(tr, paper_like_plan(n_layers, steps), cfg=True)
-        ditaccel.apply(tr, plan)
-        try:
-            generation()  # warm-up: compiles the window kernel
-            base = _peak_reset(device)
-            per_step = generation()
-            res["plan_peak_bytes"] = _peak(device, base)
-            st = ditaccel.stats(tr)
-        finally:
-            ditaccel.remove(tr)
-    res.update(plan_ms=sum(per_step), plan_step_ms=per_step, speedup=res["dense_ms"] / sum(per_step),
-               attention_flops_ratio=st.attention_flops_ratio, cache_bytes_peak=st.cache_bytes_peak,
-               plan_counts=plan.counts(), extra_peak_bytes=res["plan_peak_bytes"] - res["dense_peak_bytes"])
+        for cache_dtype in cache_dtypes:
+            ditaccel.apply(tr, plan.with_cache_dtype(cache_dtype))
+            try:
+                generation()  # warm-up: compiles the window kernel
+                base = _peak_reset(device)
+                per_step = generation()
+                peak = _peak(device, base)
+                st = ditaccel.stats(tr)
+            finally:
+                ditaccel.remove(tr)
+            res["plans"].append(dict(
+                cache_dtype=cache_dtype, plan_ms=sum(per_step), plan_step_ms=per_step,
+                speedup=res["dense_ms"] / sum(per_step), attention_flops_ratio=st.attention_flops_ratio,
+                plan_peak_bytes=peak, extra_peak_bytes=peak - res["dense_peak_bytes"],
+                cache_bytes_peak=st.cache_bytes_peak))
     return res
 
 

@@ -393,17 +393,33 @@ def markdown_adaspa_step(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _pixart_plans(r: dict) -> list[dict]:
+    """The plan runs of a ``bench_pixart_plan`` result: ``r["plans"]`` (one per cache dtype), or the one
+    plan run of a result from before ``cache_dtypes`` (its keys at the top level, caches in the model's dtype)."""
+    if "plans" in r:
+        return r["plans"]
+    keys = ("plan_ms", "speedup", "attention_flops_ratio", "plan_peak_bytes", "extra_peak_bytes", "cache_bytes_peak")
+    return [{"cache_dtype": "model", **{k: r[k] for k in keys}}]
+
+
+def _cache_label(cache_dtype: str, dtype: str) -> str:
+    return f"caches {dtype}" if cache_dtype == "model" else f"caches {cache_dtype}"
+
+
 def format_pixart_plan(r: dict) -> str:
     c = r["plan_counts"]
-    return "\n".join([
+    lines = [
         f"{r['model']} transformer, {r['steps']} steps, batch {r['batch']} (CFG), {r['device']}, torch {r['torch']}, "
         f"Triton {r['triton']}, {r['date']}",
         f"  dense: {r['dense_ms'] / 1e3:.2f} s, peak {r['dense_peak_bytes'] / 2**30:.2f} GiB",
-        f"  plan ({', '.join(f'{m} {n}' for m, n in c.items())}; attention FLOPs "
-        f"{100 * r['attention_flops_ratio']:.1f}%): {r['plan_ms'] / 1e3:.2f} s ({r['speedup']:.2f}x), "
-        f"peak {r['plan_peak_bytes'] / 2**30:.2f} GiB (+{r['extra_peak_bytes'] / 2**30:.2f} GiB over dense; "
-        f"caches {r['cache_bytes_peak'] / 2**30:.2f} GiB)",
-    ])
+    ]
+    for p in _pixart_plans(r):
+        lines.append(
+            f"  plan ({', '.join(f'{m} {n}' for m, n in c.items())}; {_cache_label(p['cache_dtype'], r['dtype'])}; "
+            f"attention FLOPs {100 * p['attention_flops_ratio']:.1f}%): {p['plan_ms'] / 1e3:.2f} s ({p['speedup']:.2f}x), "
+            f"peak {p['plan_peak_bytes'] / 2**30:.2f} GiB (+{p['extra_peak_bytes'] / 2**30:.2f} GiB over dense; "
+            f"caches {p['cache_bytes_peak'] / 2**30:.2f} GiB)")
+    return "\n".join(lines)
 
 
 def format_hunyuan_adaspa(r: dict) -> str:
@@ -422,21 +438,29 @@ def format_hunyuan_adaspa(r: dict) -> str:
 
 
 def pixart_plan_shapes(r: dict) -> str:
-    return (f"{r['model']} transformer, random weights, {r['layers']} layers, batch 2 (the CFG pair), "
-            f"{r['steps']} steps, {r['dtype']}; plan `bench.model_cases.paper_like_plan` (full every 10 steps)")
+    shape = (f"{r['layers']} layers × {r['heads']} heads × {r['tokens']:,} tokens × head dim {r['head_dim']}"
+             if "tokens" in r else f"{r['layers']} layers")
+    return (f"{r['model']} transformer, random weights, {shape}, batch 2 (the CFG pair), "
+            f"{r['steps']} steps, {r['dtype']}; plan `bench.model_cases.paper_like_plan` (full every 10 steps); "
+            "its caches (`wars` residuals, `ast` outputs) in the model's dtype and in float8 "
+            "(`DiTFastAttnConfig(cache_dtype=\"float8\")`: e4m3 with float32 scales)")
 
 
 def markdown_pixart_plan(r: dict) -> str:
+    """Dense, then one row per plan run (caches in the model's dtype, in float8)."""
     c = ", ".join(f"{m} {n}" for m, n in r["plan_counts"].items())
     gib = 2**30
-    return "\n".join([
+    lines = [
         "| | transformer time, all steps | speed-up | attention FLOPs | peak GPU memory | over dense |",
         "|---|---|---|---|---|---|",
         f"| dense SDPA | {r['dense_ms'] / 1e3:.2f} s | 1.00× | 100% | {r['dense_peak_bytes'] / gib:.2f} GiB | |",
-        f"| DiTFastAttn plan ({c}) | {r['plan_ms'] / 1e3:.2f} s | **{r['speedup']:.2f}×** | "
-        f"{100 * r['attention_flops_ratio']:.1f}% | {r['plan_peak_bytes'] / gib:.2f} GiB | "
-        f"+{r['extra_peak_bytes'] / gib:.2f} GiB (caches {r['cache_bytes_peak'] / gib:.2f} GiB) |",
-    ])
+    ]
+    for p in _pixart_plans(r):
+        lines.append(
+            f"| DiTFastAttn plan ({c}), {_cache_label(p['cache_dtype'], r['dtype'])} | {p['plan_ms'] / 1e3:.2f} s | "
+            f"**{p['speedup']:.2f}×** | {100 * p['attention_flops_ratio']:.1f}% | {p['plan_peak_bytes'] / gib:.2f} GiB | "
+            f"+{p['extra_peak_bytes'] / gib:.2f} GiB (caches {p['cache_bytes_peak'] / gib:.2f} GiB) |")
+    return "\n".join(lines)
 
 
 def hunyuan_shapes(r: dict) -> str:

@@ -314,7 +314,7 @@ class Float8Cache:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
 
     def dequantize(self) -> torch.Tensor:
-        return (self.data.to(torch.float32) * self.scale).to(self.dtype)
+        return self.data.to(torch.float32).mul_(self.scale).to(self.dtype)  # one float32 temporary
 
     def rows(self, rows: slice) -> Float8Cache:
         """The batch rows ``rows`` (still stored in float8)."""
@@ -329,11 +329,11 @@ def quantize_fp8(t: torch.Tensor, keep: int) -> Float8Cache:
         dims = tuple(range(keep, t.ndim))
     else:
         dims = tuple(range(1, t.ndim - 1))
-    x = t.to(torch.float32)
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=dims, keepdim=True) / FP8_MAX
+    scale = torch.linalg.vector_norm(t, float("inf"), dim=dims, keepdim=True, dtype=torch.float32) / FP8_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero slice (or an amax that underflows)
-    # |x / scale| <= 448 up to float32 rounding, which e4m3 rounds to 448 (it overflows to NaN only past 464)
-    return Float8Cache((x / scale).to(FP8), scale, t.dtype)
+    x = t.to(torch.float32, copy=True).div_(scale)  # one float32 temporary; t is left as it was
+    # |x| <= 448 up to float32 rounding, which e4m3 rounds to 448 (it overflows to NaN only past 464)
+    return Float8Cache(x.to(FP8), scale, t.dtype)
 
 
 def pack_cache(x, cache_dtype: str, keep: int):
