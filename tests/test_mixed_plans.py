@@ -410,3 +410,43 @@ def test_comparison_script_rows():
     assert [n for n, _ in rows] == ["ditfastattn D2", "mixed D2 (s=0.5)", "adaspa s=0.8"]
     mixed = rows[1][1]
     assert "sparse" in mixed.candidates and mixed.adaspa.sparsity == 0.5 and mixed.threshold == 0.05
+
+
+def _flux_call(pipe, **kw):
+    return pipe(prompt="a red cat running", height=64, width=64, max_sequence_length=8,
+                num_inference_steps=VIDEO_STEPS, generator=gen(0), output_type="latent", **kw).images
+
+
+def test_flux_mixed_plans_with_true_cfg_as_two_calls():
+    """Flux (joint attention, text prefix; true CFG as two calls per step): AdaSpa's rows in a mixed
+    plan are AdaSpa bit for bit, sharing and sparsity run together in one plan, remove is exact."""
+    from ditaccel.testbed.flux import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    cfg_kw = dict(true_cfg_scale=4.0, negative_prompt="dark")
+    dense = _flux_call(pipe, **cfg_kw)
+    cfg = ditaccel.AdaSpaConfig(**ADASPA)
+    ditaccel.apply(pipe, cfg)
+    try:
+        ref, st_ref = _flux_call(pipe, **cfg_kw), ditaccel.stats(pipe)
+    finally:
+        ditaccel.remove(pipe)
+    row = ["full" if w == "dense" else w for w in cfg.schedule(VIDEO_STEPS)]
+    n = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    ditaccel.apply(pipe, Plan.from_methods(pipe, [row] * n, cfg=True, adaspa=dict(ADASPA)))
+    try:
+        out = _flux_call(pipe, **cfg_kw)
+    finally:
+        ditaccel.remove(pipe)
+    assert torch.equal(out, ref) and not torch.equal(out, dense)
+    rows = [["full", "asc", "wars+asc", "ast", "wars"], ["search", "sparse", "ast", "research", "sparse"]][:n]
+    plan = Plan.from_methods(pipe, rows, cfg=True, adaspa=dict(ADASPA))
+    ditaccel.apply(pipe, plan)
+    try:
+        mixed, st = _flux_call(pipe, **cfg_kw), ditaccel.stats(pipe)
+    finally:
+        ditaccel.remove(pipe)
+    assert torch.isfinite(mixed).all() and not torch.equal(mixed, ref) and not torch.equal(mixed, dense)
+    assert st.method_counts == {m: 2 * k for m, k in Plan.counts(plan).items() if k}  # cond and uncond calls
+    assert n == 2 and 0 < st.attention_flops_ratio < 1
+    assert torch.equal(_flux_call(pipe, **cfg_kw), dense)
