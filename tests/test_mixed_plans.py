@@ -450,3 +450,26 @@ def test_flux_mixed_plans_with_true_cfg_as_two_calls():
     assert st.method_counts == {m: 2 * k for m, k in Plan.counts(plan).items() if k}  # cond and uncond calls
     assert n == 2 and 0 < st.attention_flops_ratio < 1
     assert torch.equal(_flux_call(pipe, **cfg_kw), dense)
+
+
+def test_pixart_mixed_plan_adaspa_rows_exact_and_sharing_with_sparsity(pixart):
+    """PixArt-Σ (batched CFG, cross-attention beside the self-attention): AdaSpa's rows are AdaSpa bit
+    for bit; a plan mixing asc / wars+asc / ast with search / sparse runs every entry it names."""
+    from conftest import pixart_call
+
+    cfg = _adaspa_config()
+    ditaccel.apply(pixart, cfg)
+    ref = pixart_call(pixart)
+    ditaccel.remove(pixart)
+    ditaccel.apply(pixart, Plan.from_methods(pixart, [_adaspa_row(cfg)] * 3, cfg=True, adaspa=dict(ADASPA)))
+    out = pixart_call(pixart)
+    ditaccel.remove(pixart)
+    assert torch.equal(out, ref)
+    rows = [["full", "asc", "wars+asc", "ast", "wars", "asc"], _adaspa_row(cfg), ["full", "ast", "search", "sparse",
+                                                                                 "ast", "research"]]
+    plan = Plan.from_methods(pixart, rows, cfg=True, adaspa=dict(ADASPA))
+    ditaccel.apply(pixart, plan)
+    mixed, st = pixart_call(pixart), ditaccel.stats(pixart)
+    ditaccel.remove(pixart)
+    assert torch.isfinite(mixed).all() and not torch.equal(mixed, ref)
+    assert st.method_counts == {m: k for m, k in Plan.counts(plan).items() if k} and 0 < st.attention_flops_ratio < 1
