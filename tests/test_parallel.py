@@ -58,6 +58,17 @@ def _wan_call(model, t):
     return model(x, timestep=torch.tensor([t]), encoder_hidden_states=ctx, return_dict=False)[0]
 
 
+def _wan_cfg_call(model, t):
+    """One step with CFG as two calls, each in its diffusers cache context (as ``WanPipeline``): the
+    conditional call, then the unconditional one with other text; both outputs, concatenated."""
+    x, ctx = _wan_inputs()
+    outs = []
+    for branch, text in (("cond", ctx), ("uncond", ctx.flip(1))):
+        with model.cache_context(branch):
+            outs.append(model(x, timestep=torch.tensor([t]), encoder_hidden_states=text, return_dict=False)[0])
+    return torch.cat(outs)
+
+
 def _flux():
     torch.manual_seed(0)  # 4 heads of 16: 2 per rank
     return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
@@ -136,15 +147,24 @@ CP_PLANS = {"HunyuanVideoTransformer3DModel": hunyuan_video_cp_plan, "CogVideoXT
 ADASPA_FIRST = {"flux", "cogvideox"}
 
 
-def _methods(model):
+def _methods(model, family=None):
     """(name, plan or config) of the cases compared: ditaccel applied with every layer full,
     a DiTFastAttn full/ast plan, AdaSpa with sparse steps and head tiers, a DiTFastAttn plan with
-    window attention (wars, wa: the window over the gathered sequence in true order)."""
+    window attention (wars, wa: the window over the gathered sequence in true order); on Wan also
+    asc / wars+asc with CFG as two calls (``_wan_cfg_call``: the uncond call reuses the cond call's
+    gathered core output, each rank its own heads)."""
     full, ast = ["full"] * len(STEPS), ["full", "ast", "full", "ast", "ast"]
-    return [("dense", Plan.from_methods(model, [full] * 2, cfg=False)),
-            ("ditfastattn", Plan.from_methods(model, [ast] * 2, cfg=False)),
-            ("adaspa", ADASPA),
-            ("window", Plan.from_methods(model, [["full", "wars", "wa", "full", "wars"]] * 2, cfg=False))]
+    cases = [("dense", Plan.from_methods(model, [full] * 2, cfg=False)),
+             ("ditfastattn", Plan.from_methods(model, [ast] * 2, cfg=False)),
+             ("adaspa", ADASPA),
+             ("window", Plan.from_methods(model, [["full", "wars", "wa", "full", "wars"]] * 2, cfg=False))]
+    if family == "wan":
+        cases.append(("asc", Plan.from_methods(model, [["full", "asc", "wars+asc", "asc", "wars+asc"]] * 2, cfg=True)))
+    return cases
+
+
+def _call_for(name, call):
+    return _wan_cfg_call if name == "asc" else call
 
 
 def _generate(model, method, call):
@@ -186,7 +206,7 @@ def _worker(rank: int, store: str, family: str):
         model = build()
         with torch.no_grad():
             plain = [call(model, t) for t in STEPS]  # diffusers alone: checks the cp_plan itself
-        refs = {name: _generate(model, m, call) for name, m in _methods(model)}
+        refs = {name: _generate(model, m, _call_for(name, call)) for name, m in _methods(model, family)}
         # applied before parallelism is enabled: the processors must pass the config on (Wan:
         # DiTFastAttn); ditaccel's hook sees this rank's shard of the text and image inputs (Flux
         # splits them at the transformer's own forward: AdaSpa's text sink needs all the text)
@@ -201,8 +221,8 @@ def _worker(rank: int, store: str, family: str):
         _check_stats(f"{name} (applied first)", st, refs[name][1])
         with torch.no_grad():
             _check("plain diffusers", [call(model, t) for t in STEPS], plain)
-        for name, m in _methods(model):  # applied after parallelism is enabled
-            outs, st = _generate(model, m, call)
+        for name, m in _methods(model, family):  # applied after parallelism is enabled
+            outs, st = _generate(model, m, _call_for(name, call))
             _check(name, outs, refs[name][0])
             _check_stats(name, st, refs[name][1])
         st, ref = _generate(model, ADASPA, call)[1].details, refs["adaspa"][1].details
