@@ -152,7 +152,7 @@ def _methods(model, family=None):
     a DiTFastAttn full/ast plan, AdaSpa with sparse steps and head tiers, a DiTFastAttn plan with
     window attention (wars, wa: the window over the gathered sequence in true order); on Wan also
     asc / wars+asc with CFG as two calls (``_wan_cfg_call``: the uncond call reuses the cond call's
-    gathered core output, each rank its own heads)."""
+    gathered core output, each rank its own heads) and a mixed plan (format 2)."""
     full, ast = ["full"] * len(STEPS), ["full", "ast", "full", "ast", "ast"]
     cases = [("dense", Plan.from_methods(model, [full] * 2, cfg=False)),
              ("ditfastattn", Plan.from_methods(model, [ast] * 2, cfg=False)),
@@ -160,6 +160,10 @@ def _methods(model, family=None):
              ("window", Plan.from_methods(model, [["full", "wars", "wa", "full", "wars"]] * 2, cfg=False))]
     if family == "wan":
         cases.append(("asc", Plan.from_methods(model, [["full", "asc", "wars+asc", "asc", "wars+asc"]] * 2, cfg=True)))
+        # a mixed plan: AdaSpa's search / sparse / research in one layer, sharing and window in the other
+        cases.append(("mixed", Plan.from_methods(model, [["search", "sparse", "ast", "research", "sparse"],
+                                                         ["full", "wars", "ast", "full", "wars"]], cfg=False,
+                                                 adaspa=dict(sparsity=0.5, block_size=16, recall_threshold=0.3))))
     return cases
 
 
