@@ -109,8 +109,9 @@ class DiTFastAttnConfig:
             ``"float8"``: stored as float8_e4m3fn with a float32 scale (amax / 448) per (batch,
             head) of a residual and per (batch, channel) of an output, dequantized to the
             model's dtype when read: about half the cache memory of bf16 (a quarter of float32),
-            at a small quality cost (a quantization error of at most 1/16 of each value). The
-            search runs with the caches it configures; recorded as ``metadata["cache_dtype"]``.
+            at a small quality cost (each value keeps e4m3's 3 mantissa bits: an error of at most
+            1/16 of it). The search runs with the caches it configures; recorded as
+            ``metadata["cache_dtype"]`` (``Plan.with_cache_dtype`` switches a plan's).
         cfg: whether calls batch classifier-free guidance. ``None`` detects it per call
             (the two halves of the latent input are identical); set it when that heuristic
             cannot hold (e.g. a batch of one prompt repeated twice without CFG).
@@ -322,9 +323,10 @@ class Float8Cache:
 
 
 def quantize_fp8(t: torch.Tensor, keep: int) -> Float8Cache:
-    """``t`` in float8_e4m3fn with one float32 scale per index of its first ``keep`` dimensions and of
-    its last dimension when ``keep`` is negative: ``keep=2`` on a (B, H, L, D) residual is a scale
-    per (batch, head), ``keep=-1`` on a (B, L, C) output a scale per (batch, channel)."""
+    """``t`` in float8_e4m3fn with float32 scales. ``keep`` says which dimensions get a scale per index:
+    ``keep > 0`` the first ``keep`` (``2`` on a (B, H, L, D) residual: a scale per (batch, head)),
+    ``keep < 0`` the first and the last (on a (B, L, C) output: a scale per (batch, channel)); each
+    scale covers the rest."""
     if keep > 0:
         dims = tuple(range(keep, t.ndim))
     else:
