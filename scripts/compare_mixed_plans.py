@@ -26,14 +26,16 @@ from ditaccel.testbed.pixel import load_video_pipeline
 MIXED_CANDIDATES = ("ast", "sparse", "wars+asc", "wars", "asc")
 
 
-def methods(thresholds, sparsities, mixed_sparsity, mixed_candidates=MIXED_CANDIDATES):
-    """(name, method) rows: per threshold DiTFastAttn then the mixed plan, then AdaSpa per sparsity."""
+def methods(thresholds, sparsities, mixed_sparsity, mixed_candidates=MIXED_CANDIDATES, window="band1d"):
+    """(name, method) rows: per threshold DiTFastAttn then the mixed plan (both with ``window``), then
+    AdaSpa per sparsity."""
     out = []
+    tag = "" if window == "band1d" else f" {window}"
     for d in thresholds:
-        out.append((f"ditfastattn {d}", ditaccel.DiTFastAttnConfig(threshold=d, show_progress=False)))
-        out.append((f"mixed {d} (s={mixed_sparsity})", ditaccel.DiTFastAttnConfig(
+        out.append((f"ditfastattn {d}{tag}", ditaccel.DiTFastAttnConfig(threshold=d, window=window, show_progress=False)))
+        out.append((f"mixed {d} (s={mixed_sparsity}){tag}", ditaccel.DiTFastAttnConfig(
             threshold=d, candidates=tuple(mixed_candidates), adaspa=ditaccel.AdaSpaConfig(sparsity=mixed_sparsity),
-            show_progress=False)))
+            window=window, show_progress=False)))
     for s in sparsities:
         out.append((f"adaspa s={s}", ditaccel.AdaSpaConfig(sparsity=s)))
     return out
@@ -47,6 +49,7 @@ def main(argv=None):
     p.add_argument("--thresholds", default="D2,D4")
     p.add_argument("--sparsities", default="0.5,0.8")
     p.add_argument("--mixed-sparsity", type=float, default=0.8)
+    p.add_argument("--window", default="band1d", help="the window of wars steps: band1d, neighborhood2d, neighborhood3d")
     p.add_argument("--mixed-candidates", default=",".join(MIXED_CANDIDATES),
                    help="the mixed plans' candidate order (the greedy search takes the first within budget)")
     p.add_argument("--only", default="ditfastattn,mixed,adaspa", help="which kinds of rows to run")
@@ -61,7 +64,7 @@ def main(argv=None):
     rows = []
     print(f"{'method':<26} {'attn FLOPs':>10} {'PSNR dB':>8} {'calib s':>8}  counts")
     for name, method in methods(a.thresholds.split(","), [float(s) for s in a.sparsities.split(",")],
-                                a.mixed_sparsity, a.mixed_candidates.split(",")):
+                                a.mixed_sparsity, a.mixed_candidates.split(","), a.window):
         if name.split()[0] not in a.only.split(","):
             continue
         r = evaluate(pipe, method, n=a.n, steps=a.steps, dense=dense, calibration_inputs=cal)

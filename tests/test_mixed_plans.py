@@ -410,6 +410,10 @@ def test_comparison_script_rows():
     assert [n for n, _ in rows] == ["ditfastattn D2", "mixed D2 (s=0.5)", "adaspa s=0.8"]
     mixed = rows[1][1]
     assert "sparse" in mixed.candidates and mixed.adaspa.sparsity == 0.5 and mixed.threshold == 0.05
+    assert mixed.window == rows[0][1].window == "band1d"
+    rows3d = mod.methods(["D4"], [], 0.8, window="neighborhood3d")
+    assert [n for n, _ in rows3d] == ["ditfastattn D4 neighborhood3d", "mixed D4 (s=0.8) neighborhood3d"]
+    assert all(m.window == "neighborhood3d" for _, m in rows3d)
 
 
 def _flux_call(pipe, **kw):
