@@ -528,8 +528,9 @@ class VideoSetup:
         ``true_cfg_scale > 1``, so ``asc`` / ``wars+asc`` do not apply).
     groups: the step kinds, measured as short plans (every layer alike) that each fit in one
         GPU's memory: a kind's caches are one (B, H, L, D) tensor per layer per CFG branch (Wan
-        2.1-14B 720p: 31 GB per kind and branch; HunyuanVideo 720p: 44 GB), so a residual and an
-        ``ast`` output of both branches at once (124 GB on Wan) do not fit beside the weights.
+        2.1-14B 720p: 31 GB per kind and branch; HunyuanVideo 720p: 44 GB). Every kind in one plan
+        ran out of the H200's memory on HunyuanVideo; on Wan the bf16 groups keep residuals and ``ast``
+        outputs of both branches apart (up to 124 GB together; that plan was not run in bf16).
     cycle: the 50-step plan's methods between its ``full`` steps (every 10 steps); its kinds are
         one of ``groups`` (``("full", *cycle kinds)``), whose measured peak memory is the plan's.
     """
