@@ -200,6 +200,7 @@ VARIANTS = {
     "warp_specialize": [(LOOP, "for j in tl.range(0, cnt, warp_specialize=True):")],
     "loop_stages2": [(LOOP, "for j in tl.range(0, cnt, num_stages=2):")],
     "loop_stages3": [(LOOP, "for j in tl.range(0, cnt, num_stages=3):")],
+    "ws_stages3": [(LOOP, "for j in tl.range(0, cnt, num_stages=3, warp_specialize=True):")],
 }
 
 
@@ -257,6 +258,20 @@ def variant_cases(L, H, D, reps):
                     continue
                 record(case="variant", variant=name, bs=bs, keep=keep, cfg=cfg, ms=ms, speedup=dense / ms,
                        err=err, density=float(mask.float().mean()))
+    # all tiles (dense): the rate each variant reaches with no sparsity overhead, with and without the LSE
+    for bm_, bn_ in ((128, 64), (128, 128)):
+        nb = -(-L // bn_)
+        nqt = -(-L // bm_)
+        full = torch.arange(nb, device=dev, dtype=torch.int32).expand(1, nqt, nb).contiguous()
+        tiles = TileList(full, torch.full((1, nqt), nb, dtype=torch.int32, device=dev), None, bm_, bn_, nb)
+        for (name, mod), cfg, lse in itertools.product(mods.items(), configs_for(bm_), (False, True)):
+            fn = lambda: mod.tile_attention(q, k, v, tiles, scale=scale, configs=(cfg,), return_lse=lse)  # noqa: E731
+            try:
+                ms = timed(fn, max(3, reps // 3))
+            except Exception as e:  # noqa: BLE001 - record and go on
+                record(case="variant_dense", variant=name, tiles=[bm_, bn_], cfg=cfg, lse=lse, error=str(e)[:300])
+                continue
+            record(case="variant_dense", variant=name, tiles=[bm_, bn_], cfg=cfg, lse=lse, ms=ms, vs_dense=ms / dense)
 
 def main():
     ap = argparse.ArgumentParser()
