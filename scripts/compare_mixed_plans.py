@@ -26,9 +26,10 @@ from ditaccel.testbed.pixel import load_video_pipeline
 MIXED_CANDIDATES = ("ast", "sparse", "wars+asc", "wars", "asc")
 
 
-def methods(thresholds, sparsities, mixed_sparsity, mixed_candidates=MIXED_CANDIDATES, window="band1d"):
+def methods(thresholds, sparsities, mixed_sparsity, mixed_candidates=MIXED_CANDIDATES, window="band1d",
+            first_lse=("fresh",)):
     """(name, method) rows: per threshold DiTFastAttn then the mixed plan (both with ``window``), then
-    AdaSpa per sparsity."""
+    AdaSpa per sparsity and ``first_lse``."""
     out = []
     tag = "" if window == "band1d" else f" {window}"
     for d in thresholds:
@@ -37,7 +38,9 @@ def methods(thresholds, sparsities, mixed_sparsity, mixed_candidates=MIXED_CANDI
             threshold=d, candidates=tuple(mixed_candidates), adaspa=ditaccel.AdaSpaConfig(sparsity=mixed_sparsity),
             window=window, show_progress=False)))
     for s in sparsities:
-        out.append((f"adaspa s={s}", ditaccel.AdaSpaConfig(sparsity=s)))
+        for f in first_lse:
+            tag = "" if tuple(first_lse) == ("fresh",) else f" first_lse={f}"
+            out.append((f"adaspa s={s}{tag}", ditaccel.AdaSpaConfig(sparsity=s, first_lse=f)))
     return out
 
 
@@ -53,6 +56,7 @@ def main(argv=None):
     p.add_argument("--mixed-candidates", default=",".join(MIXED_CANDIDATES),
                    help="the mixed plans' candidate order (the greedy search takes the first within budget)")
     p.add_argument("--only", default="ditfastattn,mixed,adaspa", help="which kinds of rows to run")
+    p.add_argument("--first-lse", default="fresh", help="AdaSpa rows for each of these first_lse values")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the rows and the run's settings here")
     a = p.parse_args(argv)
@@ -64,7 +68,8 @@ def main(argv=None):
     rows = []
     print(f"{'method':<26} {'attn FLOPs':>10} {'PSNR dB':>8} {'calib s':>8}  counts")
     for name, method in methods(a.thresholds.split(","), [float(s) for s in a.sparsities.split(",")],
-                                a.mixed_sparsity, a.mixed_candidates.split(","), a.window):
+                                a.mixed_sparsity, a.mixed_candidates.split(","), a.window,
+                                a.first_lse.split(",")):
         if name.split()[0] not in a.only.split(","):
             continue
         r = evaluate(pipe, method, n=a.n, steps=a.steps, dense=dense, calibration_inputs=cal)

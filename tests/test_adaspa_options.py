@@ -80,7 +80,7 @@ def kept_per_row(mask, always, b, h):
     ({"target_recall": float("nan")}, "target_recall"), ({"target_recall": "0.9"}, "target_recall"),
     ({"dense_last": 1.0}, "dense_last"), ({"dense_last": -0.1}, "dense_last"), ({"dense_last": True}, "dense_last"),
     ({"dense_layers": -1}, "dense_layers"), ({"dense_layers": 1.0}, "dense_layers"),
-    ({"dense_layers": True}, "dense_layers"),
+    ({"dense_layers": True}, "dense_layers"), ({"first_lse": "stale"}, "first_lse"), ({"first_lse": None}, "first_lse"),
 ])
 def test_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}"):

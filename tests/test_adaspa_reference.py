@@ -23,11 +23,13 @@ from ditaccel.testbed import tiny_dit_pipeline
 
 
 # ------------------------------------------------------------------ the schedule
-def ref_schedule(n, warmup=0.2, search_at=(0.2, 0.6), lse_cache=True, dense_last=0.0):
+def ref_schedule(n, warmup=0.2, search_at=(0.2, 0.6), lse_cache=True, dense_last=0.0, first_lse="fresh"):
     """§3 written out: step index of a fraction f = floor(f·n + 1/2) (exact decimal arithmetic); dense
     before the first search (the warm-up) and in the dense tail; the first search fresh, later ones
     from the cached LSE (``research``) unless the cache is off; sparse in between. ``None`` where
-    the configuration cannot fit n steps."""
+    the configuration cannot fit n steps. ``first_lse="previous"``: the step before the first search
+    keeps its LSE (``dense_lse``) and the first search reads it (``research``), if there is such a
+    step."""
     def at(f):
         return math.floor(Fraction(str(f)) * n + Fraction(1, 2))
 
@@ -45,6 +47,8 @@ def ref_schedule(n, warmup=0.2, search_at=(0.2, 0.6), lse_cache=True, dense_last
             out.append("research" if lse_cache else "search")
         else:
             out.append("sparse")
+    if first_lse == "previous" and searches[0] > 0:
+        out[searches[0] - 1:searches[0] + 1] = ["dense_lse", "research"]
     return out
 
 
@@ -56,6 +60,10 @@ CONFIGS = [
     {"warmup": 0.0, "search_at": (0.0, 0.35, 0.5)},  # 0.35·10 + 0.5 = 4
     {"warmup": 0.3, "search_at": (0.3, 0.45), "dense_last": 0.25},
     {"search_at": (0.6, 0.2, 0.6)},  # unsorted, repeated
+    {"first_lse": "previous"},
+    {"first_lse": "previous", "lse_cache": False},  # only the first search reads a kept LSE
+    {"first_lse": "previous", "warmup": 0.0, "search_at": (0.0, 0.5)},  # no step before: fresh
+    {"first_lse": "previous", "warmup": 0.3, "search_at": (0.3, 0.45), "dense_last": 0.25},
 ]
 
 
@@ -158,6 +166,41 @@ def test_research_reuses_the_cached_lse(dit16, monkeypatch):
         (reused,) = spy.fed[(6, layer)]
         assert reused is cached  # the very LSE object of the first search, not a recomputed one
     assert not any(spy.fed[(6, a)][0] is spy.fed[(6, b)][0] for a in range(3) for b in range(3) if a != b)
+
+
+def test_first_search_reads_the_previous_steps_lse(dit16, monkeypatch):
+    """first_lse="previous": step 1 runs dense with the LSE (no mass pass, its output exact), the first
+    search at step 2 reads that very LSE (no full attention there) and runs sparse; the re-search at
+    step 6 reuses it again."""
+    spy = Spy(monkeypatch)
+    cfg = AdaSpaConfig(sparsity=0.5, block_size=16, first_lse="previous")
+    assert cfg.schedule(STEPS)[:3] == ["dense", "dense_lse", "research"]
+    ditaccel.apply(dit16, cfg)
+    checked = []
+    try:
+        method = get_runtime(dit16).method
+        orig = method.attention
+
+        def attention(ctx, layer, call, cache):  # the dense_lse step's output is the dense one
+            out, fraction, what = orig(ctx, layer, call, cache)
+            if what == "dense_lse":
+                torch.testing.assert_close(out, call.full(), rtol=1e-5, atol=1e-5)
+                checked.append((ctx.step, layer, fraction))
+            return out, fraction, what
+
+        method.attention = attention
+        spy.attach(method)
+        dit_call(dit16, steps=STEPS)
+        st = ditaccel.stats(dit16)
+    finally:
+        ditaccel.remove(dit16)
+    assert checked == [(1, 0, 1.0), (1, 1, 1.0), (1, 2, 1.0)]
+    assert st.method_counts == {"dense": 3, "dense_lse": 3, "research": 6, "sparse": 18}
+    assert spy.per_step(spy.lse_calls) == {1: 3}
+    assert spy.per_step(spy.mass_calls) == {2: 3, 6: 3}
+    for layer in range(3):
+        (kept,) = spy.fresh[(1, layer)]
+        assert spy.fed[(2, layer)][0] is kept and spy.fed[(6, layer)][0] is kept
 
 
 def test_without_the_cache_every_search_recomputes(dit16, monkeypatch):

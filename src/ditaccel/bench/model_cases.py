@@ -461,7 +461,9 @@ def bench_hunyuan_adaspa(frames: int = 33, height: int = 90, width: int = 160, t
 
     A 5-step bare-transformer schedule (warm-up 0.2, searches at 0.4 and 0.8) visits dense,
     dense, search, sparse, research: run once to compile, then timed. The 50-step total is
-    ``10 dense + search + research + 38 sparse`` of these per-step times.
+    ``10 dense + search + research + 38 sparse`` of these per-step times. Then the same with
+    ``first_lse="previous"`` (dense, dense_lse, research, sparse, research; kernels already
+    compiled): ``9 dense + dense_lse + 2 research + 38 sparse``.
     """
     torch.manual_seed(0)
     with torch.device(device):
@@ -493,6 +495,14 @@ def bench_hunyuan_adaspa(frames: int = 33, height: int = 90, width: int = 160, t
             st = ditaccel.stats(tr)
         finally:
             ditaccel.remove(tr)
+        prev = dataclasses.replace(cfg, first_lse="previous")
+        ditaccel.apply(tr, prev, num_inference_steps=len(times))
+        try:
+            base = _peak_reset(device)
+            per_step_prev = [call(t) for t in times]
+            res["previous_peak_bytes"] = _peak(device, base)
+        finally:
+            ditaccel.remove(tr)
     kinds = cfg.schedule(len(times))
     res["steps"] = [{"kind": k, "ms": ms} for k, ms in zip(kinds, per_step)]
     by = {k: ms for k, ms in zip(kinds, per_step)}
@@ -505,6 +515,17 @@ def bench_hunyuan_adaspa(frames: int = 33, height: int = 90, width: int = 160, t
                           + count["research"] * res["research_ms"] + count["sparse"] * res["sparse_ms"])
     res["dense_50_ms"] = 50 * res["dense_ms"]
     res["speedup_50"] = res["dense_50_ms"] / res["total_50_ms"]
+    # first_lse="previous": dense, dense_lse, research (the first search), sparse, research
+    kinds_prev = prev.schedule(len(times))
+    res["steps_previous"] = [{"kind": k, "ms": ms} for k, ms in zip(kinds_prev, per_step_prev)]
+    res.update(dense_lse_ms=per_step_prev[kinds_prev.index("dense_lse")],
+               first_research_ms=per_step_prev[kinds_prev.index("research")])
+    full = ditaccel.AdaSpaConfig(sparsity=sparsity, first_lse="previous").schedule(50)
+    count = {k: full.count(k) for k in set(full)}
+    res["schedule_50_previous"] = count
+    res["total_50_previous_ms"] = (count["dense"] * res["dense_ms"] + res["dense_lse_ms"] + res["first_research_ms"]
+                                   + (count["research"] - 1) * res["research_ms"] + count["sparse"] * res["sparse_ms"])
+    res["speedup_50_previous"] = res["dense_50_ms"] / res["total_50_previous_ms"]
     return res
 
 

@@ -225,6 +225,9 @@ def format_adaspa(r: dict) -> str:
     for x in r["sparse"]:
         lines.append(f"  sparse s={x['sparsity']}: density {x['density']:.3f}, recall {x['recall']:.3f}, "
                      f"{x['ms']:.2f} ms ({x['speedup']:.2f}x dense, {x['effective_tflops']:.0f} TFLOP/s effective)")
+        if "search_previous_ms" in x:
+            lines.append(f"    first search step from the previous step's LSE: {x['search_previous_ms']:.2f} ms "
+                         f"({x['search_previous_ms'] / r['dense_ms']:.2f}x dense)")
     return "\n".join(lines)
 
 
@@ -349,16 +352,27 @@ def adaspa_shapes(r: dict) -> str:
 def markdown_adaspa(r: dict) -> str:
     """The Markdown table of a :func:`bench_adaspa` result."""
     d = r["dense_ms"]
+
+    def x(ms):  # the "vs dense" cell (results before 2026-12-03 left it empty)
+        return f"**{ms / d:.2f}×**" if "lse_over_dense" in r else ""
+
     lines = ["| | ms | vs dense | notes |", "|---|---|---|---|",
              f"| dense SDPA | {d:.1f} | 1.00× | {_tflops(r['dense_tflops'])} TFLOP/s |",
-             f"| first search: attention + LSE | {r['attention_with_lse_ms']:.1f} | | |",
+             f"| first search: attention + LSE | {r['attention_with_lse_ms']:.1f} | "
+             f"{x(r['attention_with_lse_ms'])} | also a `dense_lse` step's attention |",
              f"| first search: block mass | {r['block_mass_ms']:.1f} | | {r['block_mass_ms'] / d:.2f}× a dense call |",
              f"| top-k + head tiers | {r['select_ms']:.1f} | | |",
-             f"| **first search total** | {r['search_first_ms']:.1f} | | |",
-             f"| **cached-LSE search total** | {r['search_cached_ms']:.1f} | | block mass + selection |"]
-    for x in r["sparse"]:
-        lines.append(f"| **sparse, s = {x['sparsity']}** (density {x['density']:.3f}, recall {x['recall']:.4f}) | "
-                     f"{x['ms']:.1f} | **{x['speedup']:.2f}×** | {_tflops(x['effective_tflops'])} TFLOP/s effective |")
+             f"| **first search total**, `first_lse=\"fresh\"` | {r['search_first_ms']:.1f} | {x(r['search_first_ms'])} "
+             "| its output is dense |",
+             f"| **cached-LSE search total** | {r['search_cached_ms']:.1f} | {x(r['search_cached_ms'])} | "
+             "block mass + selection |"]
+    for x_ in r["sparse"]:
+        lines.append(f"| **sparse, s = {x_['sparsity']}** (density {x_['density']:.3f}, recall {x_['recall']:.4f}) | "
+                     f"{x_['ms']:.1f} | **{x_['speedup']:.2f}×** | {_tflops(x_['effective_tflops'])} TFLOP/s effective |")
+        if "search_previous_ms" in x_:
+            lines.append(f"| **first search step, `first_lse=\"previous\"`**, s = {x_['sparsity']} | "
+                         f"{x_['search_previous_ms']:.1f} | {x(x_['search_previous_ms'])} | cached-LSE search + "
+                         "the sparse call (its output is sparse) |")
     return "\n".join(lines)
 
 
@@ -482,8 +496,23 @@ def markdown_hunyuan(r: dict) -> str:
         f"| cached-LSE search | {r['research_ms']:.0f} | {r['research_ms'] / d:.2f}× |",
         f"| **50 steps** ({c['dense']} dense, {c['search']} + {c['research']} searches, {c['sparse']} sparse) | "
         f"{r['total_50_ms'] / 1e3:.1f} s vs {r['dense_50_ms'] / 1e3:.1f} s dense | speed-up **{r['speedup_50']:.2f}×** |",
+        *_hunyuan_previous_rows(r),
         f"| peak GPU memory | {r['adaspa_peak_bytes'] / gib:.1f} GiB vs {r['dense_peak_bytes'] / gib:.1f} GiB dense | |",
     ])
+
+
+def _hunyuan_previous_rows(r: dict) -> list[str]:
+    """The ``first_lse="previous"`` rows of :func:`markdown_hunyuan` (results that have them)."""
+    if "total_50_previous_ms" not in r:
+        return []
+    c, d = r["schedule_50_previous"], r["dense_ms"]
+    return [
+        f"| `first_lse=\"previous\"`: dense step keeping its LSE | {r['dense_lse_ms']:.0f} | {r['dense_lse_ms'] / d:.2f}× |",
+        f"| `first_lse=\"previous\"`: first search (that LSE; sparse output) | {r['first_research_ms']:.0f} | "
+        f"{r['first_research_ms'] / d:.2f}× |",
+        f"| **50 steps, `first_lse=\"previous\"`** ({c['dense']} dense, 1 dense_lse, {c['research']} searches, "
+        f"{c['sparse']} sparse) | {r['total_50_previous_ms'] / 1e3:.1f} s | speed-up **{r['speedup_50_previous']:.2f}×** |",
+    ]
 
 
 def video_ditfastattn_shapes(r: dict) -> str:

@@ -37,9 +37,13 @@ HEAD_RULES = ("tiers", "mass", "top_p")
 #: block-sparse attention with the new mask, ``"sparse"`` block-sparse attention with the latest mask
 SEARCH, RESEARCH, SPARSE = "search", "research", "sparse"
 PLAN_ENTRIES: tuple[str, ...] = (SEARCH, RESEARCH, SPARSE)
+#: a schedule word only (not a plan entry): dense attention that keeps its LSE for the next step's
+#: search (``AdaSpaConfig.first_lse="previous"``)
+DENSE_LSE = "dense_lse"
 #: the AdaSpaConfig fields that say *when* AdaSpa searches and runs sparse: in a mixed plan its
 #: entries say that, so these fields are not used there
-SCHEDULE_FIELDS: tuple[str, ...] = ("warmup", "search_at", "lse_cache", "dense_last", "dense_layers")
+SCHEDULE_FIELDS: tuple[str, ...] = ("warmup", "search_at", "lse_cache", "dense_last", "dense_layers", "first_lse")
+FIRST_LSE = ("previous", "fresh")
 
 
 def _real(x) -> bool:
@@ -92,6 +96,14 @@ class AdaSpaConfig:
             tail that would cover a search step is refused when the step count is known.
         dense_layers: the first N attention layers always run dense (never searched; their cache
             stays empty). Costs their sparse savings; N may not exceed the model's layer count.
+        first_lse: where the first search's LSE comes from. ``"fresh"`` (the paper's): the search
+            step runs full attention that returns its LSE, then the block-mass pass; its output is
+            exact (about 1.6 dense steps of attention). ``"previous"``: the dense step before it
+            computes its attention with the LSE (the same kernel cost: cuDNN returns it) and keeps
+            it; the search step then runs like a re-search, the block-mass pass from that LSE and
+            block-sparse attention with the new mask (about 0.6 dense steps + the sparse step). The
+            LSE barely moves between neighbouring steps (DESIGN §7). With no step before the first
+            search (``warmup=0`` and a search at step 0) the first search is fresh either way.
     """
 
     sparsity: float = 0.8
@@ -106,6 +118,7 @@ class AdaSpaConfig:
     target_recall: float = 0.9
     dense_last: float = 0.0
     dense_layers: int = 0
+    first_lse: str = "fresh"
 
     def __post_init__(self):
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
@@ -132,10 +145,14 @@ class AdaSpaConfig:
             raise ValueError(f"dense_last must be in [0, 1), got {self.dense_last!r}")
         if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
             raise ValueError(f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
+        if self.first_lse not in FIRST_LSE:
+            raise ValueError(f"first_lse must be one of {FIRST_LSE}, got {self.first_lse!r}")
 
     def schedule(self, num_steps: int) -> list[str]:
-        """``"dense"``, ``"search"`` (first: fresh LSE), ``"research"`` (cached LSE) or ``"sparse"``
-        for each step."""
+        """``"dense"``, ``"dense_lse"`` (dense, keeping the LSE for the next step's search),
+        ``"search"`` (fresh LSE), ``"research"`` (cached LSE) or ``"sparse"`` for each step. With
+        ``first_lse="previous"`` the step before the first search is ``"dense_lse"`` and the first
+        search a ``"research"``."""
         def at(f):
             return int(math.floor(f * num_steps + 0.5))
 
@@ -155,11 +172,13 @@ class AdaSpaConfig:
             if s < searches[0] or s >= tail:
                 out.append("dense")
             elif s == searches[0]:
-                out.append("search")
+                out.append("research" if self.first_lse == "previous" and s > 0 else "search")
             elif s in searches:
                 out.append("research" if self.lse_cache else "search")
             else:
                 out.append("sparse")
+        if out[searches[0]] == "research":
+            out[searches[0] - 1] = DENSE_LSE
         return out
 
 
@@ -631,6 +650,14 @@ class AdaSpa:
         what = self.plan[ctx.step]
         if what == "dense" or layer < self.config.dense_layers:
             return call.full(), 1.0, "dense"
+        if what == DENSE_LSE:  # dense, keeping the LSE for the next step's search
+
+            def dense_lse(q, k, v, key_padding_mask=None, heads=None):
+                out, lse = attention_with_lse(q, k, v, key_padding_mask=key_padding_mask)
+                cache.lse = lse.float()
+                return out
+
+            return call.core(dense_lse), 1.0, what
         stats = {}
 
         def core(q, k, v, key_padding_mask=None, heads=None):
