@@ -41,6 +41,8 @@ from ditaccel.testbed.video import COGVIDEOX_TRANSFORMER_CONFIG, HUNYUAN_TRANSFO
 WORLD = 2
 STEPS = (900, 700, 500, 300, 100)
 ADASPA = ditaccel.AdaSpaConfig(sparsity=0.5, block_size=16, recall_threshold=0.3)
+# the first search reads the LSE kept by the dense step before it (each rank: its heads' LSE)
+ADASPA_PREVIOUS = ditaccel.AdaSpaConfig(sparsity=0.5, block_size=16, recall_threshold=0.3, first_lse="previous")
 
 
 def _wan():
@@ -159,6 +161,7 @@ def _methods(model, family=None):
              ("adaspa", ADASPA),
              ("window", Plan.from_methods(model, [["full", "wars", "wa", "full", "wars"]] * 2, cfg=False))]
     if family == "wan":
+        cases.append(("adaspa first_lse=previous", ADASPA_PREVIOUS))
         cases.append(("asc", Plan.from_methods(model, [["full", "asc", "wars+asc", "asc", "wars+asc"]] * 2, cfg=True)))
         # a mixed plan: AdaSpa's search / sparse / research in one layer, sharing and window in the other
         cases.append(("mixed", Plan.from_methods(model, [["search", "sparse", "ast", "research", "sparse"],
@@ -173,7 +176,7 @@ def _call_for(name, call):
 
 def _generate(model, method, call):
     """One bare-transformer generation; returns the outputs of every step and the stats."""
-    ditaccel.apply(model, method, num_inference_steps=len(STEPS) if method is ADASPA else None)
+    ditaccel.apply(model, method, num_inference_steps=len(STEPS) if isinstance(method, ditaccel.AdaSpaConfig) else None)
     try:
         with torch.no_grad():
             outs = [call(model, t) for t in STEPS]
@@ -215,7 +218,7 @@ def _worker(rank: int, store: str, family: str):
         # DiTFastAttn); ditaccel's hook sees this rank's shard of the text and image inputs (Flux
         # splits them at the transformer's own forward: AdaSpa's text sink needs all the text)
         name, m = _methods(model)[2 if family in ADASPA_FIRST else 1]
-        ditaccel.apply(model, m, num_inference_steps=len(STEPS) if m is ADASPA else None)
+        ditaccel.apply(model, m, num_inference_steps=len(STEPS) if isinstance(m, ditaccel.AdaSpaConfig) else None)
         _enable_ulysses(model, rank)
         with torch.no_grad():
             outs = [call(model, t) for t in STEPS]

@@ -26,7 +26,6 @@ usable alone. Samples are pixels in ``[0, 1]``: images ``(N, C, H, W)``, videos 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import math
 import os
 import time
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 import ditaccel
 
+from .cli_support import call_params
 from .testbed.classifier import ImageClassifier, VideoClassifier
 from .testbed.data import ImageClasses, VideoCaptions
 from .testbed.pixel import WEIGHTS_DIR, load_image_pipeline, load_video_pipeline
@@ -217,12 +217,8 @@ def classifier_accuracy(classifier, samples: torch.Tensor, labels, *, batch_size
 
 
 # ============================================================================ generation helpers
-def _call_params(pipe) -> set[str]:
-    return set(inspect.signature(type(pipe).__call__).parameters)
-
-
 def pipe_kind(pipe) -> str:
-    params = _call_params(pipe)
+    params = call_params(pipe)
     if "class_labels" in params:
         return "image"
     if "prompt" in params:
