@@ -101,7 +101,11 @@ def _hunyuan_call(tr, t, ctx, mask):
               pooled_projections=torch.ones(1, 8), guidance=torch.tensor([6000.0])).sample
 
 
-def test_hunyuan_adaspa_honours_the_text_padding_mask(hunyuan):
+@pytest.mark.parametrize("first_lse, counts", [
+    ("fresh", {"dense": 2, "search": 2, "sparse": 4, "research": 2}),  # 2 attention layers
+    ("previous", {"dense_lse": 2, "research": 4, "sparse": 4}),  # step 0 keeps its LSE for the search at 1
+])
+def test_hunyuan_adaspa_honours_the_text_padding_mask(hunyuan, first_lse, counts):
     g = torch.Generator().manual_seed(1)
     ctx = torch.randn(1, 20, 16, generator=g)
     mask = torch.ones(1, 20, dtype=torch.bool)
@@ -111,13 +115,15 @@ def test_hunyuan_adaspa_honours_the_text_padding_mask(hunyuan):
     steps = (900, 700, 500, 300, 100)
     dense = [_hunyuan_call(hunyuan, t, ctx, mask) for t in steps]
     assert ditaccel.models.adapter_for(hunyuan).text_layout({"encoder_hidden_states": ctx}) == (20, "suffix")
-    ditaccel.apply(hunyuan, ditaccel.AdaSpaConfig(sparsity=0.0, block_size=16), num_inference_steps=5)
+    ditaccel.apply(hunyuan, ditaccel.AdaSpaConfig(sparsity=0.0, block_size=16, first_lse=first_lse),
+                   num_inference_steps=5)
     try:
         exact = [_hunyuan_call(hunyuan, t, ctx, mask) for t in steps]
     finally:
         ditaccel.remove(hunyuan)
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(exact, dense))
-    ditaccel.apply(hunyuan, ditaccel.AdaSpaConfig(sparsity=0.6, block_size=16), num_inference_steps=5)
+    ditaccel.apply(hunyuan, ditaccel.AdaSpaConfig(sparsity=0.6, block_size=16, first_lse=first_lse),
+                   num_inference_steps=5)
     try:
         a = [_hunyuan_call(hunyuan, t, ctx, mask) for t in steps]
         st = ditaccel.stats(hunyuan)
@@ -125,7 +131,7 @@ def test_hunyuan_adaspa_honours_the_text_padding_mask(hunyuan):
     finally:
         ditaccel.remove(hunyuan)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, b))  # padded keys never attended
-    assert st.method_counts == {"dense": 2, "search": 2, "sparse": 4, "research": 2}  # 2 attention layers
+    assert st.method_counts == counts
     assert all(0 < d < 1 for d in st.details["density_per_layer"])
 
 
