@@ -249,13 +249,14 @@ def test_testbed_train_and_eval_at_toy_size(tmp_path, capsys):
     capsys.readouterr()
     out_json = tmp_path / "eval.json"
     assert cli.main(["eval", "--weights", str(root), "--samples", "2", "--steps", "3", "--device", "cpu",
-                     "--method", "adaspa", "--sparsity", "0.5", "--json", str(out_json)]) == 0
+                     "--method", "adaspa", "--sparsity", "0.5", "--first-lse", "previous", "--json", str(out_json)]) == 0
     printed = capsys.readouterr().out
     r = json.loads(out_json.read_text())
     for key in ("psnr", "ssim", "fd_compressed_vs_dense", "accuracy_dense", "accuracy_compressed",
                 "attention_flops_ratio", "time_dense_s"):
         assert key in r and key in printed
     assert r["n"] == 2 and r["steps"] == 3 and r["method"] == "AdaSpaConfig"
+    assert r["method_counts"]["dense_lse"] > 0 and "search" not in r["method_counts"]  # --first-lse previous
     assert r["model"] == "image" and r["weights"] == str(root) and r["env"]["device"] == "cpu"  # where it ran
     assert r["dtype"] == "float32"  # the default
     # the video testbed, dense, with a picture of the samples (one row per video, 4 frames)

@@ -345,7 +345,8 @@ def cmd_eval(args) -> int:
     root = check_weights_arg(args.weights, (args.model,))
     if args.method == "adaspa":
         try:
-            method = ditaccel.AdaSpaConfig(sparsity=args.sparsity, head_adaptive=not args.no_head_adaptive)
+            method = ditaccel.AdaSpaConfig(sparsity=args.sparsity, head_adaptive=not args.no_head_adaptive,
+                                           first_lse=args.first_lse)
         except ValueError as e:
             raise UsageError("--sparsity", str(e)) from None
     elif args.method == "ditfastattn" and args.plan:
@@ -472,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float_in(0.0, 1.0), default=0.8,
                    help="adaspa: fraction of key blocks dropped")
     p.add_argument("--no-head-adaptive", action="store_true", help="adaspa: one sparsity for every head")
+    p.add_argument("--first-lse", default="fresh", choices=["fresh", "previous"],
+                   help="adaspa: where the first search's LSE comes from (AdaSpaConfig.first_lse; default: the paper's)")
     p.add_argument("--threshold", type=_threshold, default="D4", help="ditfastattn: δ (float) or a preset D1..D6")
     p.add_argument("--plan", help="ditfastattn: a plan file instead of calibrating (default: calibrate)")
     p.add_argument("--samples", type=POSITIVE, default=16, help="samples generated per variant")
