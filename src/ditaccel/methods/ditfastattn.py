@@ -124,7 +124,8 @@ class DiTFastAttnConfig:
             every ``full`` step, and the written plan (format 2) turns each full step that a sparse
             run reads into ``"search"`` (dense + block mass: 1.5 dense passes in the FLOP count,
             as AdaSpa's first search). AdaSpa's schedule fields (``warmup``, ``search_at``,
-            ``lse_cache``, ``dense_last``, ``dense_layers``) are not used: the plan is the schedule.
+            ``lse_cache``, ``dense_last``, ``dense_layers``, ``first_lse``) are not used: the plan is
+            the schedule.
             Needs ``search="greedy"``.
     """
 
