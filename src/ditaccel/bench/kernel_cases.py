@@ -16,7 +16,7 @@ from ..kernels.block_mass import attention_with_lse, block_mass
 from ..kernels.block_sparse import block_sparse_attention, block_sparse_flops, mask_to_indices
 from ..kernels.window import window_attention, window_mask_mod, window_pair_fraction, window_tile_fraction
 from ..kernels.window_residual import full_and_window_attention
-from ..methods.adaspa import AdaSpaConfig, select_mask, text_blocks
+from ..methods.adaspa import AdaSpaConfig, search_mask, select_mask, text_blocks, video_blocks
 from ..methods.ditfastattn import make_window
 from .harness import (
     _check_positive_ints,
@@ -158,7 +158,14 @@ def bench_adaspa(frames: int = 32, rows: int = 45, cols: int = 80, heads: int = 
         check_rows=4)  # W's rows are query blocks: check 4 of them
     W = block_mass(q, k, lse, block_size=block_size)
     always = text_blocks(L, block_size, text_tokens, "suffix", q.device) if text_tokens else None
-    res["select_ms"] = timed(lambda W: select_mask(W, AdaSpaConfig(block_size=block_size), always), (W,))
+    res["select_dense_ms"] = timed(lambda W: select_mask(W, AdaSpaConfig(block_size=block_size), always), (W,))
+    # the selection as the method runs it (search_mask: a few heads' W at a time, per-head sorts, packed
+    # bits), W precomputed so that only the selection is timed
+    nb = W.shape[-1]
+    video = video_blocks(L, block_size, text_tokens, "suffix") if text_tokens else (0, nb)
+    cfg = AdaSpaConfig(block_size=block_size)
+    res["select_ms"] = timed(lambda W: search_mask(lambda h0, h1: W[:, h0:h1], (1, heads, nb), cfg, video,
+                                                   seq_len=L, head_dim=head_dim), (W,))
     res["search_first_ms"] = res["attention_with_lse_ms"] + res["block_mass_ms"] + res["select_ms"]
     res["search_cached_ms"] = res["block_mass_ms"] + res["select_ms"]
     # first_lse="previous": the step before keeps attention_with_lse's LSE (its extra cost over

@@ -356,12 +356,15 @@ def markdown_adaspa(r: dict) -> str:
     def x(ms):  # the "vs dense" cell (results before 2026-12-03 left it empty)
         return f"**{ms / d:.2f}×**" if "lse_over_dense" in r else ""
 
+    select = ("`select_mask` on the whole W" if "select_dense_ms" not in r else  # results before 2026-12-03 evening
+              f"`search_mask`, as the method runs it (`select_mask` on the whole W: {r['select_dense_ms']:.1f} ms)")
+
     lines = ["| | ms | vs dense | notes |", "|---|---|---|---|",
              f"| dense SDPA | {d:.1f} | 1.00× | {_tflops(r['dense_tflops'])} TFLOP/s |",
              f"| first search: attention + LSE | {r['attention_with_lse_ms']:.1f} | "
              f"{x(r['attention_with_lse_ms'])} | also a `dense_lse` step's attention |",
              f"| first search: block mass | {r['block_mass_ms']:.1f} | | {r['block_mass_ms'] / d:.2f}× a dense call |",
-             f"| top-k + head tiers | {r['select_ms']:.1f} | | |",
+             f"| top-k + head tiers | {r['select_ms']:.1f} | | {select} |",
              f"| **first search total**, `first_lse=\"fresh\"` | {r['search_first_ms']:.1f} | {x(r['search_first_ms'])} "
              "| its output is dense |",
              f"| **cached-LSE search total** | {r['search_cached_ms']:.1f} | {x(r['search_cached_ms'])} | "
