@@ -408,3 +408,35 @@ def test_pixart_plan_case_measures_both_cache_dtypes():
     old = {k: v for k, v in r.items() if k != "plans"}
     old.update({k: v for k, v in r["plans"][0].items() if k != "cache_dtype"})
     assert markdown_pixart_plan(old).count("| DiTFastAttn plan") == 1
+
+
+def test_trivial_masks_dropped_only_drops_masks_that_keep_every_key(monkeypatch):
+    """Inside ``trivial_masks_dropped`` an all-True boolean mask is not passed on (positionally or by
+    keyword), any other mask is, the output is unchanged, and SDPA is restored on exit."""
+    from ditaccel.bench.harness import trivial_masks_dropped
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(args[3] if len(args) > 3 else kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=g) for _ in range(3))
+    full = torch.ones(1, 1, 1, 8, dtype=torch.bool)
+    part = full.clone()
+    part[..., -3:] = False
+    additive = torch.zeros(1, 1, 1, 8)
+    with trivial_masks_dropped():
+        a = F.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=full)
+        b = F.scaled_dot_product_attention(q, k, v, full)
+        c = F.scaled_dot_product_attention(q, k, v, attn_mask=part)
+        d = F.scaled_dot_product_attention(q, k, v, additive)
+    assert F.scaled_dot_product_attention is spy  # restored
+    assert seen[0] is None and seen[1] is None and seen[2] is part and seen[3] is additive
+    torch.testing.assert_close(a, real(q, k, v, attn_mask=full))
+    torch.testing.assert_close(b, a)
+    torch.testing.assert_close(c, real(q, k, v, attn_mask=part))
+    torch.testing.assert_close(d, real(q, k, v))

@@ -28,6 +28,37 @@ def dense_sdpa_context():
         return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def trivial_masks_dropped():
+    """Within it, an SDPA call whose boolean ``attn_mask`` keeps every key runs without it: the same
+    output, and SDPA is free to pick its fastest backend (a masked call may not get cuDNN). diffusers'
+    HunyuanVideo always passes a [B, 1, 1, N] text mask, all True when no text token is padding (the
+    benches' inputs); timed with it, its dense attention cost 451 ms a layer against 258 ms for a bare
+    cuDNN call (H200, BENCHMARKS.md), for reasons not yet measured. Patches
+    ``torch.nn.functional.scaled_dot_product_attention`` (looked up at call time by diffusers'
+    attention dispatch) and restores it on exit."""
+    real = F.scaled_dot_product_attention
+
+    def sdpa(*args, **kwargs):
+        if len(args) > 3:
+            args = list(args)
+            if _no_op_mask(args[3]):
+                args[3] = None
+        elif _no_op_mask(kwargs.get("attn_mask")):
+            kwargs["attn_mask"] = None
+        return real(*args, **kwargs)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def _no_op_mask(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and bool(mask.all())
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

@@ -29,7 +29,7 @@ from ..runtime import install, remove
 from ..testbed import random_prompt_embeds
 from ..testbed.tiny import PIXART_SCHEDULER_CONFIG
 from ..viz import to_uint8
-from .harness import _cuda_time, _dtype_name, _meta, _peak, _peak_reset, dense_sdpa_context
+from .harness import _cuda_time, _dtype_name, _meta, _peak, _peak_reset, dense_sdpa_context, trivial_masks_dropped
 from .report import device_name
 
 #: PixArt-Sigma-XL-2-2K-MS transformer architecture (diffusers config), random weights
@@ -465,7 +465,8 @@ def bench_hunyuan_adaspa(frames: int = 33, height: int = 90, width: int = 160, t
     ``first_lse="previous"`` (dense, dense_lse, research, sparse, research; kernels already
     compiled; timed up to its first search, the steps after it are the first run's):
     ``9 dense + dense_lse + 2 research + 38 sparse``. Dense (no method applied) last, its cuDNN
-    plans warmed by the runs' dense steps.
+    plans warmed by the runs' dense steps. Everything but ``dense_masked_ms`` (one dense step as
+    diffusers runs it, first, with the inputs' all-True text mask) runs under :func:`~ditaccel.bench.harness.trivial_masks_dropped`.
     """
     torch.manual_seed(0)
     with torch.device(device):
@@ -483,6 +484,8 @@ def bench_hunyuan_adaspa(frames: int = 33, height: int = 90, width: int = 160, t
 
     cfg = ditaccel.AdaSpaConfig(sparsity=sparsity, block_size=block_size, warmup=0.2, search_at=(0.4, 0.8))
     with torch.no_grad(), dense_sdpa_context():
+        res["dense_masked_ms"] = call(999.0)  # as diffusers runs it: SDPA with the all-True text mask
+    with torch.no_grad(), dense_sdpa_context(), trivial_masks_dropped():
         ditaccel.apply(tr, cfg, num_inference_steps=len(times))
         try:
             for t in times:  # warm-up generation: compiles and autotunes (its dense steps warm cuDNN)
@@ -617,7 +620,9 @@ def bench_video_ditfastattn(model: str = "hunyuan-video-720p", device: str = "cu
     (``ditaccel.stats``' FLOPs per method). Peak memory of dense and of each plan. ``warmup``: run the
     first plan once untimed first (compiles and autotunes the window kernels); ``cache_dtype``: the
     plans' cache storage (``"float8"``: :data:`VIDEO_SETUPS_FLOAT8`); ``overrides`` replaces config
-    entries (toy sizes for dry runs)."""
+    entries (toy sizes for dry runs). Dense and plans run under
+    :func:`~ditaccel.bench.harness.trivial_masks_dropped` (HunyuanVideo's all-True text mask is dropped); on HunyuanVideo one dense step as diffusers runs it is timed first
+    (``dense_masked_step_ms``)."""
     cls, config, default_latent = VIDEO_MODELS[model]
     setup = (VIDEO_SETUPS_FLOAT8 if cache_dtype == "float8" else VIDEO_SETUPS)[model]
     latent = tuple(latent or default_latent)
@@ -646,7 +651,10 @@ def bench_video_ditfastattn(model: str = "hunyuan-video-720p", device: str = "cu
         finally:
             ditaccel.remove(tr)
 
-    with torch.no_grad(), dense_sdpa_context():
+    if model.startswith("hunyuan"):  # dense as diffusers runs it: SDPA with the all-True text mask
+        with torch.no_grad(), dense_sdpa_context():
+            res["dense_masked_step_ms"] = step(999.0)
+    with torch.no_grad(), dense_sdpa_context(), trivial_masks_dropped():
         step(999.0)  # warm-up
         base = _peak_reset(device)
         res["dense_step_ms"] = step(999.0)
@@ -719,7 +727,8 @@ def bench_attention_share(model: str = "pixart-sigma-2k", device: str = "cuda", 
                           repeats: int = 5, overrides: dict | None = None, video_latent=(33, 90, 160),
                           text_tokens: int = 256) -> dict:
     """The self-attention cores' share of a dense transformer step at full size: the median step
-    time dense (cuDNN SDPA first) and with every self-attention core replaced by a no-op (``v``
+    time dense (cuDNN SDPA first; HunyuanVideo's all-True text mask dropped, ``trivial_masks_dropped``)
+    and with every self-attention core replaced by a no-op (``v``
     returned), share = 1 − no-core / dense. ``model``: ``"pixart-sigma-2k"`` (CFG batch 2, 16,384
     tokens) or ``"hunyuan-video-720p"`` (``video_latent`` frames × height × width, ``text_tokens``).
     This is the ``a`` of ``ditaccel worth``'s full-size time model."""
@@ -742,7 +751,7 @@ def bench_attention_share(model: str = "pixart-sigma-2k", device: str = "cuda", 
     def step():
         return _cuda_time(lambda: tr(timestep=t, **inputs), device)
 
-    with torch.no_grad(), dense_sdpa_context():
+    with torch.no_grad(), dense_sdpa_context(), trivial_masks_dropped():  # HunyuanVideo's all-True text mask
         step()  # warm-up
         dense = [step() for _ in range(repeats)]
         install(tr, _NoCore())
