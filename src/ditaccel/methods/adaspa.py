@@ -167,18 +167,19 @@ class AdaSpaConfig:
         if searches[-1] >= tail:
             raise ValueError(f"dense_last: with {num_steps} steps the dense tail (steps >= {tail}) covers the "
                              f"search at step {searches[-1]}")
+        kept_lse = self.first_lse == "previous" and searches[0] > 0  # a dense step before the search keeps its LSE
         out = []
         for s in range(num_steps):
-            if s < searches[0] or s >= tail:
+            if s == searches[0] - 1 and kept_lse:
+                out.append(DENSE_LSE)
+            elif s < searches[0] or s >= tail:
                 out.append("dense")
             elif s == searches[0]:
-                out.append("research" if self.first_lse == "previous" and s > 0 else "search")
+                out.append("research" if kept_lse else "search")
             elif s in searches:
                 out.append("research" if self.lse_cache else "search")
             else:
                 out.append("sparse")
-        if out[searches[0]] == "research":
-            out[searches[0] - 1] = DENSE_LSE
         return out
 
 
