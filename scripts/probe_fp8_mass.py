@@ -44,7 +44,7 @@ def mass_fp8(q8, k8, sq, sk, lse, bs, scale):
     m = torch.empty(1, 1, dtype=torch.uint8, device=q8.device)
     bm._jit_kernel(False)[(triton.cdiv(L, bm_), B * H)](
         q8, k8, lse, m, W, *q8.stride(), *k8.stride(), *lse.stride(), *m.stride(),
-        H, L, D, nb, scale * sq * sk * bm._LOG2E,
+        H, L, D, nb, 0, L, scale * sq * sk * bm._LOG2E,
         BS=bs, BLOCK_M=bm_, BLOCK_N=bn_, BLOCK_D0=d0, BLOCK_D1=d1, SPLIT_D=split,
         FULL_K=L % bn_ == 0 and d0 <= D, HAS_MASK=False, EVEN_N=L % bn_ == 0,
         DOT_PRECISION="tf32", UPCAST=False, num_warps=w_, num_stages=st_)

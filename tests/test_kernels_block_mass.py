@@ -192,14 +192,17 @@ TILINGS = [(16, 16, 16), (16, 64, 32), (32, 128, 32), (32, 32, 128), (64, 64, 12
 
 
 @needs_triton
+@pytest.mark.parametrize("split_tail", [True, False])
 @pytest.mark.parametrize("bs,block_m,block_n", TILINGS)
-def test_block_mass_triton_tilings(bs, block_m, block_n):
-    """Several query/key blocks per program (tile reshapes, padded indicators) and one block per program."""
+def test_block_mass_triton_tilings(bs, block_m, block_n, split_tail):
+    """Several query/key blocks per program (tile reshapes, padded indicators) and one block per program;
+    the ragged last key tile in its own launch (``split_tail``) or every load masked in one."""
     q, k, _ = qkv(B=1, H=2, L=150, D=64, seed=5)
-    mask = key_mask(1, 150)
-    _, lse = bm.attention_with_lse_reference(q, k, k, key_padding_mask=mask)
-    W = bm._block_mass_triton(q, k, lse, bs, 0.125, mask, block_m=block_m, block_n=block_n)
-    assert_mass_close(W, brute_mass(q, k, bs, mask=mask), rtol=1e-5, atol_frac=1e-6)
+    for mask in (key_mask(1, 150), None):
+        _, lse = bm.attention_with_lse_reference(q, k, k, key_padding_mask=mask)
+        W = bm._block_mass_triton(q, k, lse, bs, 0.125, mask, block_m=block_m, block_n=block_n,
+                                  split_tail=split_tail)
+        assert_mass_close(W, brute_mass(q, k, bs, mask=mask), rtol=1e-5, atol_frac=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -135,6 +135,47 @@ def test_hunyuan_adaspa_honours_the_text_padding_mask(hunyuan, first_lse, counts
     assert all(0 < d < 1 for d in st.details["density_per_layer"])
 
 
+@pytest.mark.parametrize("padded", [0, 7])
+def test_hunyuan_text_mask_reaches_the_kernels_only_when_it_masks_a_key(hunyuan, monkeypatch, padded):
+    """diffusers' HunyuanVideo passes its text mask on every call. One that keeps every key is dropped
+    before the method, so the kernels take their unmasked paths (cuDNN with no bias); one with padding
+    reaches every kernel as the (B, L) key-padding mask. Dropping changes no output: the same run with
+    an all-True mask handed to every kernel gives the same samples."""
+    import ditaccel.methods.adaspa as ada
+
+    seen, force = [], []
+    for name in ("attention_with_lse", "block_mass", "block_sparse_attention"):
+        def spy(q, *a, _real=getattr(ada, name), _name=name, **kw):
+            seen.append((_name, kw.get("key_padding_mask")))
+            if force and kw.get("key_padding_mask") is None:
+                kw["key_padding_mask"] = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool)
+            return _real(q, *a, **kw)
+        monkeypatch.setattr(ada, name, spy)
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(1, 20, 16, generator=g)
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    mask[:, 20 - padded:] = False
+    steps = (900, 700, 500, 300, 100)
+
+    def run():
+        ditaccel.apply(hunyuan, ditaccel.AdaSpaConfig(sparsity=0.6, block_size=16), num_inference_steps=5)
+        try:
+            return [_hunyuan_call(hunyuan, t, ctx, mask) for t in steps]
+        finally:
+            ditaccel.remove(hunyuan)
+
+    out = run()
+    assert {n for n, _ in seen} == {"attention_with_lse", "block_mass", "block_sparse_attention"}
+    if padded:
+        for _, m in seen:  # video keys all kept, then the text mask (HunyuanVideo's text is a suffix)
+            assert m is not None and m.shape == (1, 256 + 20)
+            assert m[:, :256].all() and torch.equal(m[:, 256:], mask)
+    else:
+        assert all(m is None for _, m in seen)
+        force.append(True)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, run()))
+
+
 @pytest.fixture(scope="module")
 def cogvideox():
     from diffusers import CogVideoXTransformer3DModel

@@ -107,15 +107,23 @@ _PATCHED: dict[str, tuple[object, int]] = {}  # module name -> (original dispatc
 
 
 def _key_padding(attn_mask, batch: int, length: int):
-    """A boolean (B, L) key-padding mask from a dispatcher mask, or None; other masks are refused."""
+    """A boolean (B, L) key-padding mask from a dispatcher mask, or None; other masks are refused.
+
+    A mask that keeps every key is None: the same attention, and the kernels take their unmasked
+    paths (cuDNN without a bias, no per-tile mask loads). diffusers' HunyuanVideo passes its text mask
+    on every call, all True when no text token is padding; kept, it cost the search's dense pass 1.3x
+    a plain one on the H200 (BENCHMARKS.md, "Issue 19, third pass"). The check reads one bool back
+    from the device per attention call."""
     if attn_mask is None:
         return None
     m = attn_mask
     if m.dtype == torch.bool and m.numel() == batch * length:
-        return m.reshape(batch, length)
-    if m.dtype == torch.bool and m.shape[-1] == length and m.shape[0] == batch:
-        return m.reshape(batch, -1, length)[:, 0]  # (B, 1, 1, L)-style broadcast masks
-    raise ValueError("ditaccel: only boolean key-padding attention masks are supported on the sparse path")
+        m = m.reshape(batch, length)
+    elif m.dtype == torch.bool and m.shape[-1] == length and m.shape[0] == batch:
+        m = m.reshape(batch, -1, length)[:, 0]  # (B, 1, 1, L)-style broadcast masks
+    else:
+        raise ValueError("ditaccel: only boolean key-padding attention masks are supported on the sparse path")
+    return None if bool(m.all()) else m
 
 
 def _make_dispatch(original):
