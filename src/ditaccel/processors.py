@@ -111,9 +111,9 @@ def _key_padding(attn_mask, batch: int, length: int):
 
     A mask that keeps every key is None: the same attention, and the kernels take their unmasked
     paths (cuDNN without a bias, no per-tile mask loads). diffusers' HunyuanVideo passes its text mask
-    on every call, all True when no text token is padding; kept, it cost the search's dense pass 1.3x
-    a plain one on the H200 (BENCHMARKS.md, "Issue 19, third pass"). The check reads one bool back
-    from the device per attention call."""
+    on every call, all True when no text token is padding; kept, it made cuDNN's attention with the LSE
+    1.41x slower and AdaSpa's cached search 1.24x on the H200 at HunyuanVideo's size (BENCHMARKS.md,
+    "Issue 19, third pass"). The check reads one bool back from the device per attention call."""
     if attn_mask is None:
         return None
     m = attn_mask

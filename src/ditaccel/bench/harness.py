@@ -33,8 +33,9 @@ def trivial_masks_dropped():
     """Within it, an SDPA call whose boolean ``attn_mask`` keeps every key runs without it: the same
     output, and SDPA is free to pick its fastest backend (a masked call may not get cuDNN). diffusers'
     HunyuanVideo always passes a [B, 1, 1, N] text mask, all True when no text token is padding (the
-    benches' inputs); timed with it, its dense attention cost 451 ms a layer against 258 ms for a bare
-    cuDNN call (H200, BENCHMARKS.md), for reasons not yet measured. Patches
+    benches' inputs); with it dense SDPA runs 1.46x slower at HunyuanVideo's size (H200,
+    ``scripts/probe_mask_costs.py``, BENCHMARKS.md "Issue 19, third pass"). ditaccel's processors drop
+    such a mask themselves (``processors._key_padding``); this does the same for dense. Patches
     ``torch.nn.functional.scaled_dot_product_attention`` (looked up at call time by diffusers'
     attention dispatch) and restores it on exit."""
     real = F.scaled_dot_product_attention
